@@ -1,0 +1,71 @@
+"""Any Hugging Face causal LM directory runs the env: a random GPT-2 and a random Llama, saved and reloaded."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import text_env
+from text_env.tasks.reviews import build_tokenizer
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("hf")
+    return {"gpt2": _save(gpt2, tok, root / "gpt2"), "llama": _save(llama, tok, root / "llama")}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_env_runs_on_a_saved_hf_model(hf_dirs, arch):
+    env = gym.make("text_env/TextGen-v0", model=hf_dirs[arch], max_new_tokens=6)
+    assert env.unwrapped.reference.config.model_type == arch
+    env.reset(seed=0)
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, info = env.step(env.action_space.sample())
+    assert np.isfinite(reward) and 1 <= info["response_length"] <= 6
+    assert np.isfinite(info["gold_score"]) and info["kl"] == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cached_rollout_matches_teacher_forcing_on_hf_models(hf_dirs, arch):
+    from text_env.scoring import response_logprobs
+
+    envs = gym.make_vec("text_env/TextGen-v0", num_envs=8, model=hf_dirs[arch], max_new_tokens=8)
+    batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(0))
+    forced = response_logprobs(envs.policy, batch.input_ids, batch.attention_mask, batch.response_start)
+    torch.testing.assert_close(
+        batch.logprobs * batch.response_mask, forced * batch.response_mask, atol=2e-4, rtol=0
+    )
+
+
+def test_hub_id_that_cannot_be_fetched_is_an_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        text_env.load_causal_lm("no-such-org/no-such-model")
+
+
+def test_cuda_request_without_cuda_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        text_env.load_causal_lm(device="cuda")

@@ -1,0 +1,132 @@
+"""TextGenVectorEnv and the KV-cached sampler: shapes, lockstep semantics, and cache == teacher forcing."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import text_env
+from text_env.scoring import response_logprobs
+
+
+def test_make_vec_returns_batched_observations(core):
+    envs = gym.make_vec("text_env/TextGen-v0", num_envs=64, max_new_tokens=16)
+    assert isinstance(envs, text_env.TextGenVectorEnv)
+    obs, info = envs.reset(seed=0)
+    width = envs.response_start + 16
+    assert obs["input_ids"].shape == (64, width) and obs["attention_mask"].shape == (64, width)
+    assert obs["input_ids"].dtype == np.int64 and envs.observation_space.contains(obs)
+    assert info["prompt"].shape == (64,)
+    obs, rewards, terminated, truncated, _ = envs.step(envs.action_space.sample())
+    assert rewards.shape == (64,) and terminated.shape == (64,) and truncated.shape == (64,)
+    assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED
+
+
+def test_finished_rows_are_absorbing_until_reset(core):
+    envs = text_env.TextGenVectorEnv(num_envs=3, core=core)
+    envs.reset(seed=0)
+    eos, word = envs.tokenizer.eos_token_id, envs.tokenizer.convert_tokens_to_ids("good")
+    obs, rewards, terminated, _, info = envs.step(np.array([eos, word, word]))
+    assert terminated.tolist() == [True, False, False]
+    assert (
+        info["_rm_score"].tolist() == [True, False, False]
+        and rewards[0] == info["rm_score"][0] - 0.05 * info["kl"][0]
+    )
+    before = obs["input_ids"][0].copy()
+    obs, rewards, terminated, _, info = envs.step(np.array([word, eos, word]))
+    assert np.array_equal(obs["input_ids"][0], before), "a finished row ignores its action"
+    assert rewards[0] == 0.0 and terminated.tolist() == [True, True, False]
+    assert info["_rm_score"].tolist() == [False, True, False]
+    assert not envs.all_done
+    obs, _ = envs.reset(options={"reset_mask": [True, False, False]})
+    assert envs.episodes.done.tolist() == [False, True, False]
+
+
+def test_vector_env_errors(core):
+    envs = text_env.TextGenVectorEnv(num_envs=2, core=core)
+    with pytest.raises(RuntimeError, match="before reset"):
+        envs.step(np.array([1, 1]))
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        envs.step(np.array([1, 1, 1]))
+    with pytest.raises(ValueError, match="env 1 is outside the vocabulary"):
+        envs.step(np.array([1, 10**6]))
+    with pytest.raises(ValueError, match=r"prompt_indices has shape"):
+        envs.reset(options={"prompt_indices": [0]})
+
+
+def test_rollout_kv_cache_matches_teacher_forcing(core):
+    """The sampler's cached log-probs equal a full teacher-forced forward over the padded batch."""
+    envs = text_env.TextGenVectorEnv(num_envs=16, core=core)
+    batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+    assert envs.all_done
+    forced = response_logprobs(envs.policy, batch.input_ids, batch.attention_mask, batch.response_start)
+    mask = batch.response_mask
+    torch.testing.assert_close(batch.logprobs * mask, forced * mask, atol=2e-4, rtol=0)
+    # The env's reference log-probs and KL agree with the rollout's record; the policy is a copy of pi_ref.
+    assert torch.allclose(batch.kl, torch.zeros_like(batch.kl), atol=1e-4)
+    assert batch.num_tokens == int(mask.sum()) and len(batch.responses) == 16
+    lengths = batch.lengths.long()
+    for i in range(16):
+        ids = batch.response_ids[i, : lengths[i]].tolist()
+        text = envs.tokenizer.decode(ids, skip_special_tokens=True)
+        assert text == batch.responses[i]
+    assert torch.isfinite(batch.rewards).all() and torch.equal(
+        batch.rewards, batch.rm_scores - 0.05 * batch.kl
+    )
+
+
+def test_rollout_with_prompt_indices_and_min_new_tokens(core):
+    envs = text_env.TextGenVectorEnv(num_envs=8, core=core)
+    prompts = np.repeat(np.array([2, 9]), 4)
+    batch = text_env.rollout(
+        envs, prompt_indices=prompts, min_new_tokens=32, generator=torch.Generator().manual_seed(1)
+    )
+    assert batch.prompt_indices.tolist() == prompts.tolist()
+    assert batch.lengths.tolist() == [32.0] * 8, "EOS is masked until min_new_tokens"
+    assert batch.num_tokens == 8 * 32
+
+
+def test_same_generator_seed_same_rollout(core):
+    envs = text_env.TextGenVectorEnv(num_envs=4, core=core)
+    a = text_env.rollout(envs, seed=3, generator=torch.Generator().manual_seed(5))
+    b = text_env.rollout(envs, seed=3, generator=torch.Generator().manual_seed(5))
+    assert a.responses == b.responses and torch.equal(a.input_ids, b.input_ids)
+
+
+def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
+    """Skipping the policy forward (sampler-supplied log-probs) must not change the env's KL or reward."""
+    from text_env.core import EnvCore
+    from text_env.models import trainable_copy
+
+    policy = trainable_copy(core.reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    envs = text_env.TextGenVectorEnv(
+        num_envs=8, core=EnvCore(reference=core.reference, tokenizer=core.tokenizer, policy=policy)
+    )
+    batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+    assert envs.episodes.has_logprobs.all()
+    # Replay the same tokens without log-probs: the env runs the policy forward itself.
+    envs.reset(options={"prompt_indices": batch.prompt_indices})
+    kl = np.zeros(8, dtype=np.float32)
+    for t in range(batch.response_ids.shape[1]):
+        if envs.all_done:
+            break
+        _, _, _, _, info = envs.step(batch.response_ids[:, t].numpy())
+        if info:
+            kl[info["_kl"]] = info["kl"][info["_kl"]]
+    assert not envs.episodes.has_logprobs.any()
+    assert np.abs(kl).max() > 1e-2
+    np.testing.assert_allclose(batch.kl.numpy(), kl, atol=5e-4)
+
+
+def test_a_rollout_survives_the_next_reset(core):
+    envs = text_env.TextGenVectorEnv(num_envs=4, core=core)
+    batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+    before = batch.input_ids.clone()
+    envs.reset(seed=1)
+    assert torch.equal(batch.input_ids, before)

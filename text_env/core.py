@@ -1,0 +1,197 @@
+"""What the single and the vector env share: models, tokenizer, tokenised prompts, the judge and the spaces.
+
+Built once per env (or once for all B rows of a vector env), so a 64-row vector env holds one policy and
+one reference, not 64 of each.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from text_env.episodes import EpisodeBatch
+from text_env.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
+from text_env.scoring import Judge, as_reward_fn
+from text_env.tasks import Task, get_task
+
+__all__ = ["EnvCore"]
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _load_reward_model(reward_model: Any, device: Any) -> Any:
+    """A path to a saved reward model is loaded; anything else must be a callable or have `.score`."""
+    if isinstance(reward_model, (str, os.PathLike)):
+        from reward_models import load_reward_model
+
+        return load_reward_model(reward_model, device=device)
+    return reward_model
+
+
+class EnvCore:
+    """Models, prompts and scoring for `TextGenEnv` and `TextGenVectorEnv`.
+
+    Args:
+        task: a built-in task name ("reviews") or a `Task`.
+        prompts: replaces the task's prompts: a list of strings, a JSONL/JSON/CSV/Parquet file with a
+            "prompt" field, or a `datasets.Dataset`.
+        model: the reference model to load: None/"tiny-reviews" (built-in), a local directory or a hub id.
+        reference: an already-loaded reference model (then `tokenizer` is required); overrides `model`.
+        policy: the model pi whose log-probs enter the KL; default: a trainable copy of the reference.
+            Agents hand theirs with `env.unwrapped.set_policy(model)`.
+        tokenizer: the tokenizer, when `reference` is given as an object.
+        reward_model: a callable `(prompts, responses) -> scores`, an object with `.score`, or the path of a
+            saved reward model; default: the task's gold reward (until a learned one is trained).
+        beta: KL coefficient in `reward = rm_score - beta * kl`.
+        kl_estimator: "k1" (sum of log-ratios, the default), "k2" or "k3".
+        max_new_tokens: response length limit N; reaching it ends the episode (it is part of the task).
+        max_prompt_tokens: prompt width P; default: the longest prompt. Longer prompts are an error.
+        device: "cpu", "cuda", or None/"auto".
+    """
+
+    def __init__(
+        self,
+        task: str | Task = "reviews",
+        *,
+        prompts: Any = None,
+        model: str | os.PathLike | None = None,
+        reference: PreTrainedModel | None = None,
+        policy: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        reward_model: Any = None,
+        beta: float = 0.05,
+        kl_estimator: str = "k1",
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int | None = None,
+        device: str | None = "cpu",
+    ) -> None:
+        self.task = get_task(task, prompts)
+        self.device = resolve_device(device)
+        if reference is None:
+            reference, tokenizer = load_causal_lm(model, device=self.device)
+            reference = frozen_copy(reference)
+        elif tokenizer is None:
+            raise ValueError("a reference model given as an object needs its tokenizer: pass tokenizer=...")
+        else:
+            reference.requires_grad_(False)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "the tokenizer has no EOS token, so an episode could never end by choice; set one"
+            )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self.tokenizer, self.reference = tokenizer, reference
+        self.max_new_tokens = int(max_new_tokens)
+        self.vocab_size = int(reference.config.vocab_size)
+        self.prompt_ids, self.prompt_mask = self._tokenise_prompts(max_prompt_tokens)
+        self.judge = Judge(
+            reference=reference,
+            policy=policy if policy is not None else trainable_copy(reference),
+            reward_fn=as_reward_fn(
+                self.task.gold_reward
+                if reward_model is None
+                else _load_reward_model(reward_model, self.device)
+            ),
+            gold_fn=self.task.gold_reward,
+            beta=float(beta),
+            kl_estimator=kl_estimator,
+        )
+        if reward_model is None and self.task.gold_reward is None:
+            raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")
+        width = self.prompt_width + self.max_new_tokens
+        self.observation_space = spaces.Dict(
+            {
+                "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(width,), dtype=np.int64),
+                "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
+            }
+        )
+        self.action_space = spaces.Discrete(self.vocab_size)
+
+    @property
+    def prompt_width(self) -> int:
+        """P: prompt columns; response token i sits at column P + i."""
+        return self.prompt_ids.shape[1]
+
+    def _tokenise_prompts(self, max_prompt_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.tokenizer(list(self.task.prompts))["input_ids"]
+        lengths = np.array([len(ids) for ids in encoded])
+        empty = np.flatnonzero(lengths == 0)
+        if len(empty):
+            raise ValueError(f"prompt(s) at index {empty[:10].tolist()} tokenise to no tokens")
+        width = int(lengths.max()) if max_prompt_tokens is None else int(max_prompt_tokens)
+        too_long = np.flatnonzero(lengths > width)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(
+                f"prompt {i} ({self.task.prompts[i][:60]!r}...) has {lengths[i]} tokens, more than "
+                f"max_prompt_tokens={width}; {len(too_long)} prompt(s) are too long: shorten them or raise the limit"
+            )
+        context = _context_length(self.reference)
+        if context is not None and width + self.max_new_tokens > context:
+            raise ValueError(
+                f"prompt width {width} + max_new_tokens {self.max_new_tokens} = {width + self.max_new_tokens} "
+                f"tokens exceeds the model's context of {context}: use shorter prompts or fewer new tokens"
+            )
+        ids = np.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        for i, row in enumerate(encoded):  # once, at construction
+            ids[i, width - len(row) :] = row
+            mask[i, width - len(row) :] = 1
+        return ids, mask
+
+    def new_episodes(self, num_rows: int) -> EpisodeBatch:
+        return EpisodeBatch(
+            num_rows, self.prompt_ids, self.prompt_mask, self.max_new_tokens,
+            self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+        )  # fmt: skip
+
+    def score_rows(self, episodes: EpisodeBatch, rows: np.ndarray) -> dict[str, Any]:
+        """Score finished `rows` of `episodes` in one batched forward per model."""
+        prompts = [self.task.prompts[i] for i in episodes.prompt_index[rows]]
+        responses = self.tokenizer.batch_decode(
+            [episodes.response_ids(r) for r in rows], skip_special_tokens=True
+        )
+        known = episodes.logprobs[rows] if episodes.has_logprobs[rows].all() else None
+        scores = self.judge.score(
+            episodes.input_ids[rows],
+            episodes.attention_mask[rows],
+            self.prompt_width,
+            prompts,
+            responses,
+            known,
+        )
+        scores["prompt"], scores["response"] = prompts, responses
+        scores["response_length"] = episodes.num_generated[rows].copy()
+        return scores
+
+    def check_action(self, action: Any) -> int:
+        if isinstance(action, np.ndarray) and action.shape == ():
+            action = action.item()
+        if not isinstance(action, (int, np.integer)) or isinstance(action, bool):
+            raise TypeError(f"action must be an int token id in [0, {self.vocab_size}), got {action!r}")
+        if not 0 <= action < self.vocab_size:
+            raise ValueError(
+                f"action {action} is outside the vocabulary: valid token ids are 0..{self.vocab_size - 1}"
+            )
+        return int(action)
+
+    def check_prompt_index(self, index: Any) -> int:
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.task.prompts):
+            raise ValueError(
+                f"prompt_index {index!r} is invalid: valid indices are 0..{len(self.task.prompts) - 1}"
+            )
+        return int(index)

@@ -1,0 +1,132 @@
+"""`TextGenEnv`: one episode is one response to one prompt, written a token at a time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from text_env.core import EnvCore
+
+__all__ = ["TextGenEnv"]
+
+
+class TextGenEnv(gym.Env):
+    """Token-level text generation scored by a reward model minus a KL penalty to the reference.
+
+    ## Description
+    RLHF step 3 as an episodic MDP (Ziegler et al. 2019; Ouyang et al. 2022): the state is the prompt plus
+    the response so far, the action is the next token, and the finished response is judged once.
+
+    ## Action Space
+    `Discrete(vocab_size)`: the id of the next token.
+
+    ## Observation Space
+    `Dict(input_ids=Box(0, vocab_size - 1, (P + N,), int64), attention_mask=Box(0, 1, (P + N,), int64))`:
+    the prompt left-padded into the first P columns, the response so far right-padded after it (response
+    token i at column P + i), and the mask of real tokens.
+
+    ## Rewards
+    0 at every step but the last. At the last step, `rm_score - beta * kl`: the reward model's score of
+    (prompt, response) and the summed per-token KL estimate (k1: `log pi(y_i) - log pi_ref(y_i)`) between
+    the policy and the reference, both from one teacher-forced forward pass over the whole response.
+
+    ## Starting State
+    A prompt drawn uniformly from the task with `self.np_random` (or `options={"prompt_index": i}`).
+
+    ## Episode End
+    Terminated when the action is EOS or when the response reaches `max_new_tokens` (the limit is part of
+    the task: the cut-off response is scored, so it is termination, not a `TimeLimit` truncation).
+    `truncated` is always False. Stepping a finished episode without `reset` is an error.
+
+    ## Info
+    At the last step: `rm_score`, `kl`, `gold_score` (NaN if the task has none; for evaluation only),
+    `prompt`, `response` (text, without EOS), `response_length` (tokens, EOS included), and per-token
+    `logprobs`, `ref_logprobs` (arrays of that length). Reset info: `prompt`, `prompt_index`.
+
+    ## Arguments
+    See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
+    kl_estimator, max_new_tokens, max_prompt_tokens, device), plus `render_mode` ("ansi") and `core` to
+    share an existing core.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}  # fps only matters to human-mode viewers
+
+    def __init__(
+        self, task: Any = "reviews", *, render_mode: str | None = None, core: EnvCore | None = None, **kwargs
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode {render_mode!r} is not supported; valid: {self.metadata['render_modes']}"
+            )
+        self.core = core if core is not None else EnvCore(task, **kwargs)
+        self.render_mode = render_mode
+        self.observation_space = self.core.observation_space
+        self.action_space = self.core.action_space
+        self._episodes = self.core.new_episodes(1)
+        self._last_info: dict[str, Any] = {}
+
+    @property
+    def policy(self):
+        """The model pi whose log-probs enter the KL term."""
+        return self.core.judge.policy
+
+    def set_policy(self, policy) -> None:
+        """Hand the env the agent's policy model, so the KL is taken against the model being trained."""
+        self.core.judge.policy = policy
+
+    @property
+    def reference(self):
+        return self.core.reference
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"prompt_index"}
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid: ['prompt_index']")
+        if "prompt_index" in options:
+            index = self.core.check_prompt_index(options["prompt_index"])
+        else:
+            index = int(self.np_random.integers(len(self.core.task.prompts)))
+        self._episodes.reset(np.array([0]), np.array([index]))
+        self._last_info = {"prompt": self.core.task.prompts[index], "prompt_index": index}
+        return self._episodes.observation(0), dict(self._last_info)
+
+    def step(self, action):
+        if not self._episodes.started[0]:
+            raise RuntimeError("step() called before reset(): call env.reset() first")
+        if self._episodes.done[0]:
+            raise RuntimeError(
+                "step() called after the episode ended (EOS or max_new_tokens): call env.reset()"
+            )
+        token = self.core.check_action(action)
+        finished = self._episodes.append(np.array([token], dtype=np.int64))
+        reward, info = 0.0, {}
+        if finished[0]:
+            scores = self.core.score_rows(self._episodes, np.array([0]))
+            n = int(scores["response_length"][0])
+            info = {
+                "rm_score": float(scores["rm_score"][0]),
+                "kl": float(scores["kl"][0]),
+                "gold_score": float(scores["gold_score"][0]),
+                "prompt": scores["prompt"][0],
+                "response": scores["response"][0],
+                "response_length": n,
+                "logprobs": scores["logprobs"][0, :n],
+                "ref_logprobs": scores["ref_logprobs"][0, :n],
+            }
+            reward = float(scores["reward"][0])
+            self._last_info = {**self._last_info, **info}
+        return self._episodes.observation(0), reward, bool(finished[0]), False, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        ids = self._episodes.input_ids[0][self._episodes.attention_mask[0] == 1]
+        return self.core.tokenizer.decode(ids, skip_special_tokens=False)

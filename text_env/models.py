@@ -1,0 +1,162 @@
+"""Load the policy, reference and tokenizer: the tiny built-in model or any Hugging Face causal LM.
+
+The env never cares where a model came from: it needs a `transformers` causal LM and a tokenizer with an
+EOS token. `load_causal_lm` is the one door in, for the embedded default ("tiny-reviews", pretrained on
+first use and cached on disk) and for any local directory or hub id that `AutoModelForCausalLM` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "TinyConfig",
+    "cache_dir",
+    "frozen_copy",
+    "load_causal_lm",
+    "resolve_device",
+    "tiny_gpt2",
+    "trainable_copy",
+]
+
+#: Names `load_causal_lm` builds itself instead of asking Hugging Face.
+BUILTIN_MODELS = ("tiny-reviews",)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The tiny GPT-2 that stands in for "a large pretrained LLM" on the default task (~0.85M parameters)."""
+
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # hidden size
+    n_positions: int = 128  # context length: prompt + response must fit
+    dropout: float = 0.0  # no dropout: RL needs the sampled and the scored policy to be the same function
+
+
+def tiny_gpt2(tokenizer: PreTrainedTokenizerBase, config: TinyConfig = TinyConfig()) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 sized by `config` for `tokenizer`'s vocabulary."""
+    gpt2_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(gpt2_config)
+
+
+def cache_dir() -> Path:
+    """Where built-in models are cached: `$RLHF_GYM_HOME`, else `~/.cache/rlhf-gym`."""
+    return Path(os.environ.get("RLHF_GYM_HOME", Path.home() / ".cache" / "rlhf-gym"))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" picks CUDA when present; an unavailable CUDA request is an error, not a silent CPU run."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    return device
+
+
+def load_causal_lm(
+    model: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, ready for batched left-padded generation.
+
+    Args:
+        model: `None` or "tiny-reviews" for the embedded default (pretrained on first use, then cached);
+            otherwise a local directory saved with `save_pretrained`, or a Hugging Face hub id.
+        device: "cpu", "cuda", "cuda:1", or None/"auto".
+        dtype: weights dtype; None keeps the checkpoint's (fp32 for the tiny model).
+
+    Returns:
+        `(model, tokenizer)`, the model in eval mode on `device`, the tokenizer left-padded with a pad token.
+
+    Raises:
+        ValueError: the model cannot be found, or its tokenizer has no EOS token (episodes could never end).
+    """
+    device = resolve_device(device)
+    if model is None or str(model) in BUILTIN_MODELS:
+        from text_env.tasks.reviews.pretrain import pretrained_tiny_reviews
+
+        lm, tokenizer = pretrained_tiny_reviews()
+    else:
+        lm, tokenizer = _load_pretrained(str(model), dtype)
+    tokenizer = _prepare_tokenizer(tokenizer, str(model))
+    if dtype is not None:
+        lm = lm.to(dtype)
+    lm.to(device).eval()
+    return lm, tokenizer
+
+
+def _load_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {name!r}: no such model directory (expected a folder with config.json, as written by "
+            f"save_pretrained), and not a Hugging Face hub id; built-in models: {list(BUILTIN_MODELS)}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
+        lm = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model {name!r} could not be loaded: it is not a local model directory and the Hugging Face hub "
+            f"did not provide it (offline, or a wrong id?); built-in models: {list(BUILTIN_MODELS)}. "
+            f"Cause: {err}"
+        ) from err
+    return lm, tokenizer
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrainedTokenizerBase:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer of model {name!r} has no EOS token, so an episode could never end by choice; "
+            "set one (tokenizer.eos_token = '...') and save it with the model"
+        )
+    if tokenizer.pad_token_id is None:
+        # Common practice for decoder-only LMs: pad with EOS; the attention mask keeps pads out.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A deep copy with gradients off, in eval mode: the reference policy pi_ref."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def trainable_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A deep copy with gradients on: the policy pi, initialised to pi_ref."""
+    policy = copy.deepcopy(model).eval()
+    policy.requires_grad_(True)
+    return policy

@@ -1,0 +1,178 @@
+"""`TextGenVectorEnv`: B episodes in lockstep with batched scoring, the `vector_entry_point` of TextGen-v0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from text_env.core import EnvCore
+
+__all__ = ["TextGenVectorEnv"]
+
+_INFO_KEYS = (
+    "rm_score",
+    "kl",
+    "gold_score",
+    "prompt",
+    "response",
+    "response_length",
+    "logprobs",
+    "ref_logprobs",
+)
+
+
+class TextGenVectorEnv(VectorEnv):
+    """B copies of `TextGenEnv` sharing one policy, one reference and one reward model.
+
+    ## Autoreset mode: DISABLED, on purpose
+    RLHF collects a batch of B complete responses, then learns from it. All B episodes start together at
+    `reset()`; rows end at their own EOS and then stay finished (absorbing) until the next `reset()`:
+    their actions are ignored, their reward is 0 and `terminated` stays True. This keeps the rows aligned
+    with the sampler's KV cache (row i of the cache is row i of the env), which NEXT_STEP or SAME_STEP
+    autoreset would break by starting new prompts mid-batch. `reset(options={"reset_mask": m})` restarts
+    only the rows where `m` is True, as Gymnasium's DISABLED mode prescribes.
+
+    ## Spaces
+    `single_observation_space` and `single_action_space` are those of `TextGenEnv`; the batched spaces are
+    `batch_space(...)` of them (numpy arrays with a leading B axis; actions `MultiDiscrete([V] * B)`).
+
+    ## Rewards and info
+    As `TextGenEnv`, scored in one batched forward per model for all rows that finish on the same step.
+    Info follows Gymnasium's vector convention: `info[key]` is a (B, ...) array and `info["_" + key]` the
+    mask of rows it is valid for (the rows that finished this step).
+
+    ## Known log-probs
+    `step(actions, logprobs=...)` takes log pi(action) per row from a sampler that computed them with the
+    env's policy; rows with every step so supplied are scored without re-running the policy.
+
+    ## Reset options
+    `prompt_indices`: (B,) prompts for the reset rows (e.g. k consecutive copies of a prompt for RLOO);
+    `reset_mask`: (B,) bool, restart only those rows.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
+
+    def __init__(self, num_envs: int = 8, task: Any = "reviews", *, core: EnvCore | None = None, **kwargs):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        self.core = core if core is not None else EnvCore(task, **kwargs)
+        self.num_envs = int(num_envs)
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = spaces.MultiDiscrete(np.full(self.num_envs, self.core.vocab_size))
+        self.episodes = self.core.new_episodes(self.num_envs)
+
+    # The same handles as TextGenEnv, so agents work with either.
+    @property
+    def policy(self):
+        return self.core.judge.policy
+
+    def set_policy(self, policy) -> None:
+        self.core.judge.policy = policy
+
+    @property
+    def reference(self):
+        return self.core.reference
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def response_start(self) -> int:
+        """Column of the first response token (P)."""
+        return self.core.prompt_width
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        if isinstance(seed, (list, tuple)):
+            seed = seed[0]  # one generator drives all rows' prompt draws
+        super().reset(seed=seed)
+        options = options or {}
+        unknown = set(options) - {"prompt_indices", "reset_mask"}
+        if unknown:
+            raise ValueError(
+                f"unknown reset option(s) {sorted(unknown)}; valid: ['prompt_indices', 'reset_mask']"
+            )
+        mask = np.ones(self.num_envs, dtype=bool)
+        if options.get("reset_mask") is not None:
+            mask = np.asarray(options["reset_mask"], dtype=bool)
+            if mask.shape != (self.num_envs,):
+                raise ValueError(f"reset_mask has shape {mask.shape}; expected ({self.num_envs},)")
+        rows = np.flatnonzero(mask)
+        if options.get("prompt_indices") is not None:
+            indices = np.asarray(options["prompt_indices"], dtype=np.int64)
+            if indices.shape != (self.num_envs,):
+                raise ValueError(f"prompt_indices has shape {indices.shape}; expected ({self.num_envs},)")
+            for i in indices[rows]:
+                self.core.check_prompt_index(i)
+            indices = indices[rows]
+        else:
+            indices = self.np_random.integers(len(self.core.task.prompts), size=len(rows))
+        self.episodes.reset(rows, indices)
+        info = {
+            "prompt_index": self.episodes.prompt_index.copy(),
+            "prompt": np.array([self.core.task.prompts[i] for i in self.episodes.prompt_index], dtype=object),
+        }
+        return self.episodes.observation(), info
+
+    def step(self, actions, logprobs: np.ndarray | None = None):
+        """Step all rows; `logprobs` (B,) optional: log pi(actions) from a sampler that already has them,
+        which lets scoring skip the policy's forward pass (the reference's always runs)."""
+        if not self.episodes.started.all():
+            raise RuntimeError("step() called before reset(): call envs.reset() first")
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(
+                f"actions must be an int array of shape ({self.num_envs},), one token id per env; "
+                f"got shape {actions.shape} dtype {actions.dtype}"
+            )
+        active = ~self.episodes.done
+        bad = active & ((actions < 0) | (actions >= self.core.vocab_size))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"action {int(actions[row])} of env {row} is outside the vocabulary: "
+                f"valid token ids are 0..{self.core.vocab_size - 1}"
+            )
+        if logprobs is not None:
+            logprobs = np.asarray(logprobs, dtype=np.float32)
+            if logprobs.shape != (self.num_envs,):
+                raise ValueError(f"logprobs has shape {logprobs.shape}; expected ({self.num_envs},)")
+        finished = self.episodes.append(actions.astype(np.int64, copy=False), logprobs)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        info: dict[str, Any] = {}
+        rows = np.flatnonzero(finished)
+        if len(rows):
+            scores = self.core.score_rows(self.episodes, rows)
+            rewards[rows] = scores["reward"]
+            info = self._final_info(rows, scores)
+        terminated = self.episodes.done.copy()
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        return self.episodes.observation(), rewards, terminated, truncated, info
+
+    def _final_info(self, rows: np.ndarray, scores: dict[str, Any]) -> dict[str, Any]:
+        """Gymnasium's vector info layout: a (B, ...) array per key and a `_key` row mask."""
+        n = self.num_envs
+        mask = np.zeros(n, dtype=bool)
+        mask[rows] = True
+        info: dict[str, Any] = {}
+        for key in _INFO_KEYS:
+            value = scores[key]
+            if isinstance(value, list):
+                full = np.full(n, None, dtype=object)
+                full[rows] = value
+            else:
+                full = np.zeros((n, *np.shape(value)[1:]), dtype=np.asarray(value).dtype)
+                full[rows] = value
+            info[key], info[f"_{key}"] = full, mask
+        return info
+
+    @property
+    def all_done(self) -> bool:
+        """True once every row's episode has ended (the batch is ready to learn from)."""
+        return bool(self.episodes.done.all())
