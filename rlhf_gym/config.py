@@ -37,7 +37,7 @@ import yaml
 
 from rlhf_gym.io import atomic_write
 
-__all__ = ["ConfigError", "config_to_dict", "load_config", "save_config"]
+__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "save_config"]
 
 T = TypeVar("T")
 
@@ -459,6 +459,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     for text in overrides:
         _merge(tree, _parse_override(text))
     return _build(cls, tree, "", None)
+
+
+def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "in a mapping") -> T:
+    """Build ``cls`` from defaults and a (nested) mapping, with the same checks and errors as ``load_config``.
+
+    For configs given in code, e.g. ``make_agent("ppo", envs, {"lr": 1e-4})``; ``where`` names the source.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
+    return _build(cls, _as_node(values, where), "", None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""What every agent shares: the `Agent` protocol, the per-iteration metrics, and small policy helpers.
+
+No base class holds control flow: each algorithm reads top to bottom in its own file (cleanrl-style) and
+meets this protocol structurally. Shared here are only the things that must be identical across agents
+for a comparison to be fair: the metric names and how they are computed, how a policy acts on an
+observation, and how it is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+import text_env
+from rlhf_gym.io import atomic_dir
+from text_env.sampler import Rollout
+from text_env.scoring import position_ids_from_mask
+
+__all__ = [
+    "METRIC_KEYS",
+    "Agent",
+    "NonFiniteLossError",
+    "act_with_policy",
+    "check_finite",
+    "evaluate_policy",
+    "rollout_metrics",
+    "save_policy",
+]
+
+#: The metrics every agent reports per iteration, so sweeps compare like with like.
+METRIC_KEYS = (
+    "iteration",  # 1-based learning iteration (0 for an evaluation of the starting policy)
+    "rm_score",  # mean proxy reward: the reward model's score, what the agent optimises
+    "gold_score",  # mean gold reward (NaN when the task has none): evaluation only
+    "kl",  # mean per-response KL(pi || pi_ref) estimate, as the env computes it
+    "reward",  # mean env reward: rm_score - beta * kl
+    "length",  # mean response length in tokens (EOS included)
+    "entropy",  # mean per-token entropy of the policy while sampling
+    "wall_time",  # seconds since learn() started
+    "tokens",  # response tokens generated so far by this agent
+)
+
+#: Called after every iteration with the agent and that iteration's metrics; return False to stop early.
+Callback = Callable[[Any, dict[str, float]], bool | None]
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """The small interface every agent meets (native, SB3-backed, or a user's own)."""
+
+    name: str  # registry name, e.g. "ppo"
+    envs: text_env.TextGenVectorEnv  # the env it acts on; `envs.policy` is the model it trains
+    history: list[dict[str, float]]  # metrics of every iteration so far (the metrics stream)
+
+    def learn(
+        self, iterations: int | None = None, callback: Callback | None = None
+    ) -> list[dict[str, float]]:
+        """Train for `iterations` (default: the config's budget); return this call's metrics per iteration."""
+        ...
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """Next-token ids (B,) for a batch of env observations."""
+        ...
+
+    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
+        """Mean metrics over fresh episodes, without learning."""
+        ...
+
+    def save(self, path: str | Path) -> None: ...
+
+    def load(self, path: str | Path) -> None: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:
+    """Stop before a NaN/inf loss reaches the optimiser (and so the weights or a checkpoint)."""
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(
+            f"{what} is {loss.item()} at iteration {iteration}: training stopped before the update, so the "
+            "weights and the last checkpoint are intact; lower the learning rate or check the reward model"
+        )
+
+
+def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
+    """The shared metrics of one batch of episodes (see METRIC_KEYS)."""
+    mask = batch.response_mask
+    gold = batch.gold_scores
+    return {
+        "iteration": float(iteration),
+        "rm_score": batch.rm_scores.mean().item(),
+        "gold_score": gold.mean().item() if torch.isfinite(gold).all() else math.nan,
+        "kl": batch.kl.mean().item(),
+        "reward": batch.rewards.mean().item(),
+        "length": batch.lengths.mean().item(),
+        "entropy": ((batch.entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
+        "wall_time": float(wall_time),
+        "tokens": float(tokens),
+    }
+
+
+@torch.no_grad()
+def act_with_policy(
+    policy: PreTrainedModel, obs: dict[str, np.ndarray], generator: torch.Generator | None = None
+) -> np.ndarray:
+    """Sample the next token for each observation: one full forward (no cache), for generic RL loops."""
+    device = next(policy.parameters()).device
+    ids = torch.as_tensor(np.asarray(obs["input_ids"]), device=device)
+    mask = torch.as_tensor(np.asarray(obs["attention_mask"]), device=device)
+    if ids.ndim == 1:
+        ids, mask = ids[None], mask[None]
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    # The next token is predicted at the last real position of each row (prompt or response so far).
+    width = mask.shape[1]
+    last = width - 1 - torch.argmax(mask.flip(-1), dim=-1)  # (B,)
+    next_logits = logits[torch.arange(len(ids), device=device), last].float()
+    tokens = torch.multinomial(next_logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return tokens.cpu().numpy()
+
+
+def evaluate_policy(
+    envs: text_env.TextGenVectorEnv, num_episodes: int = 256, seed: int = 0
+) -> dict[str, float]:
+    """Mean shared metrics of `envs.policy` over fresh KV-cached rollouts (no learning)."""
+    start, rows, tokens = time.perf_counter(), [], 0
+    generator = torch.Generator(device=next(envs.policy.parameters()).device).manual_seed(seed)
+    for i in range(max(1, math.ceil(num_episodes / envs.num_envs))):
+        batch = text_env.rollout(envs, seed=seed + i, generator=generator)
+        tokens += batch.num_tokens
+        rows.append(rollout_metrics(batch, 0, time.perf_counter() - start, tokens))
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
+    mean.update(
+        wall_time=time.perf_counter() - start, tokens=float(tokens), episodes=float(len(rows) * envs.num_envs)
+    )
+    return mean
+
+
+def save_policy(policy: PreTrainedModel, tokenizer: Any, path: str | Path) -> None:
+    """A Hugging Face directory (safetensors + tokenizer), written atomically: a crash keeps the old one."""
+    with atomic_dir(Path(path)) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,115 @@
+"""Agents by name: `make_agent("ppo", envs, config)`, `available()`, and third-party agents by entry point.
+
+An agent is a class with a `Config` dataclass attribute and `__init__(self, envs, config)`. Built-in
+agents are listed as import strings so that `available()` imports nothing heavy; other packages add
+theirs under the entry-point group `rlhf_gym.agents` (name = agent name, value = "module:Class").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+
+from rlhf_gym.config import config_from_dict, load_config
+from text_env.vector_env import TextGenVectorEnv
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "available",
+    "get_agent_class",
+    "make_agent",
+    "register_agent",
+    "resolve_config",
+]
+
+ENTRY_POINT_GROUP = "rlhf_gym.agents"
+
+_REGISTRY: dict[str, str | type] = {
+    "ppo": "agents.ppo:PPOAgent",
+    "reinforce": "agents.reinforce:ReinforceAgent",
+    "best_of_n": "agents.best_of_n:BestOfNAgent",
+    "raft": "agents.raft:RAFTAgent",
+    "sb3_ppo": "agents.sb3:SB3PPOAgent",
+    "sb3_a2c": "agents.sb3:SB3A2CAgent",
+}
+
+
+def register_agent(name: str, agent: str | type, *, overwrite: bool = False) -> None:
+    """Add an agent class (or its "module:Class" path) under `name`."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"agent {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = agent
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available() -> list[str]:
+    """Every agent name `make_agent` accepts: built-in, registered, and installed entry points."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def _load(target: str | type) -> type:
+    if isinstance(target, type):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def get_agent_class(name: str) -> type:
+    if name in _REGISTRY:
+        return _load(_REGISTRY[name])
+    eps = _entry_points()
+    if name in eps:
+        return eps[name].load()
+    raise ValueError(f"unknown agent {name!r}; available agents: {available()}")
+
+
+def resolve_config(agent_cls: type, config: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Defaults, a YAML path, a mapping or an instance of `agent_cls.Config`; then dotted overrides."""
+    config_cls = getattr(agent_cls, "Config", None)
+    if config_cls is None or not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"agent class {agent_cls.__name__} needs a `Config` dataclass attribute")
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config_cls, config, overrides)
+    if isinstance(config, dict):
+        cfg = config_from_dict(config_cls, config, where=f"in the config given for {agent_cls.__name__}")
+    elif isinstance(config, config_cls):
+        cfg = config
+    else:
+        raise TypeError(
+            f"config for {agent_cls.__name__} must be None, a YAML path, a dict or a {config_cls.__name__}; "
+            f"got {type(config).__name__}"
+        )
+    if overrides:
+        raise ValueError(
+            "dotted overrides apply to a YAML path or the defaults; put them in the dict instead"
+        )
+    return cfg
+
+
+def make_agent(name: str, env: Any, config: Any = None) -> Any:
+    """Build agent `name` on `env` (a `TextGenVectorEnv`, or a single env whose core it shares).
+
+    Args:
+        name: one of `available()`.
+        env: the vector env to act on; a single `TextGenEnv` is batched into a vector env of
+            `config.num_envs` rows (default 64) sharing its models.
+        config: None (defaults), a YAML path, a dict, or the agent's `Config` instance.
+    """
+    agent_cls = get_agent_class(name)
+    cfg = resolve_config(agent_cls, config)
+    if not isinstance(env, TextGenVectorEnv):
+        base = env.unwrapped if isinstance(env, gym.Env) else env
+        if not hasattr(base, "core"):
+            raise TypeError(
+                f"env must be a text_env TextGenVectorEnv or TextGenEnv, got {type(env).__name__}"
+            )
+        env = TextGenVectorEnv(num_envs=getattr(cfg, "num_envs", 64), core=base.core)
+    return agent_cls(env, cfg)

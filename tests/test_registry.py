@@ -1,0 +1,119 @@
+"""The agent registry: built-in names, a user's agent registered in code, and one from an entry point."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import agents
+import text_env
+from agents.base import METRIC_KEYS, act_with_policy, evaluate_policy, rollout_metrics
+from rlhf_gym.config import ConfigError
+
+
+@dataclasses.dataclass
+class SampleOnlyConfig:
+    iterations: int = 2  # rollouts per learn() call
+    seed: int = 0  # sampling seed
+
+
+class SampleOnlyAgent:
+    """A user's agent: it only samples, but it reports the shared metrics like any built-in agent."""
+
+    name = "sample_only"
+    Config = SampleOnlyConfig
+
+    def __init__(self, envs, config):
+        self.envs, self.config, self.history = envs, config, []
+
+    def learn(self, iterations=None, callback=None):
+        start, tokens, out = time.perf_counter(), 0, []
+        gen = torch.Generator().manual_seed(self.config.seed)
+        for it in range(1, (iterations or self.config.iterations) + 1):
+            batch = text_env.rollout(self.envs, generator=gen)
+            tokens += batch.num_tokens
+            out.append(rollout_metrics(batch, it, time.perf_counter() - start, tokens))
+        self.history += out
+        return out
+
+    def act(self, obs):
+        return act_with_policy(self.envs.policy, obs)
+
+    def evaluate(self, num_episodes=256, seed=0):
+        return evaluate_policy(self.envs, num_episodes, seed)
+
+    def save(self, path): ...
+
+    def load(self, path): ...
+
+
+@pytest.fixture()
+def envs(core):
+    return text_env.TextGenVectorEnv(num_envs=8, core=core)
+
+
+def test_builtin_agents_are_available():
+    assert {"ppo", "reinforce", "best_of_n", "raft", "sb3_ppo", "sb3_a2c"} <= set(agents.available())
+
+
+def test_unknown_agent_lists_the_available_ones(envs):
+    with pytest.raises(ValueError, match=r"unknown agent 'dqn'; available agents: \[.*'ppo'.*\]"):
+        agents.make_agent("dqn", envs)
+
+
+def test_user_agent_registered_in_code_runs_with_the_shared_metrics(envs):
+    agents.register_agent("sample_only", SampleOnlyAgent, overwrite=True)
+    agent = agents.make_agent("sample_only", envs, {"iterations": 2})
+    assert isinstance(agent, agents.Agent)
+    history = agent.learn()
+    assert len(history) == 2 and set(METRIC_KEYS) <= set(history[-1])
+    assert history[-1]["tokens"] > history[0]["tokens"] > 0
+    assert np.isfinite(history[-1]["gold_score"])
+    obs, _ = envs.reset(seed=0)
+    assert agent.act(obs).shape == (8,)
+    with pytest.raises(ValueError, match="already registered"):
+        agents.register_agent("sample_only", SampleOnlyAgent)
+
+
+def test_unknown_config_key_is_named(envs):
+    agents.register_agent("sample_only", SampleOnlyAgent, overwrite=True)
+    with pytest.raises(ConfigError, match=r"unknown key 'iteratons'.*did you mean 'iterations'"):
+        agents.make_agent("sample_only", envs, {"iteratons": 3})
+
+
+def test_a_single_env_is_batched_for_the_agent(core):
+    agents.register_agent("sample_only", SampleOnlyAgent, overwrite=True)
+    agent = agents.make_agent("sample_only", text_env.TextGenEnv(core=core))
+    assert isinstance(agent.envs, text_env.TextGenVectorEnv) and agent.envs.core is core
+
+
+def test_agent_from_an_entry_point_of_an_installed_package(tmp_path, monkeypatch, envs):
+    """A third-party package declares `[rlhf_gym.agents] my_agent = my_agents_pkg:MyAgent` in its metadata."""
+    (tmp_path / "my_agents_pkg.py").write_text(
+        textwrap.dedent(
+            """
+            from tests.test_registry import SampleOnlyAgent
+
+            class MyAgent(SampleOnlyAgent):
+                name = "my_agent"
+            """
+        )
+    )
+    dist = tmp_path / "my_agents_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-agents-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rlhf_gym.agents]\nmy_agent = my_agents_pkg:MyAgent\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert "my_agent" in agents.available()
+    agent = agents.make_agent("my_agent", envs, {"iterations": 1})
+    assert type(agent).__name__ == "MyAgent"
+    assert set(METRIC_KEYS) <= set(agent.learn()[0])
+    sys.modules.pop("my_agents_pkg", None)
