@@ -1,0 +1,212 @@
+"""Best-of-n sampling (rejection sampling against the reward model): the strong baseline that learns nothing.
+
+For each prompt, draw n responses from the policy (pi_ref unless you load another), score them with the
+**reward model** (the env's `rm_score`; the gold reward is only reported) and return the best. Nakano et al.
+(2021, WebGPT) and Stiennon et al. (2020) found it competitive with RL at small KL budgets; Gao et al. (2023,
+arXiv:2210.10760) use it to chart reward over-optimisation against KL.
+
+## What "kl" means here
+The env's KL is token-wise: log pi(y_t) - log pi_ref(y_t) summed over the response. Best-of-n samples every
+token from pi = pi_ref, so that KL is 0 for each sample, chosen or not (reported as `kl_measured_env`). What
+moves away from pi_ref is the *distribution of the selected response*, whose KL to pi_ref is
+`log n - (n - 1) / n` (Stiennon et al. 2020, appendix G.3; an upper bound that is tight for many distinct
+rewards, Beirami et al. 2024, arXiv:2401.01879). That analytic value is reported as `kl`, and `reward` is
+`rm_score - beta * kl` with it, so best-of-n sits on the same reward/KL axes as the RL agents. If a trained
+policy is loaded, the analytic KL is to that policy, and `kl_measured_env` carries its KL to pi_ref.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import text_env
+from agents.base import Callback, act_with_policy, rollout_metrics, save_policy
+from rlhf_gym.maths import best_of_n_kl
+from text_env.sampler import Rollout
+
+__all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig"]
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-n settings; `configs/agents/best_of_n.yaml` holds the default-task values."""
+
+    n: int = 16  # samples per prompt; the one with the highest reward-model score is returned
+    prompts_per_iteration: int = 64  # prompts per evaluation round of learn()
+    iterations: int = 4  # evaluation rounds per learn() call (nothing is learned)
+    seed: int = 0  # seeds the prompt draw and the sampling generator
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pieces: gathering rows of rollouts
+# --------------------------------------------------------------------------------------------------------
+def _concat(batches: Sequence[Rollout]) -> Rollout:
+    """One Rollout holding the rows of several (same prompt width P and response width N)."""
+    fields = {}
+    for f in dataclasses.fields(Rollout):
+        values = [getattr(b, f.name) for b in batches]
+        if f.name == "response_start":
+            fields[f.name] = values[0]
+        elif isinstance(values[0], torch.Tensor):
+            fields[f.name] = torch.cat(values)
+        elif isinstance(values[0], np.ndarray):
+            fields[f.name] = np.concatenate(values)
+        else:
+            fields[f.name] = [x for v in values for x in v]
+    return Rollout(**fields)
+
+
+def _take(batch: Rollout, rows: np.ndarray) -> Rollout:
+    """The sub-Rollout of `rows` (in that order)."""
+    index = torch.as_tensor(rows, device=batch.input_ids.device)
+    fields = {}
+    for f in dataclasses.fields(Rollout):
+        value = getattr(batch, f.name)
+        if f.name == "response_start":
+            fields[f.name] = value
+        elif isinstance(value, torch.Tensor):
+            fields[f.name] = value[index]
+        elif isinstance(value, np.ndarray):
+            fields[f.name] = value[rows]
+        else:
+            fields[f.name] = [value[i] for i in rows]
+    return Rollout(**fields)
+
+
+@dataclass
+class BestOfN:
+    """The outcome of best-of-n on m prompts."""
+
+    samples: Rollout  # m * n rows: the n samples of prompt i at rows i * n .. i * n + n - 1
+    chosen: np.ndarray  # (m,) the row of `samples` picked for each prompt (argmax of rm_score)
+    best: Rollout  # m rows: the chosen samples, in prompt order
+
+
+# --------------------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------------------
+class BestOfNAgent:
+    """Best-of-n over `envs.policy` (pi_ref by default), selected by the env's reward model.
+
+    Args:
+        envs: the vector env; m prompts need m * n samples, generated `envs.num_envs` rows per KV-cached
+            rollout (n may exceed num_envs: a prompt's samples then span several rollouts).
+        config: a `BestOfNConfig`.
+    """
+
+    name = "best_of_n"
+    Config = BestOfNConfig
+
+    def __init__(self, envs: text_env.TextGenVectorEnv, config: BestOfNConfig) -> None:
+        if config.n < 1:
+            raise ValueError(f"n must be >= 1, got {config.n}")
+        if config.prompts_per_iteration < 1:
+            raise ValueError(f"prompts_per_iteration must be >= 1, got {config.prompts_per_iteration}")
+        self.envs, self.config = envs, config
+        self.history: list[dict[str, float]] = []
+        torch.manual_seed(config.seed)
+        device = next(envs.policy.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)  # prompt draws
+        self.iteration = 0  # evaluation rounds so far, across learn() calls
+        self.tokens = 0  # response tokens generated so far (all n samples count: that is the cost)
+
+    def best_of(
+        self, prompt_indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
+    ) -> BestOfN:
+        """Sample n responses for each prompt index, score them with the reward model, keep the best."""
+        prompt_indices = np.asarray(prompt_indices, dtype=np.int64)  # (m,)
+        n, num_envs = self.config.n, self.envs.num_envs
+        wanted = np.repeat(prompt_indices, n)  # (m * n,)
+        chunks = []
+        for lo in range(0, len(wanted), num_envs):
+            rows = wanted[lo : lo + num_envs]
+            padded = np.concatenate([rows, np.full(num_envs - len(rows), rows[0])])  # last chunk: filler rows
+            batch = text_env.rollout(self.envs, prompt_indices=padded, generator=generator or self.generator)
+            chunks.append(batch if len(rows) == num_envs else _take(batch, np.arange(len(rows))))
+        samples = _concat(chunks)
+        scores = samples.rm_scores.view(-1, n)  # (m, n): the reward model's, never gold
+        chosen = (
+            (torch.arange(len(prompt_indices), device=scores.device) * n + scores.argmax(-1)).cpu().numpy()
+        )
+        return BestOfN(samples=samples, chosen=chosen, best=_take(samples, chosen))
+
+    def _indices(self, prompts: Sequence[str] | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Prompt indices from indices or from prompt strings of the env's task."""
+        if len(prompts) and all(isinstance(p, str) for p in prompts):
+            lookup = {p: i for i, p in enumerate(self.envs.core.task.prompts)}
+            missing = [p for p in prompts if p not in lookup]
+            if missing:
+                raise ValueError(
+                    f"prompt {missing[0]!r} is not one of the env's task prompts; the env samples only its own "
+                    "prompts, so build the env with prompts=[...] that include it"
+                )
+            return np.array([lookup[p] for p in prompts], dtype=np.int64)
+        return np.asarray([self.envs.core.check_prompt_index(i) for i in prompts], dtype=np.int64)
+
+    def select(self, prompts: Sequence[str] | Sequence[int] | np.ndarray) -> list[str]:
+        """The best of n responses for each prompt (given as task prompt strings or prompt indices)."""
+        return self.best_of(self._indices(prompts)).best.responses
+
+    def _draw_prompts(self, m: int, rng: np.random.Generator) -> np.ndarray:
+        total = len(self.envs.core.task.prompts)
+        return rng.choice(total, size=m, replace=m > total)
+
+    def metrics(self, result: BestOfN, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
+        """Shared metrics of the selected responses, with the analytic best-of-n KL (see the docstring)."""
+        metrics = rollout_metrics(result.best, iteration, wall_time, tokens)
+        kl = best_of_n_kl(self.config.n)
+        metrics.update(
+            kl=kl,
+            reward=metrics["rm_score"] - self.envs.core.judge.beta * kl,
+            kl_measured_env=metrics["kl"],
+            rm_score_all=result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
+            n=float(self.config.n),
+        )
+        return metrics
+
+    def learn(
+        self, iterations: int | None = None, callback: Callback | None = None
+    ) -> list[dict[str, float]]:
+        """Run `iterations` rounds of best-of-n on `prompts_per_iteration` fresh prompts; nothing is trained."""
+        start, metrics_out = time.perf_counter(), []
+        for _ in range(self.config.iterations if iterations is None else iterations):
+            self.iteration += 1
+            result = self.best_of(self._draw_prompts(self.config.prompts_per_iteration, self.rng))
+            self.tokens += result.samples.num_tokens
+            metrics = self.metrics(result, self.iteration, time.perf_counter() - start, self.tokens)
+            self.history.append(metrics)
+            metrics_out.append(metrics)
+            if callback is not None and callback(self, metrics) is False:
+                break
+        return metrics_out
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """A token from the sampling policy: best-of-n is a policy over whole responses, not tokens."""
+        return act_with_policy(self.envs.policy, obs)
+
+    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
+        """Best-of-n metrics on `num_episodes` prompts (each costs n samples), seeded apart from learn()."""
+        start = time.perf_counter()
+        device = next(self.envs.policy.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        result = self.best_of(self._draw_prompts(num_episodes, np.random.default_rng(seed)), generator)
+        metrics = self.metrics(result, 0, time.perf_counter() - start, result.samples.num_tokens)
+        metrics["episodes"] = float(num_episodes)
+        return metrics
+
+    def save(self, path: str | Path) -> None:
+        save_policy(self.envs.policy, self.envs.tokenizer, path)
+
+    def load(self, path: str | Path) -> None:
+        """Sample from a saved policy (e.g. best-of-n on top of an RL-trained one); safetensors only."""
+        policy = self.envs.policy
+        loaded = type(policy).from_pretrained(path, use_safetensors=True)
+        policy.load_state_dict(loaded.state_dict())

@@ -1,0 +1,283 @@
+"""Agent comparison sweeps: a grid of agents x beta x seeds (x any config field), run in worker processes.
+
+Every finished cell is appended to `runs/<name>/results.csv` (one row) and `curves.csv` (one row per
+iteration) by the parent process alone, a whole line at a time, so a killed sweep loses only the cells in
+flight; rerunning it skips every cell already in results.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_gym.config import config_from_dict, config_to_dict, load_config, save_config
+from text_env.config import EnvConfig
+
+__all__ = ["RESULT_METRICS", "Cell", "SweepConfig", "add_sweep_command", "expand_cells", "finished_cells", "run_cell", "run_sweep"]
+
+#: Metric columns of results.csv and curves.csv, after the configuration columns.
+RESULT_METRICS = (
+    "kl",
+    "proxy_reward",
+    "gold_reward",
+    "length",
+    "entropy",
+    "wall_time",
+    "tokens",
+    "iterations",
+)
+
+
+@dataclass
+class SweepConfig:
+    """A grid of cells; each cell trains one agent from pi_ref and evaluates it."""
+
+    name: str = "sweep"  # runs/<name>/ holds the results
+    runs_root: str = "runs"  # parent folder of run folders
+    agents: list[str] = field(
+        default_factory=lambda: ["ppo", "reinforce", "raft", "best_of_n"]
+    )  # agent names
+    betas: list[float] = field(default_factory=lambda: [0.05])  # env KL coefficients
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds per configuration
+    # Extra axes by dotted key: "env.X" (the env), "AGENT.X" (that agent only, e.g. "best_of_n.n"),
+    # "agent.X" (every agent in the sweep).
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # fixed dotted overrides, same keys as grid
+    env: EnvConfig = field(default_factory=EnvConfig)  # the env every cell starts from
+    agent_configs: dict[str, str] = field(
+        default_factory=dict
+    )  # agent -> YAML (default configs/agents/NAME.yaml)
+    eval_episodes: int = 128  # fresh episodes for each final evaluation
+    workers: int = 2  # parallel worker processes (1 = run in this process)
+    threads_per_worker: int = 1  # torch threads in each worker
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: an agent, a beta, a seed and the dotted overrides that define it."""
+
+    agent: str
+    beta: float
+    seed: int
+    swept: tuple[tuple[str, Any], ...]  # (column, value) of the grid axes that apply to this agent
+    env_overrides: tuple[str, ...]
+    agent_overrides: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        key = json.dumps([self.agent, self.beta, self.seed, self.swept], sort_keys=True, default=str)
+        return f"{self.agent}-b{self.beta:g}-s{self.seed}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "cell": self.id,
+            "agent": self.agent,
+            "seed": self.seed,
+            "beta": self.beta,
+            **dict(self.swept),
+        }
+
+
+def _route(key: str, agent: str) -> tuple[str | None, str]:
+    """Where dotted `key` applies for `agent`: ("env" | "agent" | None, the key inside that config)."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        raise ValueError(f"sweep key {key!r} needs a prefix: 'env.X', 'agent.X' or 'AGENT_NAME.X'")
+    if head == "env":
+        return "env", rest
+    if head in ("agent", agent):
+        return "agent", rest
+    return None, rest  # another agent's key
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def expand_cells(config: SweepConfig) -> list[Cell]:
+    """Every cell of the grid, in a stable order; an axis of another agent does not multiply this one's cells."""
+    fixed = [text.partition("=")[::2] for text in config.overrides]
+    bad = [text for text in config.overrides if "=" not in text]
+    if bad:
+        raise ValueError(f"sweep overrides must be KEY=VALUE with a dotted KEY; got {bad}")
+    cells = []
+    for agent in config.agents:
+        axes = [(k, v) for k, v in sorted(config.grid.items()) if _route(k, agent)[0] is not None]
+        for beta, seed, *values in itertools.product(config.betas, config.seeds, *[v for _, v in axes]):
+            env_over, agent_over = [], []
+            for key, value in [*fixed, *zip((k for k, _ in axes), values, strict=True)]:
+                target, inner = _route(key, agent)
+                if target == "env":
+                    env_over.append(_override(inner, value))
+                elif target == "agent":
+                    agent_over.append(_override(inner, value))
+            swept = tuple(
+                (k if not k.startswith(f"{agent}.") else k.split(".", 1)[1], v)
+                for (k, _), v in zip(axes, values, strict=True)
+            )
+            cells.append(Cell(agent, float(beta), int(seed), swept, tuple(env_over), tuple(agent_over)))
+    return cells
+
+
+def _with_overrides(cfg: Any, overrides: tuple[str, ...] | list[str]) -> Any:
+    values = config_to_dict(cfg)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        values[key] = yaml.safe_load(value)
+    return config_from_dict(type(cfg), values, where="in the sweep's env overrides")
+
+
+def run_cell(cell: Cell, config: SweepConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train and evaluate one cell (in a worker process); return its results row and curve rows."""
+    import torch
+
+    from agents.registry import get_agent_class, resolve_config
+
+    torch.set_num_threads(config.threads_per_worker)
+    torch.manual_seed(cell.seed)
+    env_cfg = _with_overrides(dataclasses.replace(config.env, beta=cell.beta), cell.env_overrides)
+    agent_cls = get_agent_class(cell.agent)
+    yaml_path = config.agent_configs.get(cell.agent) or (
+        f"configs/agents/{cell.agent}.yaml" if Path(f"configs/agents/{cell.agent}.yaml").is_file() else None
+    )
+    agent_cfg = resolve_config(agent_cls, yaml_path, [*cell.agent_overrides, f"seed={cell.seed}"])
+    envs = env_cfg.make()
+    agent = agent_cls(envs, agent_cfg)
+    history = agent.learn()
+    final = agent.evaluate(num_episodes=config.eval_episodes, seed=10_000 + cell.seed)
+    columns = cell.columns()
+    row = {
+        **columns,
+        "kl": final["kl"],
+        "proxy_reward": final["rm_score"],
+        "gold_reward": final["gold_score"],
+        "length": final["length"],
+        "entropy": final.get("entropy", math.nan),
+        "wall_time": history[-1]["wall_time"] if history else 0.0,
+        "tokens": history[-1]["tokens"] if history else 0.0,
+        "iterations": len(history),
+    }
+    curves = [
+        {
+            **columns,
+            "iteration": m["iteration"],
+            "kl": m["kl"],
+            "proxy_reward": m["rm_score"],
+            "gold_reward": m["gold_score"],
+            "length": m["length"],
+            "entropy": m["entropy"],
+            "wall_time": m["wall_time"],
+            "tokens": m["tokens"],
+        }
+        for m in history
+    ]
+    return row, curves
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a CSV, widening the header if a new column appears (rare: a new swept key)."""
+    existing: list[dict[str, Any]] = []
+    fields: list[str] = []
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            new_keys = [k for row in rows for k in row if k not in fields]
+            if new_keys:
+                existing = list(reader)
+    new_fields = list(dict.fromkeys([*fields, *(k for row in rows for k in row)]))
+    if new_fields != fields:  # rewrite with the wider header (atomically), then append
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=new_fields)
+            writer.writeheader()
+            writer.writerows(existing)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=new_fields).writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finished_cells(run_dir: Path) -> set[str]:
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        return set()
+    with open(path, newline="") as f:
+        return {row["cell"] for row in csv.DictReader(f) if row.get("cell")}
+
+
+def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
+    """Run every unfinished cell; return the run folder (results.csv, curves.csv, sweep.yaml)."""
+    run_dir = Path(config.runs_root) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "sweep.yaml")
+    cells = expand_cells(config)
+    done = finished_cells(run_dir)
+    todo = [c for c in cells if c.id not in done]
+    if progress:
+        print(
+            f"[sweep {config.name}] {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
+            flush=True,
+        )
+    start = time.perf_counter()
+
+    def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
+        _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
+        _append_rows(run_dir / "results.csv", [row])
+        if progress:
+            print(
+                f"[sweep {config.name}] {cell.id}: gold {row['gold_reward']:+.3f} proxy {row['proxy_reward']:+.3f} "
+                f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
+
+    if config.workers <= 1:
+        for cell in todo:
+            record(cell, *run_cell(cell, config))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_cell, cell, config): cell for cell in todo}
+            for future in as_completed(futures):
+                record(futures[future], *future.result())
+    return run_dir
+
+
+def add_sweep_command(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="run a grid of agents x beta x seeds (x any field) in worker processes")
+    p.add_argument("--config", default="configs/sweep.yaml", help="SweepConfig YAML")
+    p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
+    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the sweep config")
+
+    def run(args: Any) -> int:
+        config = load_config(SweepConfig, args.config, args.overrides)
+        if args.workers is not None:
+            config = dataclasses.replace(config, workers=args.workers)
+        run_dir = run_sweep(config)
+        print(f"results: {run_dir / 'results.csv'}")
+        if args.report:
+            from rlhf_gym.report import make_report, markdown_table, read_results, summarise
+
+            paths = make_report(run_dir)
+            print(markdown_table(summarise(read_results(run_dir / "results.csv"))))
+            print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+        return 0
+
+    p.set_defaults(handler=run)

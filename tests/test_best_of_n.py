@@ -1,0 +1,78 @@
+"""Best-of-n: it keeps the reward model's argmax per prompt, reports the analytic KL, and beats pi_ref."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import agents
+import text_env
+from agents.base import METRIC_KEYS, evaluate_policy
+from agents.best_of_n import BestOfNAgent
+from text_env.core import EnvCore
+
+
+@pytest.fixture(scope="module")
+def length_core() -> EnvCore:
+    """A stub reward model that prefers longer responses (in characters): the longest sample must win."""
+    return EnvCore(reward_model=lambda prompts, responses: [len(r) for r in responses], max_new_tokens=16)
+
+
+@pytest.mark.parametrize("n, num_prompts", [(4, 5), (12, 2)], ids=["n<num_envs", "n>num_envs"])
+def test_best_of_n_picks_the_reward_models_argmax_per_prompt(length_core, n, num_prompts):
+    # num_envs 8: 5 prompts x 4 = 20 samples need 3 rollouts (the last one part filler); 2 x 12 = 24 need 3,
+    # and each prompt's 12 samples span two rollouts.
+    envs = text_env.TextGenVectorEnv(num_envs=8, core=length_core)
+    agent = agents.make_agent("best_of_n", envs, {"n": n})
+    prompt_ids = np.arange(num_prompts) * 7
+    result = agent.best_of(prompt_ids)
+    assert len(result.samples.responses) == num_prompts * n and len(result.best.responses) == num_prompts
+    np.testing.assert_array_equal(result.samples.prompt_indices, np.repeat(prompt_ids, n))
+    np.testing.assert_array_equal(result.best.prompt_indices, prompt_ids)
+    for i in range(num_prompts):
+        candidates = result.samples.responses[i * n : (i + 1) * n]
+        assert i * n <= result.chosen[i] < (i + 1) * n
+        assert result.best.responses[i] == result.samples.responses[result.chosen[i]]
+        assert len(result.best.responses[i]) == max(len(r) for r in candidates)
+        assert result.best.rm_scores[i].item() == len(result.best.responses[i])
+    assert len({len(r) for r in result.samples.responses}) > 1  # the choice was not trivial
+
+
+def test_select_takes_prompt_strings_or_indices(length_core):
+    agent = agents.make_agent("best_of_n", text_env.TextGenVectorEnv(num_envs=8, core=length_core), {"n": 4})
+    prompts = list(length_core.task.prompts[:3])
+    chosen = agent.select(prompts)
+    assert len(chosen) == 3 and all(isinstance(r, str) for r in chosen)
+    assert len(agent.select([0, 1])) == 2
+    with pytest.raises(ValueError, match="not one of the env's task prompts"):
+        agent.select(["a prompt the env has never seen"])
+
+
+def test_learn_reports_the_chosen_responses_and_the_analytic_kl(length_core):
+    envs = text_env.TextGenVectorEnv(num_envs=8, core=length_core)
+    agent = agents.make_agent("best_of_n", envs, {"n": 4, "prompts_per_iteration": 4, "iterations": 2})
+    assert isinstance(agent, agents.Agent) and isinstance(agent, BestOfNAgent)
+    before = [p.detach().clone() for p in envs.policy.parameters()]
+    history = agent.learn()
+    assert len(history) == 2 and agent.history == history
+    for m in history:
+        assert set(METRIC_KEYS) | {"n", "kl_measured_env", "rm_score_all"} <= set(m)
+        assert m["kl"] == pytest.approx(math.log(4) - 0.75)
+        assert m["reward"] == pytest.approx(m["rm_score"] - length_core.judge.beta * m["kl"])
+        assert abs(m["kl_measured_env"]) < 1e-3  # pi = pi_ref token-wise
+        assert m["rm_score"] >= m["rm_score_all"] and m["n"] == 4.0
+    assert history[1]["tokens"] > history[0]["tokens"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, envs.policy.parameters(), strict=True))
+
+
+def test_best_of_8_beats_pi_refs_mean_reward_model_score():
+    envs = text_env.TextGenVectorEnv(num_envs=64, core=EnvCore(max_new_tokens=16))
+    reference = evaluate_policy(envs, num_episodes=128, seed=1)
+    agent = agents.make_agent("best_of_n", envs, {"n": 8, "prompts_per_iteration": 32, "iterations": 1})
+    (m,) = agent.learn()
+    assert m["rm_score"] > reference["rm_score"] + 0.2, (m["rm_score"], reference["rm_score"])
+    assert m["rm_score"] > m["rm_score_all"] + 0.2
+    assert m["kl"] == pytest.approx(math.log(8) - 7 / 8)

@@ -1,0 +1,258 @@
+"""Sweep reports: means and t intervals checked by hand, Gao et al.'s fits on noiseless data, files written.
+
+The fixtures `data/sweep_results.csv` (2 agents x 2 betas x 3 seeds, values picked so every mean and CI is
+a one-line hand computation) and `data/sweep_curves.csv` (each cell's iterations 0..4, moving from pi_ref to
+the cell's final values with a bump of gold halfway) follow the sweep's data contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rlhf_gym.io import DataError
+from rlhf_gym.maths import best_of_n_kl
+from rlhf_gym.report import (
+    add_report_command,
+    fit_gao,
+    gao_fits,
+    make_report,
+    markdown_table,
+    mean_ci,
+    read_curves,
+    read_results,
+    summarise,
+    t_quantile_975,
+)
+
+DATA = Path(__file__).parent / "data"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+T2 = 4.303  # t_{0.975, 2}: 3 seeds, from any printed t table
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for t > 0, by the trapezoid rule on the Student t density (no scipy)."""
+    x = np.linspace(0.0, t, 100_001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return 0.5 + float(np.trapezoid(np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df)), x))
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    shutil.copy(DATA / "sweep_results.csv", tmp_path / "results.csv")
+    shutil.copy(DATA / "sweep_curves.csv", tmp_path / "curves.csv")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------------
+def test_t_quantile_is_the_975_point_of_the_t_distribution():
+    for df in [*range(1, 31), 31, 40, 100]:  # the table, then the Cornish-Fisher expansion
+        assert _t_cdf(t_quantile_975(df), df) == pytest.approx(0.975, abs=1e-7), df
+
+
+def test_t_quantile_rejects_zero_degrees_of_freedom():
+    with pytest.raises(ValueError, match="df >= 1"):
+        t_quantile_975(0)
+
+
+def test_mean_ci_by_hand():
+    mean, ci, n = mean_ci([0.1, 0.2, 0.3, math.nan])  # NaN (no gold for that seed) is left out
+    assert (mean, n) == (pytest.approx(0.2), 3)
+    assert ci == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-4)  # 0.2484
+    mean, ci, n = mean_ci([0.7])
+    assert (mean, n) == (0.7, 1) and math.isnan(ci)  # one seed: no interval
+    assert all(math.isnan(v) for v in mean_ci([])[:2])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Summary and table
+# --------------------------------------------------------------------------------------------------------
+def test_summarise_groups_by_configuration_over_seeds():
+    summary = summarise(read_results(DATA / "sweep_results.csv"))
+    assert list(summary[["agent", "beta"]].itertuples(index=False, name=None)) == [
+        ("ppo", 0.05),
+        ("ppo", 0.1),
+        ("reinforce", 0.05),
+        ("reinforce", 0.1),
+    ]
+    assert summary["seeds"].tolist() == [3, 3, 3, 3]
+    ppo = summary.iloc[0]
+    assert ppo["gold_reward_mean"] == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3
+    assert ppo["gold_reward_ci"] == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-4)  # sd 0.1
+    assert ppo["kl_ci"] == pytest.approx(T2 * 0.2 / math.sqrt(3), rel=1e-4)  # kl 2.0, 2.2, 2.4: sd 0.2
+    assert summary.iloc[3]["kl_ci"] == pytest.approx(0.0)  # reinforce beta 0.1: kl 1.5 for every seed
+
+
+def test_markdown_table_shows_the_hand_computed_cells():
+    table = markdown_table(summarise(read_results(DATA / "sweep_results.csv")))
+    lines = table.splitlines()
+    assert lines[0] == "| agent | beta | seeds | gold | proxy | KL | length | time (s) |"
+    # CI = 4.303 * sd / sqrt(3): sd 0.1 -> 0.248, 0.2 -> 0.497, 0.02 -> 0.050, 0.05 -> 0.124, 0.3 -> 0.745,
+    # 1 -> 2.5, 2 -> 5.0, 3 -> 7.5, 5 -> 12.4, 6 -> 14.9; pi_ref's values are the same in every row: no CI.
+    assert lines[2:] == [
+        "| pi_ref |  |  | 0.050 | 0.500 | 0.000 |  |  |",
+        "| ppo | 0.05 | 3 | 0.200 ± 0.248 | 1.200 ± 0.497 | 2.200 ± 0.497 | 22.0 ± 5.0 | 66.0 ± 14.9 |",
+        "| ppo | 0.1 | 3 | 0.320 ± 0.050 | 0.900 ± 0.248 | 1.100 ± 0.248 | 18.0 ± 0.0 | 55.0 ± 12.4 |",
+        "| reinforce | 0.05 | 3 | 0.100 ± 0.248 | 1.600 ± 0.248 | 3.300 ± 0.745 | 33.0 ± 7.5 | 40.0 ± 0.0 |",
+        "| reinforce | 0.1 | 3 | 0.400 ± 0.124 | 1.200 ± 0.248 | 1.500 ± 0.000 | 26.0 ± 2.5 | 46.0 ± 2.5 |",
+    ]
+
+
+def _rows(agent: str, n: float, seeds: list[int], gold: list[float]) -> list[dict]:
+    return [
+        {
+            "cell": f"{agent}-{n}-{s}",
+            "agent": agent,
+            "seed": s,
+            "beta": 0.0,
+            "n": n,
+            "kl": 0.5,
+            "proxy_reward": 1.0,
+        }
+        | {"gold_reward": g}
+        for s, g in zip(seeds, gold, strict=True)
+    ]
+
+
+def test_swept_fields_single_seeds_and_missing_gold_in_the_table():
+    results = pd.DataFrame(
+        _rows("ppo", math.nan, [0, 1], [math.nan, math.nan])  # `n` is not ppo's field: NaN, still a group
+        + _rows("best_of_n", 16, [0], [0.25])
+        + _rows("best_of_n", 4, [0, 1], [0.1, 0.3])
+    )
+    summary = summarise(results)
+    assert summary["agent"].tolist() == ["best_of_n", "best_of_n", "ppo"]  # sorted by agent, then n
+    assert summary["n"].fillna(-1).tolist() == [4, 16, -1]
+    assert summary["seeds"].tolist() == [2, 1, 2]
+    lines = markdown_table(summary).splitlines()
+    assert (
+        lines[0] == "| agent | beta | n | seeds | gold | proxy | KL |"
+    )  # no length/time columns: none given
+    assert (
+        lines[2] == "| best_of_n | 0 | 4 | 2 | 0.200 ± 1.271 | 1.000 ± 0.000 | 0.500 ± 0.000 |"
+    )  # 12.706*0.1414/1.414
+    assert lines[3] == "| best_of_n | 0 | 16 | 1 | 0.250 | 1.000 | 0.500 |"  # one seed: mean only
+    assert lines[4] == "| ppo | 0 |  | 2 | n/a | 1.000 ± 0.000 | 0.500 ± 0.000 |"  # no gold reward at all
+
+
+def test_a_seed_twice_in_one_configuration_is_an_error():
+    results = pd.DataFrame(_rows("ppo", 1, [0, 0], [0.1, 0.2]))
+    with pytest.raises(DataError, match="seed 0 more than once"):
+        summarise(results)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gao et al. fits
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kind", "form"),
+    [("bon", lambda d, a, b: d * (a - b * d)), ("rl", lambda d, a, b: d * (a - b * np.log(d)))],
+)
+def test_fit_gao_recovers_known_coefficients(kind, form):
+    d = np.linspace(0.2, 3.0, 15)
+    a, b = fit_gao(d, form(d, 0.8, 0.3), kind)
+    assert (a, b) == (pytest.approx(0.8, abs=1e-10), pytest.approx(0.3, abs=1e-10))
+    # d = 0 and NaN points carry nothing and are dropped
+    a, b = fit_gao([0.0, *d, 1.0], [0.0, *form(d, 0.8, 0.3), math.nan], kind)
+    assert (a, b) == (pytest.approx(0.8, abs=1e-10), pytest.approx(0.3, abs=1e-10))
+
+
+def test_fit_gao_refuses_too_few_points_and_unknown_forms():
+    with pytest.raises(ValueError, match="at least 3 distinct"):
+        fit_gao([0.0, 1.0, 1.0, 2.0], [0.0, 0.1, 0.2, 0.3], "rl")
+    with pytest.raises(ValueError, match="kind must be"):
+        fit_gao([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], "ppo")
+
+
+def test_best_of_n_fit_uses_the_analytic_kl_and_the_gain_over_pi_ref():
+    a, b, ref = 0.5, 0.2, 0.1
+    rows = []
+    for n in (1, 2, 4, 8, 16, 64):
+        d = math.sqrt(best_of_n_kl(n))
+        for seed in (0, 1):
+            rows.append(
+                {"cell": f"bon-{n}-{seed}", "agent": "best_of_n", "seed": seed, "beta": 0.0, "n": n}
+                | {"kl": best_of_n_kl(n), "proxy_reward": 1.0, "gold_reward": ref + d * (a - b * d)}
+                | {"ref_gold_reward": ref}
+            )
+    fit = gao_fits(pd.DataFrame(rows))["best_of_n"]
+    assert (fit.kind, fit.source, fit.note) == ("bon", "results.csv", "")
+    assert (fit.a, fit.b) == (pytest.approx(a), pytest.approx(b))
+    assert fit.d_peak == pytest.approx(a / (2 * b))  # dR/dd = a - 2 b d = 0
+
+
+def test_rl_fits_pool_every_iteration_of_the_curves():
+    results, curves = read_results(DATA / "sweep_results.csv"), read_curves(DATA / "sweep_curves.csv")
+    fits = gao_fits(results, curves)
+    ppo = curves[curves["agent"] == "ppo"]
+    expected = fit_gao(np.sqrt(ppo["kl"]), ppo["gold_reward"] - 0.05, "rl")  # pi_ref's gold is 0.05
+    assert (fits["ppo"].kind, fits["ppo"].source) == ("rl", "curves.csv")
+    assert (fits["ppo"].a, fits["ppo"].b) == pytest.approx(expected)
+    reinforce = fits["reinforce"]  # its gold bumps up then falls: the curve turns over inside the data
+    assert reinforce.b > 0 and reinforce.d_peak < reinforce.d_max
+    assert float(reinforce.predict(reinforce.d_peak)) == pytest.approx(reinforce.b * reinforce.d_peak)
+    # without curves RL agents fall back on their cells (4 distinct KLs for ppo: still a fit)
+    assert gao_fits(results)["ppo"].source == "results.csv"
+
+
+# --------------------------------------------------------------------------------------------------------
+# make_report and the command
+# --------------------------------------------------------------------------------------------------------
+def test_make_report_writes_the_plots_and_the_markdown(run_dir):
+    paths = make_report(run_dir)
+    assert list(paths) == ["report", "frontier", "learning_curves", "overoptimisation"]
+    for name in ("frontier", "learning_curves", "overoptimisation"):
+        assert paths[name] == run_dir / f"{name}.png"
+        assert paths[name].read_bytes()[:8] == PNG_MAGIC and paths[name].stat().st_size > 10_000
+    report = paths["report"].read_text()
+    assert "| ppo | 0.05 | 3 | 0.200 ± 0.248 |" in report
+    assert all(f"({name}.png)" in report for name in ("frontier", "learning_curves", "overoptimisation"))
+    assert "| ppo | d (a - b log d) |" in report and "| reinforce | d (a - b log d) |" in report
+    assert not list(run_dir.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_missing_results_names_the_file_and_the_sweep_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `rlhf-gym sweep` first") as info:
+        make_report(tmp_path)
+    assert str(tmp_path / "results.csv") in str(info.value)
+
+
+def test_missing_and_non_numeric_columns_are_named(run_dir):
+    results = pd.read_csv(run_dir / "results.csv")
+    results.drop(columns=["gold_reward", "kl"]).to_csv(run_dir / "results.csv", index=False)
+    with pytest.raises(DataError, match=r"results.csv lacks required column\(s\) 'kl', 'gold_reward'"):
+        make_report(run_dir)
+    results.assign(kl=["high"] + [1.0] * 11).to_csv(run_dir / "results.csv", index=False)
+    with pytest.raises(DataError, match="column 'kl' must be numeric; data row 1 holds 'high'"):
+        make_report(run_dir)
+
+
+def _report_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-gym")
+    add_report_command(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_report_command_without_curves_prints_the_table_and_skips_the_learning_curves(
+    run_dir, tmp_path_factory, capsys
+):
+    (run_dir / "curves.csv").unlink()
+    assert _report_command(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| reinforce | 0.1 | 3 | 0.400 ± 0.124 |" in out
+    assert f"frontier: {run_dir / 'frontier.png'}" in out and f"report: {run_dir / 'report.md'}" in out
+    assert "learning_curves" not in out and not (run_dir / "learning_curves.png").exists()
+    assert (run_dir / "overoptimisation.png").read_bytes()[:8] == PNG_MAGIC
+    assert "No curves.csv: learning curves skipped" in (run_dir / "report.md").read_text()
+    empty = tmp_path_factory.mktemp("empty")
+    assert _report_command(["report", str(empty)]) == 1
+    assert "rlhf-gym sweep" in capsys.readouterr().err

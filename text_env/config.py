@@ -1,0 +1,39 @@
+"""`EnvConfig`: the env as a typed config, for commands and sweeps that build envs from YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from text_env.core import EnvCore
+from text_env.vector_env import TextGenVectorEnv
+
+__all__ = ["EnvConfig"]
+
+
+@dataclass
+class EnvConfig:
+    """What `TextGenVectorEnv` is built from (see `EnvCore` for the meaning of each)."""
+
+    task: str = "reviews"  # built-in task name
+    prompts: str | None = None  # a JSONL/JSON/CSV/Parquet prompt file; None = the task's own prompts
+    model: str | None = None  # pi_ref: None = tiny-reviews, else an SFT output / HF model dir / hub id
+    reward_model: str | None = None  # a saved reward model dir; None = the task's gold reward
+    beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimator, logged and optimised
+    max_new_tokens: int = 32  # response length limit
+    num_envs: int = 64  # rows per batch of episodes
+    device: str = "cpu"  # "cpu", "cuda", "auto"
+
+    def make(self) -> TextGenVectorEnv:
+        core = EnvCore(
+            self.task,
+            prompts=self.prompts,
+            model=self.model,
+            reward_model=self.reward_model,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            max_new_tokens=self.max_new_tokens,
+            device=self.device,
+        )
+        return TextGenVectorEnv(num_envs=self.num_envs, core=core)
