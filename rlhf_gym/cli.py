@@ -7,6 +7,7 @@ this file stays a table of contents. Heavy imports happen inside the handlers: `
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 __all__ = ["COMMANDS", "main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _rollout(args: argparse.Namespace) -> int:
     """Build the embedded default, roll the policy out in the batched env, print a summary."""
     import numpy as np
     import torch
@@ -52,13 +53,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the embedded default end to end and print a summary")
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default; prints the comparison table")
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the pipeline config")
+
+    def run(args: argparse.Namespace) -> int:
+        from rlhf_gym.config import load_config
+        from rlhf_gym.pipeline import PipelineConfig, print_summary, run_pipeline
+
+        config = load_config(PipelineConfig, args.config, [*args.overrides, f"device={args.device}"])
+        return print_summary(run_pipeline(config))
+
+    p.set_defaults(handler=run)
+
+
+def _add_rollout(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollout", help="roll the policy out in the batched env and print a summary")
     p.add_argument("--num-envs", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=8, help="episodes to print")
-    p.set_defaults(handler=_demo)
+    p.set_defaults(handler=_rollout)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -74,15 +91,33 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-#: Subcommand installers, in the order `--help` lists them.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_bench]
+#: Subcommand installers ("module:function"), in the order `--help` lists them; each stage owns its command.
+COMMANDS: list[str | Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
+    "rlhf_gym.pipeline:add_pipeline_command",
+    "agents.sft:add_sft_command",
+    "reward_models.commands:add_label_command",
+    "reward_models.commands:add_train_rm_command",
+    "agents.commands:add_train_command",
+    "rlhf_gym.sweep:add_sweep_command",
+    "rlhf_gym.report:add_report_command",
+    _add_rollout,
+    _add_bench,
+]
+
+
+def _installer(entry: str | Callable) -> Callable:
+    if callable(entry):
+        return entry
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-gym", description="RLHF as reinforcement learning proper.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for install in COMMANDS:
-        install(sub)
+    for entry in COMMANDS:
+        _installer(entry)(sub)
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()

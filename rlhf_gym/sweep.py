@@ -25,7 +25,16 @@ import yaml
 from rlhf_gym.config import config_from_dict, config_to_dict, load_config, save_config
 from text_env.config import EnvConfig
 
-__all__ = ["RESULT_METRICS", "Cell", "SweepConfig", "add_sweep_command", "expand_cells", "finished_cells", "run_cell", "run_sweep"]
+__all__ = [
+    "RESULT_METRICS",
+    "Cell",
+    "SweepConfig",
+    "add_sweep_command",
+    "expand_cells",
+    "finished_cells",
+    "run_cell",
+    "run_sweep",
+]
 
 #: Metric columns of results.csv and curves.csv, after the configuration columns.
 RESULT_METRICS = (
@@ -213,6 +222,26 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
+def _reference_metrics(config: SweepConfig, run_dir: Path) -> dict[str, float]:
+    """pi_ref's proxy and gold reward on the sweep's env, measured once and cached in reference.json."""
+    path = run_dir / "reference.json"
+    key = json.dumps(config_to_dict(config.env), sort_keys=True)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("env") == key:
+            return cached["metrics"]
+    from agents.base import evaluate_policy
+
+    ref = evaluate_policy(config.env.make(), num_episodes=config.eval_episodes, seed=10_000)
+    metrics = {
+        "ref_proxy_reward": ref["rm_score"],
+        "ref_gold_reward": ref["gold_score"],
+        "ref_length": ref["length"],
+    }
+    path.write_text(json.dumps({"env": key, "metrics": metrics}, indent=2))
+    return metrics
+
+
 def finished_cells(run_dir: Path) -> set[str]:
     path = run_dir / "results.csv"
     if not path.is_file():
@@ -235,8 +264,10 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
             flush=True,
         )
     start = time.perf_counter()
+    reference = _reference_metrics(config, run_dir) if todo else {}
 
     def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
+        row = {**row, **reference}
         _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
         _append_rows(run_dir / "results.csv", [row])
         if progress:
