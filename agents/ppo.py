@@ -1,0 +1,334 @@
+"""Token-level PPO for RLHF: clipped surrogate, a value head, GAE, and a fixed or adaptive KL penalty.
+
+PPO (Schulman et al. 2017, arXiv:1707.06347) as applied to language models by Ziegler et al. (2019,
+arXiv:1909.08593), Stiennon et al. (2020) and InstructGPT (Ouyang et al. 2022, arXiv:2203.02155). The
+choices follow "The N Implementation Details of RLHF with PPO" (Huang, Liu & von Werra 2023), a faithful
+reproduction of OpenAI's lm-human-preferences:
+
+* **One episode = one response; one action = one token.** Rewards live on the token axis (B, N):
+  `kl_placement="per_token"` (InstructGPT/TRL) pays `-beta * kl_t` at every token and the reward model's
+  score at the last one (EOS); `"terminal"` pays the whole `rm_score - beta * kl` at the last token, as the
+  env does. Either way the return of a whole response is the same; per-token placement gives the critic
+  and GAE a denser, better-assigned signal. See `token_rewards`.
+* **The KL coefficient is the agent's own.** `beta` starts at the config's value (the env's when None) and
+  is fixed, or follows Ziegler et al.'s adaptive controller (`adaptive_beta`). The rewards are always
+  rebuilt from the rollout's `rm_scores` and per-token log-ratios, never taken from the env's `rewards`,
+  whose fixed env beta is only used for the shared `reward` metric.
+* **Value head**: a `Linear(hidden, 1)` on the policy's last hidden state (the trunk is shared, as in
+  lm-human-preferences and TRL's `AutoModelForCausalLMWithValueHead`), trained with the policy by one Adam
+  optimiser weighting the value loss by `vf_coef`. It starts at **zero** (weight and bias), as in
+  lm-human-preferences: V = 0 matches the centred returns at the start, so the first advantages are plain
+  Monte-Carlo returns, and because the head's weight is zero, an untrained critic sends no gradient into
+  the shared trunk on the first update (d loss / d hidden = w = 0): the policy is not disturbed by it.
+  On the default task the critic starts weak: a least-squares linear probe of the tiny model's last hidden
+  state explains ~1 % of the return's variance, so early updates are close to REINFORCE with whitened,
+  lambda-discounted returns; `explained_variance` shows when the trunk has learned value features.
+* **Rollout**: the KV-cached `text_env.rollout`, then one teacher-forced forward without gradients for the
+  old log-probs and values. The old log-probs come from that forward, not from the sampler, so the first
+  minibatch's ratio is exactly 1 (the same code path as the training forward); the KL in the rewards uses
+  the sampler's log-probs, so that it sums to the env's `kl` exactly.
+* **Update**: GAE (gamma 1, lambda 0.95), advantages whitened over the valid tokens of the batch, the
+  clipped surrogate and clipped value loss averaged over tokens, `ppo_epochs` passes over shuffled
+  minibatches of rows, global gradient-norm clipping, Adam with eps 1e-5 (as OpenAI baselines' PPO; Huang
+  et al. show PyTorch's Adam steps harder early on than the TensorFlow one lm-human-preferences used), and
+  an optional early stop of the epochs once approx-KL exceeds `target_kl` (cleanrl).
+* **Dropout off**: the policy stays in eval mode, so the sampled and the trained policy are one function.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import text_env
+from agents.base import (
+    Callback,
+    act_with_policy,
+    check_finite,
+    evaluate_policy,
+    rollout_metrics,
+    save_policy,
+)
+from rlhf_gym.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
+from rlhf_gym.maths import (
+    gae,
+    kl_per_token,
+    logprobs_from_logits,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from text_env.scoring import position_ids_from_mask
+from text_env.vector_env import TextGenVectorEnv
+
+__all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+PPO_METRIC_KEYS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "beta", "explained_variance")
+
+
+@dataclass
+class PPOConfig:
+    """PPO's settings; the defaults suit the default task (tiny-reviews, responses <= 32 tokens, B = 64)."""
+
+    iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
+    seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
+    num_envs: int = 64  # B, when make_agent batches a single env; a vector env passed in keeps its own
+    lr: float = 3e-4  # Adam learning rate, for the policy and the value head alike
+    adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
+    ppo_epochs: int = 4  # passes over each rollout batch
+    num_minibatches: int = 4  # minibatches per pass (rows, shuffled); ignored when minibatch_size is set
+    minibatch_size: int | None = None  # rows per minibatch; overrides num_minibatches
+    clip_range: float = 0.2  # epsilon of the clipped surrogate
+    clip_range_value: float | None = 0.2  # epsilon of the value clipping; None: plain squared error
+    vf_coef: float = 0.1  # weight of the value loss in the one loss (lm-human-preferences, TRL)
+    max_grad_norm: float = 1.0  # global gradient-norm clip over policy and value head
+    gamma: float = 1.0  # discount; 1 because the episode is short and only the whole response is judged
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
+    whiten_rewards: bool = False  # rescale token rewards to unit variance (sign kept), as TRL's option
+    kl_placement: Literal["per_token", "terminal"] = "per_token"  # where -beta * KL is paid (module doc)
+    beta: float | None = None  # initial KL coefficient; None: the env's (envs.core.judge.beta)
+    adaptive_kl: bool = False  # adapt beta towards kl_target with Ziegler et al.'s controller
+    kl_target: float = 6.0  # target mean KL per response (nats) of the adaptive controller
+    kl_horizon: int = 10_000  # horizon (episodes) of the adaptive controller
+    target_kl: float | None = None  # stop an iteration's epochs once their mean approx-KL exceeds this
+
+    def __post_init__(self) -> None:
+        if self.kl_placement not in ("per_token", "terminal"):
+            raise ValueError(f"kl_placement must be 'per_token' or 'terminal', got {self.kl_placement!r}")
+        positive = {"lr": self.lr, "ppo_epochs": self.ppo_epochs, "num_minibatches": self.num_minibatches}
+        positive |= {"clip_range": self.clip_range, "max_grad_norm": self.max_grad_norm}
+        positive |= {"kl_target": self.kl_target, "kl_horizon": self.kl_horizon}
+        for name, value in positive.items():
+            if not value > 0:  # catches NaN too
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.minibatch_size is not None and self.minibatch_size < 1:
+            raise ValueError(f"minibatch_size must be >= 1 or None, got {self.minibatch_size}")
+        if self.beta is not None and not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0 or None (the env's), got {self.beta}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pieces: reward layout, KL controller, critic diagnostics
+# --------------------------------------------------------------------------------------------------------
+def token_rewards(
+    rm_scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    placement: Literal["per_token", "terminal"],
+) -> torch.Tensor:
+    """Lay a response's reward out on its tokens.
+
+    Args:
+        rm_scores: (B,) reward-model score of each response.
+        kl: (B, N) per-token KL estimate (`kl_per_token`, the env's estimator).
+        mask: (B, N) valid response tokens (EOS included), right-padded.
+        beta: KL coefficient.
+        placement: "per_token": `-beta * kl_t` on every token plus `rm_score` on the last valid one
+            (Ouyang et al. 2022; TRL). "terminal": `rm_score - beta * sum_t kl_t` on the last valid token.
+
+    Returns:
+        (B, N) rewards, 0 at padding; each row sums to `rm_score - beta * sum_t kl_t` in both layouts.
+    """
+    valid = mask.bool()
+    kl = torch.where(valid, kl, torch.zeros_like(kl))  # (B, N)
+    last = (valid.sum(-1) - 1).clamp(min=0)  # (B,) column of the last valid token
+    if placement == "per_token":
+        rewards = -beta * kl  # (B, N)
+        score = rm_scores
+    elif placement == "terminal":
+        rewards = torch.zeros_like(kl)  # (B, N)
+        score = rm_scores - beta * kl.sum(-1)
+    else:
+        raise ValueError(f"placement must be 'per_token' or 'terminal', got {placement!r}")
+    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
+
+
+def adaptive_beta(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """One step of Ziegler et al.'s (2019, section 2.2) proportional KL controller.
+
+    `e = clip(kl / target - 1, -0.2, 0.2)`, `beta <- beta * (1 + e * n_steps / horizon)`: beta grows while
+    the policy's KL exceeds the target and shrinks below it, by at most 20 % per `horizon` episodes.
+
+    Args:
+        beta: current coefficient.
+        kl: mean KL per response of the batch just collected.
+        target: the KL to steer towards.
+        horizon: episodes over which a full proportional error is applied.
+        n_steps: episodes in the batch (B).
+    """
+    proportional_error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
+    return beta * (1.0 + proportional_error * n_steps / horizon)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """`1 - Var[R - V] / Var[R]` over valid tokens: 1 is a perfect critic, <= 0 no better than a constant."""
+    if mask.sum() < 2:
+        return math.nan
+    var_returns = masked_var(returns, mask).item()
+    if var_returns == 0:
+        return math.nan
+    return 1.0 - masked_var(returns - values, mask).item() / var_returns
+
+
+# --------------------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------------------
+class PPOAgent:
+    """PPO with a value head on the env's policy; see the module docstring for the choices and papers."""
+
+    name = "ppo"
+    Config = PPOConfig
+
+    def __init__(self, envs: TextGenVectorEnv, config: PPOConfig | None = None) -> None:
+        self.envs, self.config = envs, config if config is not None else PPOConfig()
+        self.history: list[dict[str, float]] = []
+        cfg, policy = self.config, envs.policy
+        device = next(policy.parameters()).device
+        torch.manual_seed(cfg.seed)
+        policy.eval()  # no dropout: RL needs the sampled and the trained policy to be the same function
+        self.value_head = nn.Linear(policy.config.hidden_size, 1, device=device)  # fp32 even for bf16 LMs
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+        self.beta = float(envs.core.judge.beta if cfg.beta is None else cfg.beta)
+        self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
+        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order
+        self._tokens = 0
+
+    @property
+    def minibatch_size(self) -> int:
+        cfg = self.config
+        return cfg.minibatch_size or max(1, math.ceil(self.envs.num_envs / cfg.num_minibatches))
+
+    def _forward(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor, p: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log pi and V of the response tokens at columns `p:`: each (B, N)."""
+        n = ids.shape[1] - p
+        out = self.envs.policy(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=n + 1,  # positions p-1 .. p+n-1; the last predicts beyond the response
+        )
+        logprobs = logprobs_from_logits(out.logits[:, :-1].float(), ids[:, p:])  # (B, N)
+        hidden = out.hidden_states[-1][:, p - 1 : -1].float()  # (B, N, H): the state before each token
+        values = self.value_head(hidden).squeeze(-1)  # (B, N)
+        return logprobs, values
+
+    def learn(
+        self, iterations: int | None = None, callback: Callback | None = None
+    ) -> list[dict[str, float]]:
+        cfg, envs = self.config, self.envs
+        iterations = cfg.iterations if iterations is None else iterations
+        num_prompts, num_rows = len(envs.core.task.prompts), envs.num_envs
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        start, first, rows = time.perf_counter(), len(self.history) + 1, []
+        for it in range(first, first + iterations):
+            # 1. Collect B responses (KV-cached), then score them teacher-forced: old log pi and V.
+            prompt_indices = self.np_random.integers(num_prompts, size=num_rows)
+            batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
+            self._tokens += batch.num_tokens
+            p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
+            b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
+            b_mask = batch.response_mask[:, :n]  # (B, N)
+            with torch.no_grad():
+                b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
+                kl = kl_per_token(
+                    batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.core.judge.kl_estimator
+                )
+                rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
+                if cfg.whiten_rewards:
+                    rewards = masked_whiten(rewards, b_mask, shift_mean=False)
+                b_advantages, b_returns = gae(rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, N) each
+                ev = explained_variance(b_values, b_returns, b_mask)
+                if cfg.whiten_advantages:
+                    b_advantages = masked_whiten(b_advantages, b_mask)
+
+            # 2. PPO epochs over shuffled minibatches of rows.
+            stats: dict[str, list[float]] = {
+                k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")
+            }
+            epochs_done = 0
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(num_rows, generator=self.shuffle_generator).to(b_ids.device)
+                epoch_kl = []
+                for lo in range(0, num_rows, self.minibatch_size):
+                    mb = order[lo : lo + self.minibatch_size]
+                    mb_mask = b_mask[mb]
+                    logprobs, values = self._forward(b_ids[mb], b_attention[mb], p)
+                    pg_loss, pg_stats = ppo_policy_loss(
+                        logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.clip_range
+                    )
+                    v_loss = ppo_value_loss(
+                        values, b_values[mb], b_returns[mb], mb_mask, cfg.clip_range_value
+                    )
+                    loss = pg_loss + cfg.vf_coef * v_loss
+                    check_finite(loss, "PPO loss", it)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    check_finite(grad_norm, "PPO gradient norm", it)
+                    self.optimizer.step()
+                    stats["policy_loss"].append(pg_loss.item())
+                    stats["value_loss"].append(v_loss.item())
+                    stats["approx_kl"].append(pg_stats["approx_kl"])
+                    stats["clip_fraction"].append(pg_stats["clip_fraction"])
+                    epoch_kl.append(pg_stats["approx_kl"])
+                epochs_done += 1
+                if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+                    break  # the policy moved far from the one that collected the batch
+
+            # 3. Metrics (with the beta these rewards used), then the KL controller's step.
+            metrics = rollout_metrics(batch, it, time.perf_counter() - start, self._tokens)
+            metrics.update({k: float(np.mean(v)) for k, v in stats.items()})
+            metrics.update(beta=self.beta, explained_variance=ev, ppo_epochs=float(epochs_done))
+            if cfg.adaptive_kl:
+                self.beta = adaptive_beta(self.beta, metrics["kl"], cfg.kl_target, cfg.kl_horizon, num_rows)
+            self.history.append(metrics)
+            rows.append(metrics)
+            if callback is not None and callback(self, metrics) is False:
+                break
+        return rows
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return act_with_policy(self.envs.policy, obs, generator=self.generator)
+
+    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
+        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
+
+    def save(self, path: str | Path) -> None:
+        """The policy as a Hugging Face directory plus `value_head.safetensors` (and beta), in one atomic write."""
+        with atomic_dir(Path(path)) as tmp:
+            save_policy(self.envs.policy, self.envs.tokenizer, tmp)
+            save_tensors(
+                self.value_head.state_dict(), tmp / VALUE_HEAD_FILE, metadata={"beta": repr(self.beta)}
+            )
+
+    def load(self, path: str | Path) -> None:
+        """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved."""
+        path = Path(path)
+        policy = self.envs.policy
+        loaded = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=policy.dtype)
+        policy.load_state_dict(loaded.state_dict())  # in place: the optimiser keeps its parameters
+        if (path / VALUE_HEAD_FILE).exists():
+            self.value_head.load_state_dict(load_tensors(path / VALUE_HEAD_FILE, device=policy.device))
+            self.beta = float(load_tensors_metadata(path / VALUE_HEAD_FILE).get("beta", self.beta))
