@@ -27,9 +27,11 @@ __all__ = [
     "METRIC_KEYS",
     "Agent",
     "NonFiniteLossError",
+    "Callback",
     "act_with_policy",
     "check_finite",
     "evaluate_policy",
+    "load_policy",
     "rollout_metrics",
     "save_policy",
 ]
@@ -132,16 +134,26 @@ def evaluate_policy(
 ) -> dict[str, float]:
     """Mean shared metrics of `envs.policy` over fresh KV-cached rollouts (no learning)."""
     start, rows, tokens = time.perf_counter(), [], 0
+    was_training = envs.policy.training
+    envs.policy.eval()  # no dropout while measuring
     generator = torch.Generator(device=next(envs.policy.parameters()).device).manual_seed(seed)
     for i in range(max(1, math.ceil(num_episodes / envs.num_envs))):
         batch = text_env.rollout(envs, seed=seed + i, generator=generator)
         tokens += batch.num_tokens
         rows.append(rollout_metrics(batch, 0, time.perf_counter() - start, tokens))
+    envs.policy.train(was_training)
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
     mean.update(
         wall_time=time.perf_counter() - start, tokens=float(tokens), episodes=float(len(rows) * envs.num_envs)
     )
     return mean
+
+
+def load_policy(policy: PreTrainedModel, path: str | Path) -> None:
+    """Load weights saved by `save_policy` into `policy` in place (safetensors only, never a pickle), so an
+    optimiser and the env keep pointing at the same parameters."""
+    loaded = type(policy).from_pretrained(Path(path), use_safetensors=True, dtype=policy.dtype)
+    policy.load_state_dict(loaded.state_dict())
 
 
 def save_policy(policy: PreTrainedModel, tokenizer: Any, path: str | Path) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import text_env
-from agents.base import Callback, act_with_policy, rollout_metrics, save_policy
+from agents.base import Callback, act_with_policy, load_policy, rollout_metrics, save_policy
 from rlhf_gym.maths import best_of_n_kl
 from text_env.sampler import Rollout
 
@@ -207,6 +207,4 @@ class BestOfNAgent:
 
     def load(self, path: str | Path) -> None:
         """Sample from a saved policy (e.g. best-of-n on top of an RL-trained one); safetensors only."""
-        policy = self.envs.policy
-        loaded = type(policy).from_pretrained(path, use_safetensors=True)
-        policy.load_state_dict(loaded.state_dict())
+        load_policy(self.envs.policy, path)

@@ -46,7 +46,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 import text_env
 from agents.base import (
@@ -54,6 +53,7 @@ from agents.base import (
     act_with_policy,
     check_finite,
     evaluate_policy,
+    load_policy,
     rollout_metrics,
     save_policy,
 )
@@ -327,8 +327,7 @@ class PPOAgent:
         """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved."""
         path = Path(path)
         policy = self.envs.policy
-        loaded = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=policy.dtype)
-        policy.load_state_dict(loaded.state_dict())  # in place: the optimiser keeps its parameters
+        load_policy(policy, path)  # in place: the optimiser keeps its parameters
         if (path / VALUE_HEAD_FILE).exists():
             self.value_head.load_state_dict(load_tensors(path / VALUE_HEAD_FILE, device=policy.device))
             self.beta = float(load_tensors_metadata(path / VALUE_HEAD_FILE).get("beta", self.beta))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import text_env
-from agents.base import Callback, act_with_policy, evaluate_policy, rollout_metrics, save_policy
+from agents.base import Callback, act_with_policy, evaluate_policy, load_policy, rollout_metrics, save_policy
 from agents.sft import IGNORE_INDEX, sft_step
 from text_env.sampler import Rollout
 
@@ -268,6 +268,5 @@ class RAFTAgent:
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` into `envs.policy` (same architecture); resets the optimiser."""
-        loaded, _ = text_env.load_causal_lm(path, device=self.device)
-        self.envs.policy.load_state_dict(loaded.state_dict())
+        load_policy(self.envs.policy, path)
         self.optimizer = self._make_optimizer()

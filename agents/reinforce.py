@@ -37,6 +37,7 @@ from agents.base import (
     act_with_policy,
     check_finite,
     evaluate_policy,
+    load_policy,
     rollout_metrics,
     save_policy,
 )
@@ -299,6 +300,4 @@ class ReinforceAgent:
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
-        policy = self.envs.policy
-        loaded = type(policy).from_pretrained(path, use_safetensors=True)
-        policy.load_state_dict(loaded.state_dict())
+        load_policy(self.envs.policy, path)

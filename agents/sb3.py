@@ -42,6 +42,7 @@ from agents.base import (
     act_with_policy,
     check_finite,
     evaluate_policy,
+    load_policy,
     rollout_metrics,
     save_policy,
 )
@@ -335,9 +336,7 @@ class _SB3Agent:
 
     def load(self, path: str | Path) -> None:
         """Load weights saved by `save` into the live LM and value head (safetensors, never a pickle)."""
-        policy = self.envs.policy
-        loaded = type(policy).from_pretrained(path, use_safetensors=True)
-        policy.load_state_dict(loaded.state_dict())
+        load_policy(self.envs.policy, path)
         head = Path(path) / VALUE_HEAD_FILE
         if head.is_file():  # a checkpoint from another agent has no value head: keep the current one
             self.value_head.load_state_dict(load_tensors(head, device=self.policy.device))

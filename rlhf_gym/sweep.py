@@ -236,7 +236,6 @@ def _reference_metrics(config: SweepConfig, run_dir: Path) -> dict[str, float]:
     metrics = {
         "ref_proxy_reward": ref["rm_score"],
         "ref_gold_reward": ref["gold_score"],
-        "ref_length": ref["length"],
     }
     path.write_text(json.dumps({"env": key, "metrics": metrics}, indent=2))
     return metrics

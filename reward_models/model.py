@@ -1,0 +1,344 @@
+"""The reward model: a transformer that reads (prompt, response) and returns one scalar.
+
+Step 2 of RLHF (Stiennon et al. 2020, https://arxiv.org/abs/2009.01325; Ouyang et al. 2022,
+https://arxiv.org/abs/2203.02155): the policy's own architecture with the LM head replaced by a scalar head
+that reads the hidden state of the **last real token**. An EOS is appended to every response so that token
+is the same kind of position whatever the response ends with, as InstructGPT does.
+
+Two ways to build one:
+
+* `RewardModel.from_causal_lm_body(name)`: the body of a causal LM (`lm.base_model`: GPT-2's
+  `transformer`, Llama's `model`, ...) plus our `Linear(hidden, 1)` head. `name=None` is the tiny-reviews
+  GPT-2 of the default task; a directory (e.g. an SFT output) works too.
+* `RewardModel.from_pretrained_classifier(name)`: any Hugging Face model that
+  `AutoModelForSequenceClassification` builds with `num_labels=1` (its own head, its own last-token rule).
+
+`score(prompts, responses)` is what the env calls: batched, no grad, **normalised** so that on a sample of
+pi_ref's responses the scores have mean 0 and std 1 (`normalise`). Then a KL coefficient `beta` means the
+same thing whatever reward model is plugged in (Ziegler et al. 2019 normalise the same way).
+
+Saved as a directory: `model.safetensors`, the backbone's `config.json`, the tokenizer's files and
+`reward_model.json` (kind, normalisation, max length). Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf_gym.io import atomic_dir, atomic_write, load_tensors, save_tensors
+from text_env.models import BUILTIN_MODELS, load_causal_lm, resolve_device
+from text_env.scoring import position_ids_from_mask
+
+__all__ = ["FORMAT_VERSION", "RewardModel", "build_reward_model", "load_reward_model"]
+
+FORMAT_VERSION = 1
+"""Version of the saved layout, stored in `reward_model.json`; bumped when the layout changes meaning."""
+
+Kind = Literal["causal-lm-body", "sequence-classifier"]
+
+
+def _context_length(config: Any) -> int | None:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (EOS, the usual choice for decoder-only models) if it has none."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                "the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class RewardModel(nn.Module):
+    """A transformer backbone with a scalar head: `r(prompt, response)`.
+
+    Build one with `from_causal_lm_body`, `from_pretrained_classifier` or `build_reward_model`; load a saved
+    one with `load_reward_model`.
+
+    Args:
+        body: for `kind="causal-lm-body"`, a bare transformer (`GPT2Model`, ...) returning hidden states;
+            for `kind="sequence-classifier"`, an `AutoModelForSequenceClassification` model with one label.
+        tokenizer: the backbone's tokenizer (a pad token is set if missing).
+        kind: which of the two; it decides where the scalar comes from.
+        max_length: longest token sequence scored; longer ones keep their last `max_length` tokens (the end
+            is what the head reads). Default: the backbone's context length.
+        shift, scale: the normalisation, `score = (raw - shift) / scale`; see `normalise`.
+    """
+
+    def __init__(
+        self,
+        body: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        kind: Kind = "causal-lm-body",
+        max_length: int | None = None,
+        shift: float = 0.0,
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if kind not in ("causal-lm-body", "sequence-classifier"):
+            raise ValueError(
+                f"unknown reward model kind {kind!r}; valid: 'causal-lm-body', 'sequence-classifier'"
+            )
+        self.kind: Kind = kind
+        self.body = body
+        self.tokenizer = _prepare_tokenizer(tokenizer)
+        if kind == "causal-lm-body":
+            hidden = body.config.hidden_size
+            # No bias: the Bradley-Terry loss depends on r_w - r_l only, so a bias never gets a gradient;
+            # the offset lives in the normalisation instead. Init std 1/sqrt(hidden + 1) as in Ziegler et
+            # al.'s lm-human-preferences reward head.
+            self.head: nn.Linear | None = nn.Linear(hidden, 1, bias=False)
+            nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
+        else:
+            self.head = None
+            if body.config.pad_token_id is None:  # HF classifiers find the last token through the pad id
+                body.config.pad_token_id = self.tokenizer.pad_token_id
+        context = _context_length(body.config)
+        self.max_length = int(max_length or context or self.tokenizer.model_max_length)
+        self.shift, self.scale = float(shift), float(scale)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Construction
+    # ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_causal_lm_body(
+        cls, name: str | os.PathLike | None = None, *, device: str | torch.device | None = "cpu"
+    ) -> RewardModel:
+        """The body of a causal LM plus a fresh scalar head (InstructGPT initialises the RM from the SFT model).
+
+        Args:
+            name: None/"tiny-reviews" for the default task's GPT-2, or a causal LM directory or hub id.
+        """
+        lm, tokenizer = load_causal_lm(name, device=device)
+        body = (
+            lm.base_model
+        )  # GPT2LMHeadModel.transformer, LlamaForCausalLM.model, ...: the LM minus its head
+        model = cls(body, tokenizer, kind="causal-lm-body")
+        return model.to(lm.device)
+
+    @classmethod
+    def from_pretrained_classifier(
+        cls, name: str | os.PathLike, *, device: str | torch.device | None = "cpu"
+    ) -> RewardModel:
+        """Any model `AutoModelForSequenceClassification` can load, with one output (a new head if needed)."""
+        device = resolve_device(device)
+        tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(str(name)))
+        body = AutoModelForSequenceClassification.from_pretrained(
+            str(name), num_labels=1, pad_token_id=tokenizer.pad_token_id
+        )
+        return cls(body, tokenizer, kind="sequence-classifier").to(device)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Tokenising and the forward pass
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of `prompt + response + EOS` per pair, as the env builds them: prompt and response
+        tokenised apart (the prompt with the tokenizer's own specials, e.g. Llama's BOS), then joined."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        tok = self.tokenizer
+        prompt_ids = tok(list(prompts))["input_ids"]
+        response_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return [(p + r + eos)[-self.max_length :] for p, r in zip(prompt_ids, response_ids, strict=True)]
+
+    def collate(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token id lists into `(input_ids, attention_mask)`, each (B, T), on the model's device."""
+        width = max(map(len, sequences))
+        input_ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):  # building the batch, not a per-token loop
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) rewards, (B,), with gradients: what Bradley-Terry training optimises.
+
+        Args:
+            input_ids: (B, T) prompt + response + EOS, padded on either side.
+            attention_mask: (B, T) 1 on real tokens.
+        """
+        if self.kind == "sequence-classifier":
+            return self.body(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        hidden = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, T, H)
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (attention_mask.long() * columns).argmax(-1)  # (B,) the rightmost real token: the EOS
+        last_hidden = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
+        return self.head(last_hidden).squeeze(-1).float()  # (B,)
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
+        """Raw rewards of already tokenised sequences, (n,) float32 on the CPU, in eval mode.
+
+        Sequences are batched in order of length, so a batch pads little, and returned in input order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        rewards = torch.zeros(len(sequences))
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                rewards[rows] = self(*self.collate([sequences[i] for i in rows])).cpu()
+        finally:
+            self.train(was_training)
+        return rewards
+
+    def raw_score(
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 256
+    ) -> torch.Tensor:
+        """Unnormalised scores, (B,) float32 on the CPU; no gradients."""
+        return self.score_sequences(self.encode(prompts, responses), batch_size)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised rewards `(raw - shift) / scale`, (B,) float32 on the CPU; no gradients.
+
+        This is the method the env calls with each batch of finished (prompt, response) pairs.
+        """
+        return (self.raw_score(prompts, responses, batch_size) - self.shift) / self.scale
+
+    def normalise(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 256) -> dict:
+        """Set `(shift, scale)` so that scores on this sample (pi_ref's responses) have mean 0 and std 1.
+
+        Returns:
+            `{"shift": ..., "scale": ...}`, the raw mean and (population) std of the sample.
+        """
+        raw = self.raw_score(prompts, responses, batch_size).double()
+        if len(raw) < 2:
+            raise ValueError(f"normalisation needs at least 2 responses, got {len(raw)}")
+        std = float(raw.std(unbiased=False))
+        if not math.isfinite(std) or std <= 1e-8:
+            raise ValueError(
+                f"cannot normalise: raw scores on the {len(raw)} responses have std {std:.3g} (the reward model "
+                "gives them all the same score)"
+            )
+        self.shift, self.scale = float(raw.mean()), std
+        return {"shift": self.shift, "scale": self.scale}
+
+    # ----------------------------------------------------------------------------------------------------
+    # Saving and loading
+    # ----------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model as a directory, atomically (a crash leaves any previous version intact).
+
+        Contents: `model.safetensors`, `config.json` (the backbone's), the tokenizer's files, and
+        `reward_model.json` (kind, normalisation, max length, format version).
+        """
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "shift": self.shift,
+            "scale": self.scale,
+            "max_length": self.max_length,
+        }
+        with atomic_dir(path) as tmp:
+            if self.kind == "sequence-classifier":
+                self.body.save_pretrained(tmp, safe_serialization=True)  # a plain HF model directory too
+            else:
+                self.body.config.save_pretrained(tmp)
+                save_tensors(self.state_dict(), tmp / "model.safetensors", metadata={"kind": self.kind})
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write(tmp / "reward_model.json", json.dumps(meta, indent=2) + "\n")
+        return path
+
+
+def load_reward_model(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> Any:
+    """Load a reward model saved by `RewardModel.save`; never unpickles.
+
+    A directory holding a Hugging Face sequence-classification model but no `reward_model.json` (a reward
+    model trained elsewhere) is loaded through `HFSequenceClassifierRewardModel` instead, so the env's
+    `reward_model="path"` takes either.
+
+    Raises:
+        FileNotFoundError: `path` is not a directory with `reward_model.json` or `config.json`.
+        ValueError: `reward_model.json` is malformed or of an unknown kind or format version.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    meta_file = path / "reward_model.json"
+    if not meta_file.is_file():
+        if (path / "config.json").is_file():
+            from reward_models.adapters import HFSequenceClassifierRewardModel
+
+            return HFSequenceClassifierRewardModel(path, device=device)
+        raise FileNotFoundError(
+            f"no reward model at {path}: expected a directory with reward_model.json (written by "
+            "RewardModel.save) or a Hugging Face sequence-classification model (config.json)"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        kind, version = meta["kind"], meta["format_version"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{meta_file} is malformed ({e}); expected kind, format_version, shift, scale"
+        ) from e
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_file}: format_version {version} is not supported (this code reads {FORMAT_VERSION})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    options = {
+        "kind": kind,
+        "max_length": meta.get("max_length"),
+        "shift": meta["shift"],
+        "scale": meta["scale"],
+    }
+    if kind == "sequence-classifier":
+        body = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+        model = RewardModel(body, tokenizer, **options)
+    elif kind == "causal-lm-body":
+        body = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+        model = RewardModel(body, tokenizer, **options)
+        model.load_state_dict(load_tensors(path / "model.safetensors"), strict=True)
+    else:
+        raise ValueError(
+            f"{meta_file}: unknown kind {kind!r}; valid: 'causal-lm-body', 'sequence-classifier'"
+        )
+    return model.to(device).eval()
+
+
+def build_reward_model(
+    backbone: str | os.PathLike | None = None, *, device: str | torch.device | None = "cpu"
+) -> RewardModel:
+    """A fresh reward model to train: None/"tiny-reviews" is the default task's GPT-2 body with a scalar
+    head; anything else is loaded with `AutoModelForSequenceClassification` (num_labels=1)."""
+    if backbone is None or str(backbone) in BUILTIN_MODELS:
+        return RewardModel.from_causal_lm_body(backbone, device=device)
+    return RewardModel.from_pretrained_classifier(backbone, device=device)

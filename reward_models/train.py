@@ -1,0 +1,325 @@
+"""Bradley-Terry training of a reward model on preference pairs, with a held-out accuracy.
+
+Under the Bradley-Terry model a labeller prefers `y_w` over `y_l` with probability
+`sigmoid(r(x, y_w) - r(x, y_l))`, so the reward model maximises the log-likelihood of the observed labels
+(Stiennon et al. 2020, eq. 1; Ouyang et al. 2022, eq. 1). An optional per-pair margin `m` asks for
+`r_w - r_l > m` (Llama 2, Touvron et al. 2023, eq. 2). Each step scores the chosen and the rejected responses
+of a batch in one forward pass, as TRL's `RewardTrainer` does.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from reward_models.data import load_pairs
+from reward_models.model import RewardModel, build_reward_model
+from rlhf_gym.io import atomic_write
+
+__all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the preferences: `mean(-log sigmoid(r_w - r_l - margin))`.
+
+    Args:
+        chosen_rewards: (B,) rewards of the preferred responses, r_w.
+        rejected_rewards: (B,) rewards of the other responses, r_l.
+        margin: (B,) or scalar, optional: how far r_w should exceed r_l (Llama 2's margin loss).
+    """
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    return -F.logsigmoid(difference).mean()
+
+
+@dataclass
+class RewardTrainConfig:
+    """How a reward model is trained; `configs/train_rm.yaml` overrides these defaults."""
+
+    pairs: str = (
+        "runs/label/pairs.jsonl"  # preference pairs read by `rlhf-gym train-rm` (.jsonl/.json/.csv/.parquet)
+    )
+    backbone: str | None = (
+        None  # None: tiny-reviews GPT-2 body + scalar head; else an HF dir/id (sequence classifier)
+    )
+    lr: float = 1e-3  # peak AdamW learning rate: linear warm-up, then linear decay to 0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_fraction: float = 0.05  # share of all optimiser steps spent warming the learning rate up from 0
+    epochs: int = 2  # passes over the training pairs
+    batch_size: int = 32  # pairs per optimiser step (one forward over their 2 x batch_size sequences)
+    max_grad_norm: float = 1.0  # gradient-norm clip; <= 0 turns clipping off
+    eval_fraction: float = 0.1  # share of pairs held out (seeded shuffle) for accuracy and margin; 0: none
+    eval_batch_size: int = 256  # sequences per forward when evaluating and normalising
+    margin_field: str | None = (
+        None  # numeric pair field subtracted as a margin, r_w - r_l - m (Llama 2); None: no margin
+    )
+    normalise_samples: int = (
+        1024  # responses (both sides of the pairs: pi_ref's samples) that set score mean 0, std 1
+    )
+    seed: int = 0  # seeds the split, the batch order and the head's initialisation
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.normalise_samples < 2:
+            raise ValueError(f"normalise_samples must be >= 2, got {self.normalise_samples}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------------
+def _margins(pairs: Sequence[dict[str, Any]], field: str | None) -> np.ndarray | None:
+    if field is None:
+        return None
+    values = []
+    for i, pair in enumerate(pairs):
+        value = pair.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"preference pair {i}: margin_field {field!r} must hold a finite number, got {value!r}"
+            )
+        values.append(float(value))
+    return np.asarray(values, dtype=np.float32)
+
+
+def _length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool: int = 32
+) -> list[np.ndarray]:
+    """One epoch of minibatch indices: shuffled, then sorted by length within pools of `pool` batches, so a
+    batch holds pairs of similar length and pads less (about half the tokens here); batch order is shuffled."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        block = order[start : start + batch_size * pool]
+        block = block[np.argsort(lengths[block], kind="stable")]
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _pair_metrics(
+    r_w: torch.Tensor, r_l: torch.Tensor, margin: torch.Tensor | None = None
+) -> dict[str, float]:
+    return {
+        "loss": float(bradley_terry_loss(r_w, r_l, margin)),
+        "accuracy": float((r_w > r_l).float().mean()),  # share of pairs the model ranks as the labeller did
+        "margin": float((r_w - r_l).mean()),  # mean r_w - r_l, in raw reward units
+    }
+
+
+def evaluate_reward_model(
+    model: RewardModel, pairs: Any, *, batch_size: int = 256, margin_field: str | None = None
+) -> dict[str, float]:
+    """Held-out metrics of `model` on `pairs`: BT `loss`, `accuracy` (share with r_w > r_l), mean raw `margin`.
+
+    When the pairs carry `gold_chosen`/`gold_rejected` (written by the labeller, for evaluation only), also
+    `gold_agreement`: the share of pairs, gold ties excluded, that the model orders as the gold reward does,
+    and `label_ceiling`: the share whose label does, i.e. the best accuracy the noisy labels allow.
+    """
+    pairs = load_pairs(pairs)
+    prompts = [p["prompt"] for p in pairs]
+    r_w = model.raw_score(prompts, [p["chosen"] for p in pairs], batch_size)
+    r_l = model.raw_score(prompts, [p["rejected"] for p in pairs], batch_size)
+    margins = _margins(pairs, margin_field)
+    metrics = _pair_metrics(r_w, r_l, None if margins is None else torch.as_tensor(margins))
+    metrics["num_pairs"] = len(pairs)
+    if all(
+        isinstance(p.get("gold_chosen"), (int, float)) and isinstance(p.get("gold_rejected"), (int, float))
+        for p in pairs
+    ):
+        gold = np.array([p["gold_chosen"] - p["gold_rejected"] for p in pairs], dtype=np.float64)
+        decided = gold != 0
+        if decided.any():
+            model_sign = np.sign((r_w - r_l).numpy().astype(np.float64))
+            metrics["gold_agreement"] = float((model_sign[decided] == np.sign(gold[decided])).mean())
+            metrics["label_ceiling"] = float((gold[decided] > 0).mean())  # chosen is gold-better
+    return metrics
+
+
+class _RunLog:
+    """Per-epoch rows for metrics.csv, final metrics.json and TensorBoard scalars, all in `run_dir`."""
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+        if self.run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run folder is asked for
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def row(self, values: dict[str, Any], step: int) -> None:
+        self.rows.append(values)
+        self.scalars({k: v for k, v in values.items() if k not in ("epoch", "step")}, step)
+
+    def close(self, metrics: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        self.writer.flush()
+        self.writer.close()
+        buffer = io.StringIO()
+        fields = list(dict.fromkeys(k for row in self.rows for k in row))
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.run_dir / "metrics.csv", buffer.getvalue())
+        atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------
+def train_reward_model(
+    pairs: Any,
+    config: RewardTrainConfig | None = None,
+    *,
+    model: RewardModel | None = None,
+    run_dir: str | Path | None = None,
+    normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
+    device: str | torch.device | None = "cpu",
+    progress: bool = True,
+) -> tuple[RewardModel, dict[str, Any]]:
+    """Train a reward model with the Bradley-Terry loss, evaluate it on held-out pairs, normalise it.
+
+    Args:
+        pairs: preference pairs: a path, a `datasets.Dataset` or a list of `{prompt, chosen, rejected}`.
+        config: the recipe; default `RewardTrainConfig()`.
+        model: a reward model to train further; default a fresh `build_reward_model(config.backbone)`.
+        run_dir: if given, receives `metrics.csv` (one row per epoch), `metrics.json` and TensorBoard
+            scalars (`tensorboard/`).
+        normalise_on: `(prompts, responses)` from pi_ref that set the score normalisation; default
+            `config.normalise_samples` responses drawn (seeded) from both sides of the pairs, which are
+            pi_ref's samples when the labeller drew them.
+        device: where a fresh model is built (a given model stays where it is).
+        progress: show a tqdm bar.
+
+    Returns:
+        `(model, metrics)`: the trained, normalised model in eval mode, and final metrics: `train_loss`,
+        `train_accuracy` (last epoch, running), `eval_loss`, `eval_accuracy`, `eval_margin` (when pairs
+        are held out), `gold_agreement`/`label_ceiling` on the held-out pairs when they carry gold
+        scores, `shift`, `scale`, sizes and `seconds`.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the message says where and what to try).
+        rlhf_gym.io.DataError: the pairs are malformed (see `load_pairs`).
+    """
+    config = config or RewardTrainConfig()
+    start = time.perf_counter()
+    pairs = load_pairs(pairs)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = build_reward_model(config.backbone, device=device)
+
+    # Held-out split: a seeded shuffle; at least one pair on each side when there are two or more.
+    order = rng.permutation(len(pairs))
+    num_eval = 0 if config.eval_fraction == 0 else max(1, round(len(pairs) * config.eval_fraction))
+    num_eval = min(num_eval, len(pairs) - 1)
+    train_pairs = [pairs[i] for i in order[num_eval:]]
+    eval_pairs = [pairs[i] for i in order[:num_eval]]
+
+    prompts = [p["prompt"] for p in train_pairs]
+    b_chosen = model.encode(prompts, [p["chosen"] for p in train_pairs])  # tokenised once, up front
+    b_rejected = model.encode(prompts, [p["rejected"] for p in train_pairs])
+    b_margins = _margins(train_pairs, config.margin_field)
+    b_lengths = np.array([max(len(a), len(b)) for a, b in zip(b_chosen, b_rejected, strict=True)])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(config.warmup_fraction * total_steps)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    log = _RunLog(run_dir)
+    metrics: dict[str, Any] = {}
+    step = 0
+    model.train()
+    bar = tqdm(total=total_steps, desc="train-rm", unit="step", disable=not progress, leave=False)
+    for epoch in range(1, config.epochs + 1):
+        sum_loss, sum_correct, seen = 0.0, 0, 0
+        for mb in _length_bucketed_batches(b_lengths, config.batch_size, rng):
+            input_ids, attention_mask = model.collate([b_chosen[i] for i in mb] + [b_rejected[i] for i in mb])
+            rewards = model(input_ids, attention_mask)  # (2 * mb,) chosen first, then rejected
+            r_w, r_l = rewards[: len(mb)], rewards[len(mb) :]
+            margin = None if b_margins is None else torch.as_tensor(b_margins[mb], device=rewards.device)
+            loss = bradley_terry_loss(r_w, r_l, margin)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(
+                    f"reward model loss became {loss.item()} at epoch {epoch}, step {step + 1}: training "
+                    f"diverged. Lower the learning rate (lr={config.lr:g}), keep gradient clipping on "
+                    f"(max_grad_norm={config.max_grad_norm:g}), and check the pairs' margins"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            sum_loss += loss.item() * len(mb)
+            sum_correct += int((r_w > r_l).sum())
+            seen += len(mb)
+            log.scalars({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{sum_loss / seen:.3f}")
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": sum_loss / seen,
+            "train_accuracy": sum_correct / seen,
+        }
+        if eval_pairs:
+            held_out = evaluate_reward_model(
+                model, eval_pairs, batch_size=config.eval_batch_size, margin_field=config.margin_field
+            )
+            row.update({f"eval_{k}": v for k, v in held_out.items() if k != "num_pairs"})
+        log.row(row, step)
+        metrics.update(row)
+    bar.close()
+
+    if normalise_on is None:
+        responses = [(p["prompt"], p[side]) for p in train_pairs for side in ("chosen", "rejected")]
+        picked = rng.choice(len(responses), size=min(config.normalise_samples, len(responses)), replace=False)
+        normalise_on = ([responses[i][0] for i in picked], [responses[i][1] for i in picked])
+    metrics.update(model.normalise(*normalise_on, batch_size=config.eval_batch_size))
+    metrics.update(
+        num_train=len(train_pairs),
+        num_eval=len(eval_pairs),
+        steps=step,
+        seconds=time.perf_counter() - start,
+    )
+    log.close(metrics)
+    return model.eval(), metrics

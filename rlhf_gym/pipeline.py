@@ -1,0 +1,171 @@
+"""`rlhf-gym pipeline`: pretrain -> SFT -> label pairs -> reward model -> agents -> report, in one run folder.
+
+Every stage's output is keyed by a fingerprint of its own config and of the stage before it, recorded in
+`stages.json`; a stage whose fingerprint and output are already there is skipped, so rerunning after a
+change redoes exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.sft import SFTConfig, run_sft
+from reward_models.labeller import LabelConfig, label_pairs
+from reward_models.train import RewardTrainConfig, train_reward_model
+from rlhf_gym.config import config_to_dict, load_config, save_config
+from rlhf_gym.io import atomic_write
+from rlhf_gym.sweep import SweepConfig, run_sweep
+
+__all__ = ["STAGES", "PipelineConfig", "add_pipeline_command", "run_pipeline"]
+
+STAGES = ("pretrain", "sft", "label", "reward_model", "agents", "report")
+
+
+@dataclass
+class PipelineConfig:
+    """The whole RLHF run; each section is that stage's own config."""
+
+    name: str = "default"  # runs/<name>/ holds every stage's output
+    runs_root: str = "runs"  # parent folder of run folders
+    device: str = "cpu"  # for every stage: "cpu", "cuda", "auto"
+    sft: SFTConfig = field(default_factory=SFTConfig)  # step 1: demonstrations -> pi_ref
+    label: LabelConfig = field(default_factory=LabelConfig)  # step 2a: pi_ref samples -> preference pairs
+    reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig)  # step 2b: pairs -> r(x, y)
+    agents: SweepConfig = field(default_factory=SweepConfig)  # step 3: agents x betas x seeds on the env
+
+
+class _Stages:
+    """The fingerprints of finished stages, persisted after each one (a crash keeps the finished ones)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "stages.json"
+        self.done: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, stage: str, fingerprint: str, output: Path) -> bool:
+        return self.done.get(stage) == fingerprint and output.exists()
+
+    def finish(self, stage: str, fingerprint: str) -> None:
+        self.done[stage] = fingerprint
+        atomic_write(self.path, json.dumps(self.done, indent=2))
+
+
+def _fingerprint(*parts: Any) -> str:
+    blob = json.dumps(
+        [config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every stage that is not already done; return the paths of what it produced."""
+    run_dir = Path(config.runs_root) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "pipeline.yaml")
+    stages, start = _Stages(run_dir), time.perf_counter()
+
+    def say(stage: str, text: str) -> None:
+        if progress:
+            print(f"[pipeline {time.perf_counter() - start:6.0f}s] {stage}: {text}", flush=True)
+
+    # 1. Pretrain (the default task only): the built-in model is cached outside the run folder.
+    if config.sft.model is None:
+        from text_env.tasks.reviews.pretrain import pretrained_tiny_reviews
+
+        say("pretrain", "tiny-reviews GPT-2 (built once, then cached)")
+        pretrained_tiny_reviews()
+
+    # 2. SFT -> pi_ref.
+    sft_cfg = dataclasses.replace(config.sft, device=config.device)
+    fp_sft = _fingerprint("sft", sft_cfg)
+    sft_dir = run_dir / "sft"
+    if stages.fresh("sft", fp_sft, sft_dir / "config.json"):
+        say("sft", f"cached ({sft_dir})")
+    else:
+        say("sft", "fine-tuning on demonstrations")
+        run_sft(sft_cfg, run_dir, progress=progress)
+        stages.finish("sft", fp_sft)
+
+    # 3. Label preference pairs sampled from pi_ref.
+    label_cfg = dataclasses.replace(config.label, policy=str(sft_dir))
+    fp_label = _fingerprint("label", label_cfg, fp_sft)
+    pairs_path = run_dir / "pairs.jsonl"
+    if stages.fresh("label", fp_label, pairs_path):
+        say("label", f"cached ({pairs_path})")
+    else:
+        from reward_models.data import write_pairs
+
+        say("label", f"{label_cfg.num_pairs} pairs from pi_ref, tau={label_cfg.tau}")
+        pairs, report = label_pairs(label_cfg, device=config.device, progress=progress)
+        write_pairs(pairs, pairs_path)
+        atomic_write(run_dir / "label_report.json", json.dumps(report, indent=2, default=float))
+        say("label", f"labeller ceiling {report['ceiling']:.3f}")
+        stages.finish("label", fp_label)
+
+    # 4. Reward model (Bradley-Terry), normalised on pi_ref's samples.
+    rm_cfg = dataclasses.replace(config.reward_model, pairs=str(pairs_path))
+    fp_rm = _fingerprint("reward_model", rm_cfg, fp_label)
+    rm_dir = run_dir / "reward_model"
+    if stages.fresh("reward_model", fp_rm, rm_dir):
+        say("reward_model", f"cached ({rm_dir})")
+    else:
+        say("reward_model", "Bradley-Terry training")
+        rm, metrics = train_reward_model(
+            str(pairs_path), rm_cfg, run_dir=run_dir / "rm_logs", device=config.device, progress=progress
+        )
+        rm.save(rm_dir)
+        atomic_write(run_dir / "reward_model_metrics.json", json.dumps(metrics, indent=2, default=float))
+        say("reward_model", f"held-out accuracy {metrics.get('eval_accuracy', float('nan')):.3f}")
+        stages.finish("reward_model", fp_rm)
+
+    # 5. Agents: a sweep from pi_ref against the learned reward model.
+    env = dataclasses.replace(
+        config.agents.env, model=str(sft_dir), reward_model=str(rm_dir), device=config.device
+    )
+    sweep_cfg = dataclasses.replace(config.agents, env=env, runs_root=str(run_dir), name="agents")
+    fp_agents = _fingerprint("agents", sweep_cfg, fp_rm)
+    agents_dir = run_dir / "agents"
+    if stages.done.get("agents_upstream") not in (None, fp_rm) and agents_dir.exists():
+        stale = run_dir / f"agents.stale-{int(time.time())}"
+        say("agents", f"the reward model or pi_ref changed: old results moved to {stale}")
+        shutil.move(agents_dir, stale)
+    stages.finish("agents_upstream", fp_rm)
+    say("agents", f"{', '.join(sweep_cfg.agents)} x beta {sweep_cfg.betas} x seeds {sweep_cfg.seeds}")
+    run_sweep(sweep_cfg, progress=progress)  # resumes: finished cells are skipped
+    stages.finish("agents", fp_agents)
+
+    # 6. Report.
+    from rlhf_gym.report import make_report
+
+    paths = make_report(agents_dir)
+    say("report", f"{paths['report']}")
+    return {"run_dir": run_dir, **paths}
+
+
+def add_pipeline_command(sub: Any) -> None:
+    p = sub.add_parser("pipeline", help="pretrain -> SFT -> label -> reward model -> agents -> report")
+    p.add_argument("--config", default="configs/default.yaml", help="PipelineConfig YAML")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (overrides the config)")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. agents.seeds=[0] sft.epochs=2")
+
+    def run(args: Any) -> int:
+        overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+        return print_summary(run_pipeline(load_config(PipelineConfig, args.config, overrides)))
+
+    p.set_defaults(handler=run)
+
+
+def print_summary(paths: dict[str, Any]) -> int:
+    """Print the comparison table and where the plots are."""
+    print("\n" + Path(paths["report"]).read_text().split("\n## ", 1)[0].strip())
+    print("\nplots:")
+    for key in ("frontier", "learning_curves", "overoptimisation"):
+        if key in paths:
+            print(f"  {key}: {paths[key]}")
+    return 0
