@@ -117,3 +117,26 @@ def test_agent_from_an_entry_point_of_an_installed_package(tmp_path, monkeypatch
     assert type(agent).__name__ == "MyAgent"
     assert set(METRIC_KEYS) <= set(agent.learn()[0])
     sys.modules.pop("my_agents_pkg", None)
+
+
+def test_train_command_writes_metrics_summary_and_policy(tmp_path):
+    """`rlhf-gym train --agent NAME`: configs in, metrics (JSONL, CSV, TensorBoard) and a policy out."""
+    import json
+
+    from agents.commands import train
+    from rlhf_gym.cli import main
+
+    run_dir = tmp_path / "run"
+    overrides = ["env.max_new_tokens=8", "env.num_envs=8", "iterations=2", "n=2", "prompts_per_iteration=4"]
+    history = train("best_of_n", run_dir, overrides=overrides, progress=False)
+    assert [m["iteration"] for m in history] == [1.0, 2.0]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["agent"] == "best_of_n"
+    assert (run_dir / "metrics.csv").read_text().startswith("agent,iteration,")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(METRIC_KEYS) <= set(summary["final"]) and summary["final"]["kl"] == pytest.approx(
+        np.log(2) - 0.5
+    )
+    assert (run_dir / "policy" / "model.safetensors").is_file() and any((run_dir / "tensorboard").iterdir())
+    with pytest.raises(SystemExit):
+        main(["train", "--agent"])  # argparse names the missing value
