@@ -13,8 +13,8 @@ from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
 from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
 from rlhf_gym.config import ConfigError, load_config
 from rlhf_gym.maths import gae, kl_per_token
+from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
-from text_env.models import trainable_copy
 
 JUNK = 9.0  # at padding: would change any result it leaked into
 
@@ -23,17 +23,6 @@ JUNK = 9.0  # at padding: would change any result it leaked into
 def core16() -> EnvCore:
     """Our own core (responses of at most 16 tokens): training here never touches the session's policy."""
     return EnvCore(max_new_tokens=16)
-
-
-def fresh_envs(core: EnvCore, num_envs: int) -> text_env.TextGenVectorEnv:
-    """A vector env whose policy is a fresh copy of pi_ref."""
-    envs = text_env.TextGenVectorEnv(num_envs=num_envs, core=core)
-    envs.set_policy(trainable_copy(core.reference))
-    return envs
-
-
-def params(module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in module.parameters()]
 
 
 def same(a: list[torch.Tensor], module) -> bool:

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import agents.sft as sft
-import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError
 from agents.raft import RAFTAgent, RAFTConfig, rollout_batch, select_best
 from agents.registry import make_agent
 from agents.sft import IGNORE_INDEX
 from rlhf_gym.config import ConfigError, load_config
+from tests.helpers import fresh_envs
 from text_env.core import EnvCore
-from text_env.models import trainable_copy
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agents" / "raft.yaml"
 
@@ -26,12 +25,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "agents" / "raft.yaml
 def core32() -> EnvCore:
     """Our own core, so training here never touches the session core's policy."""
     return EnvCore()
-
-
-def fresh_envs(core: EnvCore, num_envs: int) -> text_env.TextGenVectorEnv:
-    envs = text_env.TextGenVectorEnv(num_envs=num_envs, core=core)
-    envs.set_policy(trainable_copy(core.reference))
-    return envs
 
 
 def word_count_rm(prompts, responses):

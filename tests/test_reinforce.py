@@ -18,25 +18,14 @@ from agents.reinforce import (
     reinforce_loss,
 )
 from rlhf_gym.config import ConfigError
+from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
-from text_env.models import trainable_copy
 
 
 @pytest.fixture(scope="module")
 def core16() -> EnvCore:
     """Our own core (responses of at most 16 tokens): training here never touches the session's policy."""
     return EnvCore(max_new_tokens=16)
-
-
-def fresh_envs(core: EnvCore, num_envs: int) -> text_env.TextGenVectorEnv:
-    """A vector env whose policy is a fresh copy of pi_ref."""
-    envs = text_env.TextGenVectorEnv(num_envs=num_envs, core=core)
-    envs.set_policy(trainable_copy(core.reference))
-    return envs
-
-
-def params(model) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 # ---------------------------------------------------------------------------------------------------------
