@@ -241,6 +241,19 @@ def _reference_metrics(config: SweepConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def _write_tensorboard(path: Path, curves: list[dict[str, Any]]) -> None:
+    """One TensorBoard run per cell: its learning curve, by iteration."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(path))
+    for row in curves:
+        for key in ("proxy_reward", "gold_reward", "kl", "length", "entropy"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key, value, int(row["iteration"]))
+    writer.close()
+
+
 def finished_cells(run_dir: Path) -> set[str]:
     path = run_dir / "results.csv"
     if not path.is_file():
@@ -267,6 +280,7 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
 
     def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
         row = {**row, **reference}
+        _write_tensorboard(run_dir / "tensorboard" / cell.id, curves)
         _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
         _append_rows(run_dir / "results.csv", [row])
         if progress:

@@ -73,6 +73,7 @@ def test_tiny_sweep_writes_the_csv_table_and_plots(tmp_path):
     assert {r["agent"] for r in rows} == {"reinforce", "best_of_n"}
     bon = [r for r in rows if r["agent"] == "best_of_n"]
     assert float(bon[0]["kl"]) == pytest.approx(0.6931 - 0.5, abs=1e-3), "best-of-n reports log n - (n-1)/n"
+    assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {r["cell"] for r in rows}
     curves = _rows(run_dir / "curves.csv")
     assert {r["cell"] for r in curves} == {r["cell"] for r in rows}
     paths = make_report(run_dir)
