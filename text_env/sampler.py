@@ -133,8 +133,10 @@ def rollout(
         tokens = tokens.masked_fill(done, pad_id)
         logprobs[:, t] = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1).masked_fill(done, 0.0)
         entropy[:, t] = entropy_from_logits(logits).masked_fill(done, 0.0)
-        step_lp = logprobs[:, t].cpu().numpy()  # one (B,) copy with the ids: the env needs no policy forward
-        _, rewards, _, _, info = envs.step(tokens.cpu().numpy(), logprobs=step_lp)
+        # One device-to-host copy per token carries the B ids and their log-probs (float64 holds any id
+        # exactly); with the log-probs the env needs no policy forward to score finished rows.
+        host = torch.stack([tokens.double(), logprobs[:, t].double()]).cpu().numpy()
+        _, rewards, _, _, info = envs.step(host[0].astype(np.int64), logprobs=host[1].astype(np.float32))
         if info:
             rows = np.flatnonzero(info["_rm_score"])
             results["rewards"][rows] = rewards[rows]
