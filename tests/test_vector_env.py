@@ -130,3 +130,30 @@ def test_a_rollout_survives_the_next_reset(core):
     before = batch.input_ids.clone()
     envs.reset(seed=1)
     assert torch.equal(batch.input_ids, before)
+
+
+def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core):
+    """k rows of one prompt share one prefill, and ended rows leave the batch: neither may change a log-prob."""
+    envs = text_env.TextGenVectorEnv(num_envs=16, core=core)
+    prompts = np.repeat(np.array([4, 0, 7, 4]), 4)  # a prompt twice, in two groups
+    batch = text_env.rollout(envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2))
+    lengths = batch.lengths
+    assert lengths.min() < lengths.max(), "rows must end at different steps for rows to be dropped"
+    forced = response_logprobs(envs.policy, batch.input_ids, batch.attention_mask, batch.response_start)
+    mask = batch.response_mask
+    torch.testing.assert_close(batch.logprobs * mask, forced * mask, atol=2e-4, rtol=0)
+    assert torch.equal(batch.logprobs * (1 - mask), torch.zeros_like(mask)), "no log-prob after a row ends"
+    assert batch.prompt_indices.tolist() == prompts.tolist()
+    assert torch.equal(batch.rewards, batch.rm_scores - 0.05 * batch.kl)
+
+
+def test_env_min_new_tokens_fixes_the_length_and_is_checked(core):
+    from text_env.core import EnvCore
+
+    fixed = EnvCore(reference=core.reference, tokenizer=core.tokenizer, max_new_tokens=12, min_new_tokens=12)
+    batch = text_env.rollout(
+        text_env.TextGenVectorEnv(6, core=fixed), generator=torch.Generator().manual_seed(0)
+    )
+    assert batch.lengths.tolist() == [12.0] * 6
+    with pytest.raises(ValueError, match=r"min_new_tokens must be an int in \[0, max_new_tokens=8\]"):
+        EnvCore(reference=core.reference, tokenizer=core.tokenizer, max_new_tokens=8, min_new_tokens=9)

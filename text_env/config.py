@@ -22,6 +22,7 @@ class EnvConfig:
     beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimator, logged and optimised
     max_new_tokens: int = 32  # response length limit
+    min_new_tokens: int = 0  # the sampler masks EOS before this many tokens (fixed-length runs)
     num_envs: int = 64  # rows per batch of episodes
     device: str = "cpu"  # "cpu", "cuda", "auto"
 
@@ -34,6 +35,7 @@ class EnvConfig:
             beta=self.beta,
             kl_estimator=self.kl_estimator,
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             device=self.device,
         )
         return TextGenVectorEnv(num_envs=self.num_envs, core=core)

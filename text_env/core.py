@@ -57,6 +57,8 @@ class EnvCore:
         kl_estimator: "k1" (sum of log-ratios, the default), "k2" or "k3".
         max_new_tokens: response length limit N; reaching it ends the episode (it is part of the task).
         max_prompt_tokens: prompt width P; default: the longest prompt. Longer prompts are an error.
+        min_new_tokens: the sampler masks EOS before this many tokens (as `generate`'s min_new_tokens), e.g.
+            for fixed-length runs such as the scaling benchmark; 0 lets a response end at any step.
         device: "cpu", "cuda", or None/"auto".
     """
 
@@ -74,6 +76,7 @@ class EnvCore:
         kl_estimator: str = "k1",
         max_new_tokens: int = 32,
         max_prompt_tokens: int | None = None,
+        min_new_tokens: int = 0,
         device: str | None = "cpu",
     ) -> None:
         self.task = get_task(task, prompts)
@@ -94,8 +97,12 @@ class EnvCore:
         tokenizer.padding_side = "left"
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(min_new_tokens, (int, np.integer)) or not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens!r}"
+            )
         self.tokenizer, self.reference = tokenizer, reference
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
         self.vocab_size = int(reference.config.vocab_size)
         self.prompt_ids, self.prompt_mask = self._tokenise_prompts(max_prompt_tokens)
         self.judge = Judge(

@@ -1,14 +1,16 @@
 """Roll a policy out through the vector env with the KV cache: the fast path every native agent uses.
 
-The prompt is prefilled once; each step then feeds one token per row through the cached policy, sends the
-B sampled ids to the env, and the env scores rows as they finish. Nothing re-runs the prefix, and the only
-host round trip per token is the B action ids.
+The prompt is prefilled once; each step then feeds one token per row through the cached policy and sends the
+B sampled ids (with their log-probs) to the env. Rows end at their own EOS; the env holds them pending and
+scores the whole batch at the end, in one reference and one reward-model forward. Nothing re-runs the prefix,
+and the only host round trip per token is one small copy of the ids and log-probs.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +62,39 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+COMPACT_BELOW = 0.75  # drop ended rows once at most this share of the batch is still generating
+
+
+def _cache_of(out: Any, cache_kw: str) -> Any:
+    return out[cache_kw] if cache_kw in out else out.past_key_values
+
+
+def _prefill(
+    policy: PreTrainedModel, obs: dict, prompt_index: np.ndarray, p: int, cache_kw: str, device: torch.device
+) -> tuple[Any, Any]:
+    """Run the prompts through the policy once, each distinct prompt once (RLOO's k copies share it).
+
+    Returns:
+        `(out, cache)`: the policy output with one row per env row (logits of the last prompt position), and
+        its KV cache when it can drop and repeat rows (`batch_select_indices`), else None (legacy tuples:
+        the sampler then keeps every row to the end).
+    """
+    _, first, inverse = np.unique(prompt_index, return_index=True, return_inverse=True)
+    ids = torch.as_tensor(obs["input_ids"][first, :p], device=device)
+    mask = torch.as_tensor(obs["attention_mask"][first, :p], device=device)
+    kwargs = dict(position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
+    out = policy(input_ids=ids, attention_mask=mask, **kwargs)
+    cache = _cache_of(out, cache_kw)
+    if not hasattr(cache, "batch_select_indices"):  # no row surgery: prefill every row
+        full_mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)
+        ids = torch.as_tensor(obs["input_ids"][:, :p], device=device)
+        kwargs["position_ids"] = position_ids_from_mask(full_mask)
+        return policy(input_ids=ids, attention_mask=full_mask, **kwargs), None
+    cache.batch_select_indices(torch.as_tensor(inverse.reshape(-1), device=device))  # (B,) rows of `first`
+    out.logits = out.logits[torch.as_tensor(inverse.reshape(-1), device=device)]
+    return out, cache
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -80,7 +115,7 @@ def rollout(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    min_new_tokens: int = 0,
+    min_new_tokens: int | None = None,
     prompt_indices: np.ndarray | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
@@ -91,7 +126,7 @@ def rollout(
         envs: the vector env; its policy is used (and kept) unless `policy` is given, which is handed to it.
         temperature, top_k, top_p: the sampling distribution. The logged `logprobs` are always the
             policy's own (temperature 1, unfiltered), which the KL needs; keep the defaults for on-policy RL.
-        min_new_tokens: EOS is masked out before this many tokens (for fixed-length benchmarks).
+        min_new_tokens: EOS is masked out before this many tokens; default: the env's `min_new_tokens`.
         prompt_indices: (B,) prompts to answer, e.g. `np.repeat(ids, k)` for k samples per prompt.
         seed: seeds the env's prompt draw (reset) when given.
         generator: the torch RNG for sampling, for reproducible rollouts.
@@ -104,23 +139,17 @@ def rollout(
     obs, reset_info = envs.reset(seed=seed, options=options)
     p, n, num_rows = envs.response_start, envs.core.max_new_tokens, envs.num_envs
     eos_id, pad_id = envs.tokenizer.eos_token_id, envs.tokenizer.pad_token_id
-    mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (B, P), grows a column per step
+    if min_new_tokens is None:
+        min_new_tokens = envs.core.min_new_tokens
     cache_kw = _cache_keyword(policy)
-    out = policy(
-        input_ids=torch.as_tensor(obs["input_ids"][:, :p], device=device),
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, cache_kw, device)
+    logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
+    mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
+    rows = np.arange(num_rows)  # the env row of each live row
     logprobs = torch.zeros(num_rows, n, device=device)
     entropy = torch.zeros(num_rows, n, device=device)
-    done = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rewards", "rm_score", "kl", "gold_score")}
-    ref_logprobs = np.zeros((num_rows, n), dtype=np.float32)
-    responses = [""] * num_rows
     for t in range(n):
-        logits = out.logits[:, -1].float()  # (B, V)
+        finished = torch.as_tensor(envs.episodes.done[rows], device=device)  # (b,) ended, not yet dropped
         policy_logprobs = torch.log_softmax(logits, dim=-1)
         sampling_logits = logits
         if t < min_new_tokens:
@@ -129,35 +158,47 @@ def rollout(
         if temperature != 1.0 or top_k > 0 or top_p < 1.0:
             sampling_logits = _filter_logits(sampling_logits / temperature, top_k, top_p)
         probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_logprobs.exp()
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-        tokens = tokens.masked_fill(done, pad_id)
-        logprobs[:, t] = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1).masked_fill(done, 0.0)
-        entropy[:, t] = entropy_from_logits(logits).masked_fill(done, 0.0)
-        # One device-to-host copy per token carries the B ids and their log-probs (float64 holds any id
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
+        row_index = torch.as_tensor(rows, device=device)
+        logprobs[row_index, t] = (
+            policy_logprobs.gather(-1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0)
+        )
+        entropy[row_index, t] = entropy_from_logits(logits).masked_fill(finished, 0.0)
+        # One device-to-host copy per token carries the ids and their log-probs (float64 holds any id
         # exactly); with the log-probs the env needs no policy forward to score finished rows.
-        host = torch.stack([tokens.double(), logprobs[:, t].double()]).cpu().numpy()
-        _, rewards, _, _, info = envs.step(host[0].astype(np.int64), logprobs=host[1].astype(np.float32))
-        if info:
-            rows = np.flatnonzero(info["_rm_score"])
-            results["rewards"][rows] = rewards[rows]
-            for key in ("rm_score", "kl", "gold_score"):
-                results[key][rows] = info[key][rows]
-            ref_logprobs[rows] = info["ref_logprobs"][rows]
-            for r in rows:
-                responses[r] = info["response"][r]
-        mask = torch.cat(
-            [mask, (~done).long()[:, None]], dim=1
-        )  # the new token is real unless the row was done
-        done = done | (tokens == eos_id) | (t + 1 >= n)
+        host = torch.stack([tokens.double(), logprobs[row_index, t].double()]).cpu().numpy()
+        actions, step_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
+        actions[rows], step_logprobs[rows] = host[0], host[1]
+        envs.step(actions, logprobs=step_logprobs, defer_scoring=True)
         if envs.all_done:
             break
+        mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)  # the new token is real unless ended
+        live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
+        if cache is not None and live.sum() <= COMPACT_BELOW * len(rows):
+            # Drop ended rows from the batch: the rest of the rollout stops paying for them.
+            keep = torch.as_tensor(np.flatnonzero(live), device=device)
+            cache.batch_select_indices(keep)
+            rows, mask, tokens = rows[live], mask[keep], tokens[keep]
         out = policy(
             input_ids=tokens[:, None],
             attention_mask=mask,
             position_ids=(mask.sum(-1, keepdim=True) - 1).clamp(min=0),
             use_cache=True,
-            **{cache_kw: out[cache_kw] if cache_kw in out else out.past_key_values},
+            **{cache_kw: cache if cache is not None else _cache_of(out, cache_kw)},
         )
+        cache = _cache_of(out, cache_kw) if cache is not None else None
+        logits = out.logits[:, -1].float()
+    # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
+    rewards, info = envs.score_pending()
+    results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
+    ref_logprobs = np.zeros((num_rows, n), dtype=np.float32)
+    responses = [""] * num_rows
+    if info:
+        rows = np.flatnonzero(info["_rm_score"])
+        for key in ("rm_score", "kl", "gold_score"):
+            results[key] = info[key]
+        ref_logprobs[rows] = info["ref_logprobs"][rows]
+        responses = [str(r) if r is not None else "" for r in info["response"]]
     # Copies, not views: the env's buffers are overwritten by its next reset.
     ids = torch.tensor(envs.episodes.input_ids, device=device)
     full_mask = torch.tensor(envs.episodes.attention_mask, device=device)
@@ -172,7 +213,7 @@ def rollout(
         logprobs=logprobs,
         ref_logprobs=torch.as_tensor(ref_logprobs, device=device),
         entropy=entropy,
-        rewards=torch.as_tensor(results["rewards"], device=device),
+        rewards=torch.as_tensor(rewards, device=device),
         rm_scores=torch.as_tensor(results["rm_score"], device=device),
         kl=torch.as_tensor(results["kl"], device=device),
         gold_scores=torch.as_tensor(results["gold_score"], device=device),

@@ -49,6 +49,14 @@ class TextGenVectorEnv(VectorEnv):
     `step(actions, logprobs=...)` takes log pi(action) per row from a sampler that computed them with the
     env's policy; rows with every step so supplied are scored without re-running the policy.
 
+    ## Deferred scoring
+    `step(actions, defer_scoring=True)` ends rows as usual (`terminated` True) but pays them 0 for now and
+    leaves them pending; `score_pending()` then scores every pending row in one batched forward per model and
+    returns their rewards and info. A sampler that learns only from whole batches uses it: one reference and
+    one reward-model forward per batch instead of one per distinct finishing step (rows end at their own EOS,
+    so a batch of 64 finishes on ~20 different steps). An agent that acts step by step keeps the default,
+    where the terminal reward arrives on the terminal step.
+
     ## Reset options
     `prompt_indices`: (B,) prompts for the reset rows (e.g. k consecutive copies of a prompt for RLOO);
     `reset_mask`: (B,) bool, restart only those rows.
@@ -66,6 +74,7 @@ class TextGenVectorEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = spaces.MultiDiscrete(np.full(self.num_envs, self.core.vocab_size))
         self.episodes = self.core.new_episodes(self.num_envs)
+        self.pending = np.zeros(self.num_envs, dtype=bool)  # (B,) finished, not yet scored (deferred)
 
     # The same handles as TextGenEnv, so agents work with either.
     @property
@@ -114,15 +123,22 @@ class TextGenVectorEnv(VectorEnv):
         else:
             indices = self.np_random.integers(len(self.core.task.prompts), size=len(rows))
         self.episodes.reset(rows, indices)
+        self.pending[rows] = False
         info = {
             "prompt_index": self.episodes.prompt_index.copy(),
             "prompt": np.array([self.core.task.prompts[i] for i in self.episodes.prompt_index], dtype=object),
         }
         return self.episodes.observation(), info
 
-    def step(self, actions, logprobs: np.ndarray | None = None):
-        """Step all rows; `logprobs` (B,) optional: log pi(actions) from a sampler that already has them,
-        which lets scoring skip the policy's forward pass (the reference's always runs)."""
+    def step(self, actions, logprobs: np.ndarray | None = None, *, defer_scoring: bool = False):
+        """Step all rows.
+
+        Args:
+            actions: (B,) int token ids; finished rows' entries are ignored.
+            logprobs: (B,) optional log pi(actions) from a sampler that already has them, which lets scoring
+                skip the policy's forward pass (the reference's always runs).
+            defer_scoring: leave rows that finish now pending (reward 0, no info) for `score_pending()`.
+        """
         if not self.episodes.started.all():
             raise RuntimeError("step() called before reset(): call envs.reset() first")
         actions = np.asarray(actions)
@@ -147,13 +163,31 @@ class TextGenVectorEnv(VectorEnv):
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         info: dict[str, Any] = {}
         rows = np.flatnonzero(finished)
-        if len(rows):
+        if defer_scoring:
+            self.pending[rows] = True
+        elif len(rows):
             scores = self.core.score_rows(self.episodes, rows)
             rewards[rows] = scores["reward"]
             info = self._final_info(rows, scores)
         terminated = self.episodes.done.copy()
         truncated = np.zeros(self.num_envs, dtype=bool)
         return self.episodes.observation(), rewards, terminated, truncated, info
+
+    def score_pending(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """Score every row left pending by `step(..., defer_scoring=True)`, in one batched forward per model.
+
+        Returns:
+            `(rewards (B,), info)` laid out as `step` would have returned them on the rows' terminal steps
+            (0 and masked out for rows that were not pending). The rows are no longer pending afterwards.
+        """
+        rows = np.flatnonzero(self.pending)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        if not len(rows):
+            return rewards, {}
+        scores = self.core.score_rows(self.episodes, rows)
+        rewards[rows] = scores["reward"]
+        self.pending[rows] = False
+        return rewards, self._final_info(rows, scores)
 
     def _final_info(self, rows: np.ndarray, scores: dict[str, Any]) -> dict[str, Any]:
         """Gymnasium's vector info layout: a (B, ...) array per key and a `_key` row mask."""
