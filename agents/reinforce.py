@@ -51,7 +51,7 @@ from rlhf_gym.maths import (
     rloo_baseline,
 )
 from text_env.sampler import Rollout
-from text_env.scoring import position_ids_from_mask
+from text_env.scoring import by_response_length, position_ids_from_mask
 
 __all__ = [
     "BASELINES",
@@ -176,18 +176,23 @@ def policy_logprobs(
     """One teacher-forced forward over the rollout: log pi of the response tokens (B, N), and the entropy.
 
     As `text_env.scoring.response_logprobs`, plus the per-token entropy from the same logits when asked.
+    Rows run in length groups (`by_response_length`), so the update computes little padding.
     """
-    n = batch.response_mask.shape[1]
-    out = policy(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids_from_mask(batch.attention_mask),
-        use_cache=False,
-        logits_to_keep=n + 1,  # only the positions that predict response tokens reach the LM head
-    )
-    logits = out.logits[:, :-1].float()  # (B, N, V): position t predicts response token t
-    logprobs = logprobs_from_logits(logits, batch.response_ids)  # (B, N)
-    return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+    def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+        out = policy(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=ids.shape[1] - start + 1,  # only positions predicting response tokens
+        )
+        logits = out.logits[:, :-1].float()  # (b, n, V): position t predicts response token t
+        logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
+        return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs,)
+
+    parts = by_response_length(forward, batch.input_ids, batch.attention_mask, batch.response_start)
+    return parts[0], parts[1] if with_entropy else None
 
 
 # --------------------------------------------------------------------------------------------------------

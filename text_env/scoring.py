@@ -7,7 +7,7 @@ al. 2020). Scoring happens once per finished batch of rows, never per token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,19 @@ from transformers import PreTrainedModel
 from rlhf_gym.maths import KL_ESTIMATORS, kl_per_token, logprobs_from_logits
 from text_env.tasks import RewardFn
 
-__all__ = ["Judge", "as_reward_fn", "position_ids_from_mask", "response_logprobs"]
+__all__ = [
+    "Judge",
+    "as_reward_fn",
+    "by_response_length",
+    "length_groups",
+    "position_ids_from_mask",
+    "response_logprobs",
+]
+
+# What one more forward call costs, in padded token positions: the fixed Python and kernel-launch overhead
+# of a call against the cost of one more position in it (measured on the tiny model: ~1.5 ms a call, ~40 us
+# a position on one CPU core; on a GPU a position is nearly free, so there it pays to make few, wide calls).
+CALL_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 16384, "mps": 4096}
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,18 +38,97 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def length_groups(lengths: np.ndarray, width_offset: int = 0, overhead_tokens: int = 48) -> list[np.ndarray]:
+    """Split rows into groups of similar length, minimising the padded positions the forwards compute.
+
+    Rows end at their own EOS, so a batch padded to its longest response computes mostly padding (a
+    batch of mean length 12 padded to 32). Rows sorted by length are cut into contiguous groups by an
+    exact dynamic programme over the cost `sum_groups(rows * (width_offset + longest)) + overhead * groups`.
+
+    Args:
+        lengths: (B,) response lengths.
+        width_offset: positions every row computes besides its response (the prompt width).
+        overhead_tokens: the cost of one more forward call, in positions (`CALL_OVERHEAD_TOKENS`).
+
+    Returns:
+        Groups of row indices (longest rows first); together they hold every row exactly once.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first: a group's width is its first row's
+    width = lengths[order] + width_offset  # (B,)
+    best, cut = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
+    for end in range(1, len(order) + 1):  # best[end]: cheapest split of the `end` longest rows
+        starts = np.arange(end)
+        costs = best[:end] + (end - starts) * width[:end] + overhead_tokens
+        cut[end] = int(np.argmin(costs))
+        best[end] = costs[cut[end]]
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = int(cut[end])
+    return groups[::-1]
+
+
+def by_response_length(
+    fn: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, ...]],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    overhead_tokens: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Run a teacher-forced `fn` on length groups of rows, each cut to its own width; reassemble (B, N, ...).
+
+    `fn(ids, mask, start)` returns tensors of shape (rows, start..end width, ...) for the response columns
+    of the rows it is given. Each group drops the prompt columns that are padding for all of its rows and the
+    response columns past its longest response, which changes no real position's result (positions count
+    real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
+    forward. Gradients flow through.
+    """
+    num_rows, n = input_ids.shape[0], input_ids.shape[1] - response_start
+    host_mask = attention_mask.detach().cpu().numpy()
+    lengths = host_mask[:, response_start:].sum(-1)
+    if overhead_tokens is None:
+        overhead_tokens = CALL_OVERHEAD_TOKENS.get(input_ids.device.type, 48)
+    groups = length_groups(lengths, response_start, overhead_tokens)
+    if len(groups) == 1 and lengths.max() == n and host_mask[:, 0].any():
+        return fn(input_ids, attention_mask, response_start)  # nothing to trim
+    outputs: list[torch.Tensor] | None = None
+    for rows in groups:
+        first = int(host_mask[rows, :response_start].any(0).argmax())  # first column any row uses
+        end = response_start + int(lengths[rows].max())
+        index = torch.as_tensor(rows, device=input_ids.device)
+        parts = fn(input_ids[index, first:end], attention_mask[index, first:end], response_start - first)
+        if outputs is None:
+            outputs = [x.new_zeros((num_rows, n, *x.shape[2:])) for x in parts]
+        for out, part in zip(outputs, parts, strict=True):
+            out[index, : part.shape[1]] = part
+    return tuple(outputs)
+
+
 def response_logprobs(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    group_by_length: bool = False,
 ) -> torch.Tensor:
     """Teacher-forced log-probabilities of the tokens at `response_start:` under `model`.
 
     Args:
         input_ids: (B, L) prompt left-padded into `[:response_start]`, response right-padded after it.
         attention_mask: (B, L) 1 for real tokens.
+        group_by_length: run rows in length groups (`by_response_length`): the same log-probs, less padding.
 
     Returns:
         (B, L - response_start) float32 log-probabilities (padding positions hold junk; mask them).
     """
+    if group_by_length:
+        return by_response_length(
+            lambda ids, mask, start: (response_logprobs(model, ids, mask, start),),
+            input_ids,
+            attention_mask,
+            response_start,
+        )[0]
     num_response = input_ids.shape[1] - response_start
     out = model(
         input_ids=input_ids,
@@ -113,11 +204,12 @@ class Judge:
         mask = torch.as_tensor(attention_mask, device=device)
         response_mask = mask[:, response_start:].float()  # (k, N)
         if logprobs is None:
-            logprobs = response_logprobs(self.policy, ids, mask, response_start)
+            logprobs = response_logprobs(self.policy, ids, mask, response_start, group_by_length=True)
         else:
             logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
         logprobs = logprobs * response_mask
-        ref_logprobs = response_logprobs(self.reference, ids, mask, response_start) * response_mask
+        ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, group_by_length=True)
+        ref_logprobs = ref_logprobs * response_mask
         kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
         kl = kl.cpu().numpy().astype(np.float32)
         rm_score = _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
