@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -42,8 +43,8 @@ from transformers import (
 )
 
 from rlhf_gym.io import atomic_dir, atomic_write, load_tensors, save_tensors
-from text_env.models import BUILTIN_MODELS, load_causal_lm, resolve_device
-from text_env.scoring import position_ids_from_mask
+from text_env.models import BUILTIN_MODELS, fuse_gelu, load_causal_lm, resolve_device
+from text_env.scoring import CALL_OVERHEAD_TOKENS, length_groups, position_ids_from_mask
 
 __all__ = ["FORMAT_VERSION", "RewardModel", "build_reward_model", "load_reward_model"]
 
@@ -105,6 +106,7 @@ class RewardModel(nn.Module):
             )
         self.kind: Kind = kind
         self.body = body
+        fuse_gelu(body)  # the same function, one kernel: however the body was built or loaded
         self.tokenizer = _prepare_tokenizer(tokenizer)
         if kind == "causal-lm-body":
             hidden = body.config.hidden_size
@@ -204,18 +206,21 @@ class RewardModel(nn.Module):
     def score_sequences(self, sequences: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
         """Raw rewards of already tokenised sequences, (n,) float32 on the CPU, in eval mode.
 
-        Sequences are batched in order of length, so a batch pads little, and returned in input order.
+        Sequences run in groups of similar length (`text_env.scoring.length_groups`), so a batch pads
+        little, and come back in input order.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        lengths = np.array([len(s) for s in sequences])
+        overhead = CALL_OVERHEAD_TOKENS.get(self.device.type, 48)
         rewards = torch.zeros(len(sequences))
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                rewards[rows] = self(*self.collate([sequences[i] for i in rows])).cpu()
+            for group in length_groups(lengths, overhead_tokens=overhead):
+                for start in range(0, len(group), batch_size):
+                    rows = group[start : start + batch_size].tolist()
+                    rewards[rows] = self(*self.collate([sequences[i] for i in rows])).cpu()
         finally:
             self.train(was_training)
         return rewards

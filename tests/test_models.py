@@ -91,3 +91,20 @@ def test_smollm2_gguf_loads_and_generates_in_the_env():
     batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(0))
     assert all(isinstance(r, str) for r in batch.responses) and batch.num_tokens >= 2
     assert torch.isfinite(batch.rewards).all() and torch.allclose(batch.kl, torch.zeros(2), atol=1e-3)
+
+
+def test_fused_gelu_is_the_same_function_and_replaces_every_gelu_new(hf_dirs):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from text_env.models import fuse_gelu, load_causal_lm
+
+    plain = AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
+    fused, _ = load_causal_lm(hf_dirs["gpt2"])
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert fuse_gelu(plain) == plain.config.n_layer and fuse_gelu(plain) == 0
+    unfused = AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
+    ids = torch.randint(3, plain.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, unfused(ids).logits, atol=1e-5, rtol=0)
+    assert fused.config.activation_function == "gelu_new", "the saved config stays loadable anywhere"

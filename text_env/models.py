@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -28,6 +29,7 @@ __all__ = [
     "TinyConfig",
     "cache_dir",
     "frozen_copy",
+    "fuse_gelu",
     "smollm2_gguf_path",
     "load_causal_lm",
     "resolve_device",
@@ -67,7 +69,9 @@ def tiny_gpt2(tokenizer: PreTrainedTokenizerBase, config: TinyConfig = TinyConfi
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return GPT2LMHeadModel(gpt2_config)
+    model = GPT2LMHeadModel(gpt2_config)
+    fuse_gelu(model)
+    return model
 
 
 def cache_dir() -> Path:
@@ -83,6 +87,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
     return device
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Swap GPT-2's `gelu_new` activations for torch's fused tanh GELU; return how many were swapped.
+
+    `NewGELUActivation` computes `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` as eight separate
+    elementwise ops; `nn.GELU(approximate="tanh")` is the same function (within 3e-7) in one kernel. On the
+    tiny model the unfused form was ~28% of a rollout's time. The config is left as it is, so a saved model
+    reloads anywhere unchanged.
+    """
+    from transformers.activations import NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
 
 
 def load_causal_lm(
@@ -117,6 +140,7 @@ def load_causal_lm(
     tokenizer = _prepare_tokenizer(tokenizer, str(model))
     if dtype is not None:
         lm = lm.to(dtype)
+    fuse_gelu(lm)
     lm.to(device).eval()
     return lm, tokenizer
 
