@@ -63,8 +63,15 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict[str, Any]:
-    """Run every stage that is not already done; return the paths of what it produced."""
+def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "report") -> dict[str, Any]:
+    """Run every stage that is not already done; return the paths of what it produced.
+
+    Args:
+        until: the last stage to run: "sft", "label", "reward_model" or "report" (all). "reward_model" gives
+            pi_ref and the reward model without the long agents sweep, as benchmarks need (trl_compare.py).
+    """
+    if until not in ("sft", "label", "reward_model", "report"):
+        raise ValueError(f"until={until!r}; valid: 'sft', 'label', 'reward_model', 'report'")
     run_dir = Path(config.runs_root) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "pipeline.yaml")
@@ -91,6 +98,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict[str, Any
         say("sft", "fine-tuning on demonstrations")
         run_sft(sft_cfg, run_dir, progress=progress)
         stages.finish("sft", fp_sft)
+    if until == "sft":
+        return {"run_dir": run_dir, "sft": sft_dir}
 
     # 3. Label preference pairs sampled from pi_ref.
     label_cfg = dataclasses.replace(config.label, policy=str(sft_dir))
@@ -107,6 +116,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict[str, Any
         atomic_write(run_dir / "label_report.json", json.dumps(report, indent=2, default=float))
         say("label", f"labeller ceiling {report['ceiling']:.3f}")
         stages.finish("label", fp_label)
+    if until == "label":
+        return {"run_dir": run_dir, "sft": sft_dir, "pairs": pairs_path}
 
     # 4. Reward model (Bradley-Terry), normalised on pi_ref's samples.
     rm_cfg = dataclasses.replace(config.reward_model, pairs=str(pairs_path))
@@ -123,6 +134,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True) -> dict[str, Any
         atomic_write(run_dir / "reward_model_metrics.json", json.dumps(metrics, indent=2, default=float))
         say("reward_model", f"held-out accuracy {metrics.get('eval_accuracy', float('nan')):.3f}")
         stages.finish("reward_model", fp_rm)
+    if until == "reward_model":
+        return {"run_dir": run_dir, "sft": sft_dir, "pairs": pairs_path, "reward_model": rm_dir}
 
     # 5. Agents: a sweep from pi_ref against the learned reward model.
     env = dataclasses.replace(

@@ -1,0 +1,493 @@
+"""Our REINFORCE/RLOO against TRL's `RLOOTrainer` and `GRPOTrainer` on the same work, in one run (issue 6).
+
+All three start from the same pi_ref (`runs/default/sft`, the default pipeline's SFT output) and tokenizer,
+learn from the same reward model (`runs/default/reward_model`) on the reviews task's prompts, with the
+settings of our REINFORCE agent with the leave-one-out baseline (`configs/agents/reinforce.yaml`): 16 prompts
+x k=4 samples = 64 sequences per iteration, 32 new tokens, temperature 1, beta 0.05, AdamW lr 3e-4, one
+on-policy gradient step per batch, fp32, one torch thread. Each side trains for the same wall-clock budget;
+then every policy is saved and evaluated the same way, here, with `agents.base.evaluate_policy` on the same
+held-out prompt draws and sampling seed, so the gold reward is comparable.
+
+TRL is no dependency of the project: `setup_trl_venv` builds `benchmarks/out/venv-trl` (the same CPU torch,
+transformers and accelerate as this venv, a pinned trl, and the project without its dependencies), and
+`benchmarks/trl_worker.py` trains there. Where TRL's objectives necessarily differ from ours, `NOTES` says so.
+
+    python -m benchmarks.trl_compare [--quick] [--budget SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out"
+VENV = OUT / "venv-trl"
+RUN_DIR = ROOT / "runs" / "default"  # where the default pipeline (configs/default.yaml) leaves its stages
+REINFORCE_YAML = ROOT / "configs" / "agents" / "reinforce.yaml"
+TRL_VERSION = "1.16.0"  # the latest trl on PyPI when this benchmark was written; bump it deliberately
+TRAINERS = {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer"}
+
+__all__ = [
+    "NOTES",
+    "Settings",
+    "evaluate_saved",
+    "markdown",
+    "run",
+    "run_ours",
+    "run_trl",
+    "settings",
+    "setup_trl_venv",
+    "trl_config",
+]
+
+NOTES = [
+    "RLOOTrainer optimises our objective: reward = RM score - beta * sum_t (log pi - log pi_ref) (k1, summed "
+    "over the response, as our env), leave-one-out baseline over the k samples, no advantage whitening, loss "
+    "-mean_seq(ratio * A) with a sequence ratio that is 1 on the single on-policy step, so its gradient is our "
+    "REINFORCE gradient (token_mean false).",
+    "RLOOTrainer runs one more policy forward than ours per iteration: after generating it recomputes log pi of "
+    "the samples (for the KL); our sampler keeps the log-probs it sampled with.",
+    "GRPOTrainer cannot put the KL in the reward: it adds beta * k3(pi, pi_ref) per token to the loss (with its "
+    "default importance-ratio bias correction). Its advantage is r - mean of the group, itself included, i.e. "
+    "(k-1)/k of the leave-one-out advantage. We set scale_rewards='none' and loss_type='dr_grpo' (token sum / "
+    "(B * max_completion_length), the sequence-sum loss up to a constant): the closest GRPO gets to ours; its "
+    "defaults (group-std scaling, 'dapo' token mean) are further off. Its reward is the RM score alone.",
+    "TRL's log-prob forwards pass no position ids, while generate() derives them from the attention mask: the "
+    "left-padded prompts (1 to 4 tokens here) sit up to 3 positions apart between sampling and training. That "
+    "is TRL as shipped; we do not patch it.",
+    "Our env also computes the gold reward of every training batch for logging; TRL does not. Its cost is in "
+    "our s/iteration and shown in our breakdown (gold_logging_s).",
+    "Prompts: ours draws 16 distinct prompts per iteration at random, TRL's RepeatSampler walks shuffled "
+    "epochs of the 256 prompts; the same prompt distribution.",
+    "Both: AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), gradient-norm clip 1.0, constant lr (TRL: "
+    "lr_scheduler_type='constant'; its default linear decay would depend on max_steps). TRL: no gradient "
+    "checkpointing, bf16/fp16 off, use_vllm False, no eval, no saving during training, report_to none, "
+    "dataloader workers 0, its default logging every 10 steps (included in its time).",
+    "An iteration is timed from the end of the previous one to the end of its update (generation + scoring + "
+    "update + each trainer's own bookkeeping); s/iteration is the median after the warm-up iterations. The "
+    "budget counts training only (model loading and start-up excluded) and is checked after each iteration, "
+    "so each side overshoots it by less than one iteration. The three sides run one after another on the same "
+    "machine; a shared machine's load shifts all of them.",
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every side shares, read from our agent's and env's configs so that the two cannot drift."""
+
+    policy: str  # pi_ref: an HF GPT-2 directory with its tokenizer (the default pipeline's SFT output)
+    reward_model: str  # the learned reward model directory (`reward_models.load_reward_model`)
+    prompts_per_batch: int  # distinct prompts per iteration
+    k: int  # samples per prompt (the leave-one-out group)
+    max_new_tokens: int  # response length limit
+    temperature: float  # sampling temperature
+    beta: float  # KL coefficient
+    lr: float  # AdamW learning rate
+    adam_eps: float  # AdamW epsilon
+    weight_decay: float  # AdamW weight decay
+    max_grad_norm: float  # gradient-norm clip
+    seed: int  # torch / sampling / prompt-order seed of every side
+    budget_s: float  # wall-clock training seconds per side
+    warmup: int  # first iterations left out of the median s/iteration
+    eval_episodes: int  # held-out episodes per evaluation
+    eval_seed: int  # prompt draws and sampling seed of every evaluation
+    threads: int = 1  # torch threads of every side
+
+    @property
+    def batch(self) -> int:
+        return self.prompts_per_batch * self.k
+
+
+def settings(quick: bool = False, budget_s: float | None = None) -> Settings:
+    """The shared settings: our REINFORCE/RLOO agent's config and the env's defaults; a budget per side."""
+    from agents.reinforce import ReinforceConfig
+    from rlhf_gym.config import load_config
+    from text_env.config import EnvConfig
+
+    ours, env = load_config(ReinforceConfig, REINFORCE_YAML), EnvConfig()
+    # TRL's trainers match this only for the on-policy sequence-sum RLOO estimator.
+    expected = {"baseline": "rloo", "updates_per_batch": 1, "token_mean": False, "entropy_coef": 0.0}
+    actual = {key: getattr(ours, key) for key in expected}
+    if actual != expected:
+        raise ValueError(f"{REINFORCE_YAML} no longer matches what TRL can run: {actual} != {expected}")
+    return Settings(
+        policy=str(RUN_DIR / "sft"),
+        reward_model=str(RUN_DIR / "reward_model"),
+        prompts_per_batch=env.num_envs // ours.k,
+        k=ours.k,
+        max_new_tokens=env.max_new_tokens,
+        temperature=1.0,  # text_env.rollout's default, what the agent samples with
+        beta=env.beta,
+        lr=ours.lr,
+        adam_eps=ours.adam_eps,
+        weight_decay=ours.weight_decay,
+        max_grad_norm=ours.max_grad_norm,
+        seed=ours.seed,
+        budget_s=float(budget_s if budget_s is not None else (8.0 if quick else 60.0)),
+        warmup=1 if quick else 3,
+        eval_episodes=64 if quick else 256,
+        eval_seed=10_000,  # the sweep's evaluation seed (rlhf_gym/sweep.py)
+    )
+
+
+def trl_config(s: Settings, trainer: str) -> dict[str, Any]:
+    """`RLOOConfig` / `GRPOConfig` keyword arguments for the shared settings (see NOTES for what differs)."""
+    config = {
+        # the batch: one generation of 16 prompts x k completions per optimiser step, one step per generation
+        "per_device_train_batch_size": s.batch,  # completions, not prompts
+        "num_generations": s.k,
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": 1,
+        "num_iterations": 1,  # on-policy: one gradient step per batch
+        "max_completion_length": s.max_new_tokens,
+        "temperature": s.temperature,
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": s.beta,
+        "learning_rate": s.lr,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "adam_epsilon": s.adam_eps,
+        "weight_decay": s.weight_decay,
+        "max_grad_norm": s.max_grad_norm,
+        "seed": s.seed,
+        "max_steps": 1_000_000,  # the budget callback stops training
+        # no handicaps: fp32, no gradient checkpointing, no vLLM, no eval or saving, default logging only
+        "model_init_kwargs": {"dtype": "float32"},  # policy and reference, as ours
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        "use_vllm": False,
+        "use_cpu": True,
+        "disable_dropout": True,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    if trainer == "rloo":
+        config["normalize_advantages"] = False
+    elif trainer == "grpo":
+        config.update(scale_rewards="none", loss_type="dr_grpo")
+    else:
+        raise ValueError(f"unknown trainer {trainer!r}; valid: {list(TRAINERS)}")
+    return config
+
+
+@contextlib.contextmanager
+def _in_root() -> Iterator[None]:
+    """Run in the repository root: the pipeline's run folders and fingerprints are relative to it."""
+    previous = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def ensure_pi_ref_and_reward_model(s: Settings) -> None:
+    """On a fresh clone, run the default pipeline up to the reward model (not the long agents sweep)."""
+    if (Path(s.policy) / "config.json").is_file() and (Path(s.reward_model) / "reward_model.json").is_file():
+        return
+    from rlhf_gym.config import load_config
+    from rlhf_gym.pipeline import PipelineConfig, run_pipeline
+
+    with _in_root():
+        run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
+
+
+def _requirements() -> list[list[str]]:
+    """What the TRL venv installs, in order: torch first (this venv's CPU build), then trl and the rest."""
+    same = ["transformers", "accelerate", "datasets", "gymnasium", "vaderSentiment"]
+    return [
+        [f"torch=={version('torch').split('+')[0]}"],
+        [f"trl=={TRL_VERSION}", *(f"{name}=={version(name)}" for name in same)],
+        ["--no-deps", "-e", str(ROOT)],  # the project: our tokenizer, reward model and task prompts
+    ]
+
+
+def setup_trl_venv(progress: bool = True) -> Path:
+    """Build the TRL venv once (python -m venv + pip), recorded by a marker; return its python."""
+    python, marker = VENV / "bin" / "python", VENV / ".installed.json"
+    wanted = {"requirements": _requirements(), "root": str(ROOT)}
+    if python.is_file() and marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return python
+    if progress:
+        print(f"[trl_compare] building {VENV} (trl=={TRL_VERSION}, CPU torch): about a minute", flush=True)
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    for requirement in wanted["requirements"]:
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirement],
+            check=True,
+        )
+    marker.write_text(json.dumps(wanted, indent=2))
+    return python
+
+
+def _median_after_warmup(values: list[float], warmup: int) -> float:
+    kept = values[warmup:] if len(values) > warmup else values[-1:]
+    return float(statistics.median(kept)) if kept else float("nan")
+
+
+def _timed(fn: Any, parts: dict[str, float], key: str) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
+def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
+    """Train our REINFORCE/RLOO agent for the budget, timing each iteration and its parts; save the policy.
+
+    The breakdown wraps, for this run only, `text_env.rollout` (generation, scoring included), the env's
+    `score_rows` (reference forward, reward model and gold reward of finished rows) and the gold reward alone;
+    the update is the rest of the iteration (teacher-forced forward, backward, optimiser step, metrics).
+    """
+    import torch
+
+    import text_env
+    from agents.reinforce import ReinforceAgent, ReinforceConfig
+    from rlhf_gym.config import load_config
+    from text_env.config import EnvConfig
+
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    env_cfg = EnvConfig(
+        model=s.policy,
+        reward_model=s.reward_model,
+        beta=s.beta,
+        max_new_tokens=s.max_new_tokens,
+        num_envs=s.batch,
+    )
+    envs = env_cfg.make()
+    agent = ReinforceAgent(envs, load_config(ReinforceConfig, REINFORCE_YAML))
+    parts: dict[str, float] = {}
+    envs.core.score_rows = _timed(envs.core.score_rows, parts, "scoring_s")
+    if envs.core.judge.gold_fn is not None:
+        envs.core.judge.gold_fn = _timed(envs.core.judge.gold_fn, parts, "gold_logging_s")
+    steps: list[dict[str, float]] = []
+    last, last_cpu = 0.0, time.process_time()
+
+    def record(agent: Any, metrics: dict[str, float]) -> bool:
+        nonlocal last, last_cpu
+        seconds, cpu = metrics["wall_time"] - last, time.process_time()
+        last = metrics["wall_time"]
+        rollout_s = parts.pop("rollout_s", 0.0)
+        scoring_s = parts.get("scoring_s", 0.0)
+        steps.append(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu - last_cpu,
+                "rollout_s": rollout_s - scoring_s,  # generation alone
+                "scoring_s": scoring_s,
+                "gold_logging_s": parts.get("gold_logging_s", 0.0),
+                "update_s": seconds - rollout_s,
+            }
+        )
+        parts.clear()
+        last_cpu = cpu
+        return metrics["wall_time"] < s.budget_s
+
+    with mock.patch.object(text_env, "rollout", _timed(text_env.rollout, parts, "rollout_s")):
+        agent.learn(iterations=1_000_000, callback=record)
+    agent.save(out_dir / "policy")
+    return {"trainer": "ReinforceAgent (rloo)", "train_seconds": last, "steps": steps}
+
+
+def run_trl(s: Settings, trainer: str, python: Path, out_dir: Path) -> dict[str, Any]:
+    """Train with TRL's trainer in the TRL venv (`benchmarks/trl_worker.py`); return its timings."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "trainer": trainer,
+        "config": trl_config(s, trainer),
+        "policy": s.policy,
+        "reward_model": s.reward_model,
+        "budget_s": s.budget_s,
+        "threads": s.threads,
+        "out_dir": str(out_dir),
+    }
+    (out_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="warning")
+    log = out_dir / "worker.log"
+    with log.open("w") as f:
+        done = subprocess.run(
+            [str(python), "-m", "benchmarks.trl_worker", str(out_dir / "spec.json")],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    if done.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"TRL {TRAINERS[trainer]} failed (exit {done.returncode}); {log}:\n{tail}")
+    return {**json.loads((out_dir / "result.json").read_text()), "config": spec["config"]}
+
+
+def evaluate_saved(s: Settings, policy_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Evaluate each saved policy the same way: our env (pi_ref, reward model, beta), same prompts and seed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agents.base import evaluate_policy
+    from text_env.config import EnvConfig
+
+    torch.set_num_threads(s.threads)
+    envs = EnvConfig(
+        model=s.policy,
+        reward_model=s.reward_model,
+        beta=s.beta,
+        max_new_tokens=s.max_new_tokens,
+        num_envs=s.batch,
+    ).make()
+    results = {}
+    for name, path in policy_dirs.items():
+        envs.set_policy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        metrics = evaluate_policy(envs, num_episodes=s.eval_episodes, seed=s.eval_seed)
+        results[name] = {
+            key: metrics[key] for key in ("gold_score", "rm_score", "kl", "reward", "length", "episodes")
+        }
+    return results
+
+
+def _summary(raw: dict[str, Any], s: Settings) -> dict[str, Any]:
+    """s/iteration (median after warm-up), the median of each part, and the raw per-iteration seconds."""
+    steps = raw.pop("steps")
+    keys = sorted({key for step in steps for key in step} - {"seconds", "cpu_seconds"})
+    seconds = [step["seconds"] for step in steps]
+    return {
+        **raw,
+        "s_per_iter": _median_after_warmup(seconds, s.warmup),
+        "cpu_s_per_iter": _median_after_warmup([step["cpu_seconds"] for step in steps], s.warmup),
+        "iterations": len(steps),
+        "breakdown": {
+            key: _median_after_warmup([st.get(key, 0.0) for st in steps], s.warmup) for key in keys
+        },
+        "seconds_per_iteration": [round(x, 4) for x in seconds],
+    }
+
+
+def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
+    """The whole comparison; returns a JSON-serialisable dict (see `markdown`) and writes trl_compare.json."""
+    import platform
+
+    import torch
+
+    s = settings(quick, budget_s)
+    torch.set_num_threads(s.threads)
+    ensure_pi_ref_and_reward_model(s)
+    start = time.perf_counter()
+    python = setup_trl_venv()
+    setup_seconds = time.perf_counter() - start
+    out = OUT / "trl_compare"
+    sides: dict[str, dict[str, Any]] = {}
+    print(f"[trl_compare] ours: REINFORCE/RLOO for {s.budget_s:g} s", flush=True)
+    sides["ours"] = _summary(run_ours(s, out / "ours"), s)
+    for trainer, name in TRAINERS.items():
+        print(f"[trl_compare] TRL {name} for {s.budget_s:g} s", flush=True)
+        sides[f"trl_{trainer}"] = _summary(run_trl(s, trainer, python, out / f"trl_{trainer}"), s)
+    print("[trl_compare] evaluating every policy on the same held-out prompts", flush=True)
+    policies = {"pi_ref": Path(s.policy), **{name: out / name / "policy" for name in sides}}
+    evals = evaluate_saved(s, policies)
+    for name, side in sides.items():
+        side["eval"] = evals[name]
+    ours, rloo = sides["ours"], sides["trl_rloo"]
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {s.threads} torch thread(s) per side, "
+        f"torch {torch.__version__}, python {platform.python_version()}",
+        "trl_version": rloo.get("trl_version", TRL_VERSION),
+        "quick": quick,
+        "settings": {**dataclasses.asdict(s), "batch": s.batch},
+        "setup_seconds": setup_seconds,
+        "pi_ref": {"eval": evals["pi_ref"]},
+        **sides,
+        "ratio_trl_rloo_over_ours": rloo["s_per_iter"] / ours["s_per_iter"],
+        "ratio_trl_grpo_over_ours": sides["trl_grpo"]["s_per_iter"] / ours["s_per_iter"],
+        "cpu_ratio_trl_rloo_over_ours": rloo["cpu_s_per_iter"] / ours["cpu_s_per_iter"],
+        "must_hold": {
+            "ours_at_least_2x_faster_than_trl_rloo": rloo["s_per_iter"] >= 2 * ours["s_per_iter"],
+            "ours_gold_at_least_trl_rloo": ours["eval"]["gold_score"] >= rloo["eval"]["gold_score"],
+        },
+        "notes": NOTES,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "trl_compare.json").write_text(json.dumps(result, indent=2, default=float))
+    (OUT / "trl_compare.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A small table: s/iteration, its ratio to ours, iterations and gold/proxy/KL after the same budget."""
+    s = result["settings"]
+    ours = result["ours"]["s_per_iter"]
+    lines = [
+        f"TRL {result['trl_version']} against ours, {s['prompts_per_batch']} prompts x {s['k']} samples = "
+        f"{s['batch']} sequences, {s['max_new_tokens']} new tokens, beta {s['beta']:g}, lr {s['lr']:g}, "
+        f"fp32, {s['budget_s']:g} s of training each; gold on {s['eval_episodes']} held-out episodes.",
+        "",
+        "| | s / iteration | x ours | CPU s / iteration | iterations | gold | proxy (RM) | KL | length |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(label: str, side: dict[str, Any] | None, e: dict[str, float]) -> str:
+        timing = (
+            f"{side['s_per_iter']:.3f} | {side['s_per_iter'] / ours:.2f}x | {side['cpu_s_per_iter']:.3f} | "
+            f"{side['iterations']}"
+            if side
+            else "- | - | - | -"
+        )
+        return (
+            f"| {label} | {timing} | {e['gold_score']:.3f} | {e['rm_score']:.3f} | {e['kl']:.2f} | "
+            f"{e['length']:.1f} |"
+        )
+
+    lines.append(row("pi_ref (start)", None, result["pi_ref"]["eval"]))
+    for key, label in (
+        ("ours", "ours: REINFORCE + RLOO baseline"),
+        ("trl_rloo", "TRL RLOOTrainer"),
+        ("trl_grpo", "TRL GRPOTrainer"),
+    ):
+        lines.append(row(label, result[key], result[key]["eval"]))
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in result["ours"]["breakdown"].items())
+    lines += ["", f"Our iteration (median s): {parts}."]
+    for key in ("trl_rloo", "trl_grpo"):
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in result[key]["breakdown"].items())
+        lines.append(f"TRL {result[key]['trainer']} (median s): {parts}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (8 s each, 64 eval episodes)")
+    parser.add_argument("--budget", type=float, default=None, help="training seconds per side (default 60)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = run(quick=args.quick, budget_s=args.budget)
+    print(f"machine: {result['machine']}")
+    print(markdown(result))
+    print(f"written: {OUT / 'trl_compare.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
