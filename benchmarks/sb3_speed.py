@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 import text_env
 from agents.sb3 import EpisodeStatsCallback, SB3PPOAgent
-from benchmarks.rollout import machine
+from benchmarks.common import OUT, describe, machine_info, markdown_table
 from text_env.core import EnvCore
-
-OUT = Path(__file__).parent / "out"
 
 
 def bench(envs: text_env.TextGenVectorEnv, n_steps: int, rounds: int) -> tuple[dict, dict]:
@@ -57,6 +54,49 @@ def bench(envs: text_env.TextGenVectorEnv, n_steps: int, rounds: int) -> tuple[d
     return kv, sb3
 
 
+def run(
+    quick: bool = False, batch: int = 16, new_tokens: int = 32, n_steps: int = 32, rounds: int = 3
+) -> dict:
+    """Rollout vs SB3 PPO at `batch` rows on the built-in tiny model and the gold reward."""
+    if quick:
+        n_steps, rounds = 8, 1
+    envs = text_env.TextGenVectorEnv(num_envs=batch, core=EnvCore(max_new_tokens=new_tokens))
+    kv, sb3 = bench(envs, n_steps, rounds)
+    return {
+        "machine": machine_info(),
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "rollout_kv_cache": kv,
+        "sb3_ppo": sb3,
+        "slowdown_collect": kv["tokens_per_s"] / sb3["collect_tokens_per_s"],
+        "slowdown_learn": kv["tokens_per_s"] / sb3["learn_tokens_per_s"],
+    }
+
+
+def markdown(result: dict) -> str:
+    kv, sb3 = result["rollout_kv_cache"], result["sb3_ppo"]
+    return markdown_table(
+        [
+            f"generation (batch {result['batch']}, up to {result['new_tokens']} new tokens)",
+            "tokens/s",
+            "slowdown",
+        ],
+        [
+            ["text_env.rollout (batched env + KV cache)", f"{kv['tokens_per_s']:,.0f}", "1.0x"],
+            [
+                "SB3 PPO collect_rollouts (DummyVecEnv, full forward per token)",
+                f"{sb3['collect_tokens_per_s']:,.0f}",
+                f"{result['slowdown_collect']:.1f}x",
+            ],
+            [
+                f"SB3 PPO learn (collection + {SB3PPOAgent.Config.n_epochs} epochs of updates)",
+                f"{sb3['learn_tokens_per_s']:,.0f}",
+                f"{result['slowdown_learn']:.1f}x",
+            ],
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16, help="B: rows of the vector env = SB3's n_envs")
@@ -64,33 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-steps", type=int, default=32, help="SB3 steps per env per rollout")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more thrash on a shared CPU)")
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    envs = text_env.TextGenVectorEnv(num_envs=args.batch, core=EnvCore(max_new_tokens=args.new_tokens))
-    kv, sb3 = bench(envs, args.n_steps, args.rounds)
-    result = {
-        "machine": machine(),
-        "batch": args.batch,
-        "new_tokens": args.new_tokens,
-        "rollout_kv_cache": kv,
-        "sb3_ppo": sb3,
-        "slowdown_collect": kv["tokens_per_s"] / sb3["collect_tokens_per_s"],
-        "slowdown_learn": kv["tokens_per_s"] / sb3["learn_tokens_per_s"],
-    }
+    result = run(args.quick, args.batch, args.new_tokens, args.n_steps, args.rounds)
     OUT.mkdir(exist_ok=True)
     (OUT / "sb3_speed.json").write_text(json.dumps(result, indent=2))
-    print(f"machine: {result['machine']}")
-    print(f"| generation (batch {args.batch}, up to {args.new_tokens} new tokens) | tokens/s | slowdown |")
-    print("|---|---:|---:|")
-    print(f"| text_env.rollout (batched env + KV cache) | {kv['tokens_per_s']:,.0f} | 1.0x |")
-    print(
-        f"| SB3 PPO collect_rollouts (DummyVecEnv, full forward per token) | {sb3['collect_tokens_per_s']:,.0f} | "
-        f"{result['slowdown_collect']:.1f}x |"
-    )
-    print(
-        f"| SB3 PPO learn (collection + {SB3PPOAgent.Config.n_epochs} epochs of updates) | "
-        f"{sb3['learn_tokens_per_s']:,.0f} | {result['slowdown_learn']:.1f}x |"
-    )
+    print(f"machine: {describe(result['machine'])}\n\n{markdown(result)}")
     return result
 
 

@@ -79,13 +79,17 @@ def _add_rollout(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="rollout throughput: batched KV-cached env vs the naive env")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to benchmarks.rollout")
+    p = sub.add_parser(
+        "bench", help="the performance benchmarks (rollout, scaling, TRL, SB3) in one run: markdown + JSON"
+    )
+    from benchmarks.run import add_arguments
+
+    add_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        from benchmarks.rollout import main as bench_main
+        from benchmarks.run import run_all
 
-        bench_main(args.args)
+        run_all(args)
         return 0
 
     p.set_defaults(handler=run)

@@ -1,0 +1,131 @@
+"""What every benchmark shares: the machine it ran on, timing of model forwards, and where results go.
+
+Every figure is a rate or a ratio measured side by side in one run (the machine's load changes between
+runs, so only figures from the same run compare). Results go to `benchmarks/out/` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+OUT = Path(__file__).parent / "out"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and software a run measured, printed and stored beside every result."""
+    info = {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - a project dependency
+        pass
+    return info
+
+
+def describe(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (
+        f"{info['cpu']} ({info['cpu_cores']} cores, {info['torch_threads']} torch threads){gpu}; "
+        f"torch {info['torch']}, transformers {info.get('transformers', '?')}, Python {info['python']}"
+    )
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ForwardTimer:
+    """Wall time spent inside the forward calls of some top-level modules (policy, reference, reward model).
+
+    Pre- and post-forward hooks time each call of the named modules; everything a rollout spends outside
+    them (sampling, the env's buffers, host copies, tokenising, the gold reward) is its bookkeeping. On a
+    GPU each hook synchronises, so a call's time is its kernels' time, not their launch.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.seconds = dict.fromkeys(modules, 0.0)
+        self.calls = dict.fromkeys(modules, 0)
+        self._handles: list[Any] = []
+        self._modules = modules
+
+    def __enter__(self) -> ForwardTimer:
+        for name, module in self._modules.items():
+            device = next(module.parameters()).device
+            started: list[float] = []
+
+            def pre(_module, _args, _started=started, _device=device) -> None:
+                sync(_device)
+                _started.append(time.perf_counter())
+
+            def post(_module, _args, _output, _name=name, _started=started, _device=device) -> None:
+                sync(_device)
+                self.seconds[_name] += time.perf_counter() - _started.pop()
+                self.calls[_name] += 1
+
+            self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+@contextmanager
+def timed() -> Iterator[list[float]]:
+    """`with timed() as t: ...` then `t[0]` is the elapsed seconds."""
+    box: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - start)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers right-aligned."""
+    align = ["---" if i == 0 else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""`make bench` / `rlhf-gym bench`: every performance figure of the README, measured side by side in one run.
+
+Sections (each also runs alone as `python -m benchmarks.<name>`):
+    rollout  tokens/s of the batched KV-cached env against the naive env and SB3's collection, batch 1-256,
+             and the share of rollout time that is not a model forward (bookkeeping)
+    scaling  seconds per PPO / REINFORCE iteration as the response length (32-256) and the batch (16-256)
+             grow, and the cost per generated token
+    trl      our REINFORCE/RLOO against TRL's RLOOTrainer and GRPOTrainer (in a venv of their own) on the
+             same model, reward model, prompts and settings: s/iteration and gold after the same budget
+    sb3      a whole SB3 PPO iteration (collection + update) against our rollout, batch 16
+
+Writes `benchmarks/out/results.json` and `benchmarks/out/results.md` (and each section's own JSON), and
+prints the machine it ran on. Figures from different runs do not compare: the machine's load changes.
+
+    python -m benchmarks.run [--quick] [--only rollout scaling] [--threads N] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import OUT, ROOT, describe, machine_info
+
+SECTIONS = ("rollout", "scaling", "trl", "sb3")
+RUN_DIR = ROOT / "runs" / "default"
+
+
+def pipeline_outputs() -> tuple[str, str]:
+    """pi_ref and the learned reward model of the default pipeline, trained first on a fresh clone."""
+    policy, reward_model = RUN_DIR / "sft", RUN_DIR / "reward_model"
+    if not ((policy / "config.json").is_file() and (reward_model / "reward_model.json").is_file()):
+        import os
+
+        from rlhf_gym.config import load_config
+        from rlhf_gym.pipeline import PipelineConfig, run_pipeline
+
+        print("[bench] no pi_ref / reward model yet: running the default pipeline up to the reward model")
+        previous = os.getcwd()
+        os.chdir(ROOT)  # the pipeline's run folders are relative to the repository
+        try:
+            run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
+        finally:
+            os.chdir(previous)
+    return str(policy), str(reward_model)
+
+
+def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], str]:
+    """One section's result and its markdown."""
+    if name == "rollout":
+        from benchmarks import rollout
+
+        policy, reward_model = pipeline_outputs()
+        result = rollout.run(policy, reward_model, quick=quick, device=device)
+        return result, rollout.markdown(result)
+    if name == "scaling":
+        from benchmarks import scaling
+
+        result = scaling.run(quick=quick, device=device)
+        result["plot"] = str(scaling.plot(result, OUT / "scaling.png"))
+        return result, scaling.markdown(result) + f"\n\n![scaling]({result['plot']})"
+    if name == "trl":
+        from benchmarks import trl_compare
+
+        pipeline_outputs()
+        result = trl_compare.run(quick=quick)
+        return result, trl_compare.markdown(result)
+    if name == "sb3":
+        from benchmarks import sb3_speed
+
+        result = sb3_speed.run(quick=quick)
+        return result, sb3_speed.markdown(result)
+    raise ValueError(f"unknown section {name!r}; valid: {list(SECTIONS)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m benchmarks.run`, shared with `rlhf-gym bench`."""
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, few repeats")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the trl section runs on the CPU)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_all(parser.parse_args(argv))
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen sections one after another, writing the tables and the JSON as each finishes."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info()
+    print(f"[bench] machine: {describe(info)}", flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": info, "quick": args.quick, "device": args.device}
+    sections = [f"# rlhf-gym benchmarks\n\nMachine: {describe(info)}. Device: {args.device}."]
+    for name in args.only:
+        start = time.perf_counter()
+        print(f"[bench] {name} ...", flush=True)
+        result, text = run_section(name, args.quick, args.device)
+        result["seconds"] = time.perf_counter() - start
+        results[name] = result
+        sections.append(f"## {name} ({result['seconds']:.0f} s)\n\n{text}")
+        print(text, flush=True)
+        # Written after every section, so a long run that dies keeps what it measured.
+        (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (OUT / "results.md").write_text("\n\n".join(sections) + "\n")
+    print(f"[bench] wrote {OUT / 'results.md'} and {OUT / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
