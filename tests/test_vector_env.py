@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import text_env
-from text_env.scoring import response_logprobs
+from rlhf_gym.maths import entropy_from_logits
+from text_env.scoring import position_ids_from_mask, response_logprobs
 
 
 def test_make_vec_returns_batched_observations(core):
@@ -143,6 +144,13 @@ def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core):
     mask = batch.response_mask
     torch.testing.assert_close(batch.logprobs * mask, forced * mask, atol=2e-4, rtol=0)
     assert torch.equal(batch.logprobs * (1 - mask), torch.zeros_like(mask)), "no log-prob after a row ends"
+    # The logged entropy is the policy's, per step, as a teacher-forced forward computes it.
+    logits = envs.policy(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+    ).logits[:, batch.response_start - 1 : -1]
+    torch.testing.assert_close(batch.entropy, entropy_from_logits(logits) * mask, atol=2e-4, rtol=0)
     assert batch.prompt_indices.tolist() == prompts.tolist()
     assert torch.equal(batch.rewards, batch.rm_scores - 0.05 * batch.kl)
 

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from rlhf_gym.maths import entropy_from_logits
 from text_env.scoring import position_ids_from_mask
 from text_env.vector_env import TextGenVectorEnv
 
@@ -95,6 +94,19 @@ def _prefill(
     return out, cache
 
 
+def _scatter_steps(
+    steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], num_rows: int, n: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-step values of the live rows, placed at (env row, step) in (B, N) tables; 0 elsewhere."""
+    rows = torch.as_tensor(np.concatenate([r for r, _, _ in steps]), device=device)
+    cols = torch.cat([torch.full((len(r),), t, device=device) for t, (r, _, _) in enumerate(steps)])
+    logprobs = torch.zeros(num_rows, n, device=device)
+    entropy = torch.zeros(num_rows, n, device=device)
+    logprobs[rows, cols] = torch.cat([lp for _, lp, _ in steps])
+    entropy[rows, cols] = torch.cat([e for _, _, e in steps])
+    return logprobs, entropy
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -146,33 +158,37 @@ def rollout(
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
     rows = np.arange(num_rows)  # the env row of each live row
-    logprobs = torch.zeros(num_rows, n, device=device)
-    entropy = torch.zeros(num_rows, n, device=device)
+    steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
     for t in range(n):
-        finished = torch.as_tensor(envs.episodes.done[rows], device=device)  # (b,) ended, not yet dropped
+        ended = envs.episodes.done[rows]  # (b,) host-side: ended, not yet dropped from the batch
+        finished = torch.as_tensor(ended, device=device) if ended.any() else None
         policy_logprobs = torch.log_softmax(logits, dim=-1)
+        policy_probs = policy_logprobs.exp()
         sampling_logits = logits
         if t < min_new_tokens:
             sampling_logits = sampling_logits.clone()
             sampling_logits[:, eos_id] = float("-inf")
         if temperature != 1.0 or top_k > 0 or top_p < 1.0:
             sampling_logits = _filter_logits(sampling_logits / temperature, top_k, top_p)
-        probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_logprobs.exp()
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
-        row_index = torch.as_tensor(rows, device=device)
-        logprobs[row_index, t] = (
-            policy_logprobs.gather(-1, tokens[:, None]).squeeze(1).masked_fill(finished, 0.0)
-        )
-        entropy[row_index, t] = entropy_from_logits(logits).masked_fill(finished, 0.0)
+        probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_probs
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (b,)
+        step_logprobs = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
+        step_entropy = torch.special.entr(policy_probs).sum(-1)  # (b,) -p log p, 0 where p = 0
+        if finished is not None:
+            tokens = tokens.masked_fill(finished, pad_id)
+            step_logprobs = step_logprobs.masked_fill(finished, 0.0)
+            step_entropy = step_entropy.masked_fill(finished, 0.0)
+        steps.append((rows, step_logprobs, step_entropy))
         # One device-to-host copy per token carries the ids and their log-probs (float64 holds any id
         # exactly); with the log-probs the env needs no policy forward to score finished rows.
-        host = torch.stack([tokens.double(), logprobs[row_index, t].double()]).cpu().numpy()
-        actions, step_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
-        actions[rows], step_logprobs[rows] = host[0], host[1]
-        envs.step(actions, logprobs=step_logprobs, defer_scoring=True)
+        host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
+        actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
+        actions[rows], action_logprobs[rows] = host[0], host[1]
+        envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
         if envs.all_done:
             break
-        mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)  # the new token is real unless ended
+        real = torch.ones_like(mask[:, :1]) if finished is None else (~finished).long()[:, None]
+        mask = torch.cat([mask, real], dim=1)  # (b, L + 1) the new token is real unless the row had ended
         live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
         if cache is not None and live.sum() <= COMPACT_BELOW * len(rows):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
@@ -188,6 +204,7 @@ def rollout(
         )
         cache = _cache_of(out, cache_kw) if cache is not None else None
         logits = out.logits[:, -1].float()
+    logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
     # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
     rewards, info = envs.score_pending()
     results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
