@@ -7,7 +7,8 @@
   one batched forward of the B full observations per token (no KV cache), each env stepped and scored by
   itself. SB3 samples EOS when it likes, so this table uses natural lengths for both sides.
 * **Bookkeeping**: the share of the batched rollout's wall time spent outside the forwards of the policy,
-  the reference and the reward model (sampling, the env's buffers, host copies, tokenising, the gold reward).
+  the reference and the reward model (sampling, the env's buffers, host copies, tokenising, and the gold
+  reward the env logs with every batch, whose share is also shown alone).
 
 All sides use pi_ref and the learned reward model of the default pipeline.
 
@@ -63,6 +64,18 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
     reward_model = getattr(core.judge.reward_fn, "__self__", None)  # a bound RewardModel.score
     if isinstance(reward_model, torch.nn.Module):
         models["reward_model"] = reward_model
+    gold = {"seconds": 0.0}
+    gold_fn = core.judge.gold_fn
+    if gold_fn is not None and gold_fn is not core.judge.reward_fn:
+
+        def timed_gold(prompts: list[str], responses: list[str]) -> Any:
+            start = time.perf_counter()
+            try:
+                return gold_fn(prompts, responses)
+            finally:
+                gold["seconds"] += time.perf_counter() - start
+
+        core.judge.gold_fn = timed_gold
     tokens, rollouts = 0, 0
     with ForwardTimer(models) as timer:
         sync(device)
@@ -72,6 +85,7 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
             rollouts += 1
         sync(device)
         seconds = time.perf_counter() - start
+    core.judge.gold_fn = gold_fn
     return {
         "batch": batch,
         "tokens": tokens,
@@ -80,6 +94,7 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
         "tokens_per_s": tokens / seconds,
         "forward_seconds": dict(timer.seconds),
         "bookkeeping_share": 1.0 - timer.total / seconds,
+        "gold_share": gold["seconds"] / seconds,  # the task's gold reward (VADER), logged every batch
     }
 
 
@@ -162,6 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{naive:,.0f}",
             f"{r['vs_naive']:.1f}x",
             f"{r['fixed_length']['bookkeeping_share']:.1%}",
+            f"{r['fixed_length']['gold_share']:.1%}",
         ]
         for r in result["batches"]
     ]
@@ -172,6 +188,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['sb3']['tokens_per_s']:,.0f}",
             f"{r['vs_sb3']:.1f}x",
             f"{r['natural_length']['bookkeeping_share']:.1%}",
+            f"{r['natural_length']['gold_share']:.1%}",
         ]
         for r in result["batches"]
     ]
@@ -179,11 +196,20 @@ def markdown(result: dict[str, Any]) -> str:
         [
             f"Generated tokens/s, {n} new tokens per response (EOS masked until then):\n\n"
             + markdown_table(
-                ["batch", "batched env + KV cache", "naive env", "speed-up", "bookkeeping"], fixed
+                ["batch", "batched env + KV cache", "naive env", "speed-up", "bookkeeping", "of which gold"],
+                fixed,
             ),
             "Natural lengths (rows end at their own EOS), against SB3's collect_rollouts via the adapter:\n\n"
             + markdown_table(
-                ["batch", "batched env + KV cache", "SB3 adapter", "speed-up", "bookkeeping"], natural
+                [
+                    "batch",
+                    "batched env + KV cache",
+                    "SB3 adapter",
+                    "speed-up",
+                    "bookkeeping",
+                    "of which gold",
+                ],
+                natural,
             ),
         ]
     )
