@@ -57,3 +57,15 @@ def test_grouped_logprobs_and_gradients_equal_the_padded_forward(core, device_ov
     torch.testing.assert_close(loss_grouped, loss_full, atol=1e-4, rtol=1e-6)
     for a, b in zip(grads_grouped, grads_full, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():
+    from text_env.sampler import sample_categorical
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)  # (40000, 4)
+    tokens = sample_categorical(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    freq = torch.bincount(tokens[:, 0], minlength=4).float() / 20000
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)  # 4 sigma of a binomial at n = 20000
+    assert (tokens[:, 1] == 3).all(), "all mass on the last token: the clamp never moves a draw"
+    again = sample_categorical(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    assert torch.equal(tokens, again), "the generator makes it reproducible"

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from text_env.scoring import position_ids_from_mask
 from text_env.vector_env import TextGenVectorEnv
 
-__all__ = ["Rollout", "rollout"]
+__all__ = ["Rollout", "rollout", "sample_categorical"]
 
 
 @dataclass
@@ -107,6 +107,18 @@ def _scatter_steps(
     return logprobs, entropy
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from `probs` (b, V) by inverting the CDF: one uniform number per row.
+
+    `torch.multinomial` draws V random numbers per row (~340 us for 64 x 221 on one CPU core, a third of a
+    decode step); a `searchsorted` of one uniform into the row's cumulative sum is exact and ~10x faster.
+    `right=True` returns the first index whose CDF exceeds u, so a token of probability 0 is never drawn.
+    """
+    cdf = probs.cumsum(-1)  # (b, V)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]  # (b, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)  # (b,)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -171,7 +183,7 @@ def rollout(
         if temperature != 1.0 or top_k > 0 or top_p < 1.0:
             sampling_logits = _filter_logits(sampling_logits / temperature, top_k, top_p)
         probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_probs
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (b,)
+        tokens = sample_categorical(probs, generator)  # (b,)
         step_logprobs = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
         step_entropy = torch.special.entr(policy_probs).sum(-1)  # (b,) -p log p, 0 where p = 0
         if finished is not None:
