@@ -19,6 +19,25 @@ from torch import nn
 
 OUT = Path(__file__).parent / "out"
 ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / "runs" / "default"  # where the default pipeline (configs/default.yaml) leaves its stages
+
+
+def pipeline_outputs() -> tuple[str, str]:
+    """pi_ref and the learned reward model of the default pipeline; on a fresh clone, trained first (the
+    pipeline up to the reward model, ~3 min, not its long agents sweep)."""
+    policy, reward_model = RUN_DIR / "sft", RUN_DIR / "reward_model"
+    if not ((policy / "config.json").is_file() and (reward_model / "reward_model.json").is_file()):
+        from rlhf_gym.config import load_config
+        from rlhf_gym.pipeline import PipelineConfig, run_pipeline
+
+        print("[bench] no pi_ref / reward model yet: running the default pipeline up to the reward model")
+        previous = os.getcwd()
+        os.chdir(ROOT)  # the run folders, and the label stage's fingerprint, use paths relative to it
+        try:
+            run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
+        finally:
+            os.chdir(previous)
+    return str(policy), str(reward_model)
 
 
 def _cpu_model() -> str:

@@ -24,29 +24,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import OUT, ROOT, describe, machine_info
+from benchmarks.common import OUT, describe, machine_info, pipeline_outputs
 
 SECTIONS = ("rollout", "scaling", "trl", "sb3")
-RUN_DIR = ROOT / "runs" / "default"
-
-
-def pipeline_outputs() -> tuple[str, str]:
-    """pi_ref and the learned reward model of the default pipeline, trained first on a fresh clone."""
-    policy, reward_model = RUN_DIR / "sft", RUN_DIR / "reward_model"
-    if not ((policy / "config.json").is_file() and (reward_model / "reward_model.json").is_file()):
-        import os
-
-        from rlhf_gym.config import load_config
-        from rlhf_gym.pipeline import PipelineConfig, run_pipeline
-
-        print("[bench] no pi_ref / reward model yet: running the default pipeline up to the reward model")
-        previous = os.getcwd()
-        os.chdir(ROOT)  # the pipeline's run folders are relative to the repository
-        try:
-            run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
-        finally:
-            os.chdir(previous)
-    return str(policy), str(reward_model)
 
 
 def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], str]:

@@ -18,7 +18,6 @@ transformers and accelerate as this venv, a pinned trl, and the project without 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -26,17 +25,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out"
+from benchmarks.common import OUT, ROOT, RUN_DIR, pipeline_outputs
+
 VENV = OUT / "venv-trl"
-RUN_DIR = ROOT / "runs" / "default"  # where the default pipeline (configs/default.yaml) leaves its stages
 REINFORCE_YAML = ROOT / "configs" / "agents" / "reinforce.yaml"
 TRL_VERSION = "1.16.0"  # the latest trl on PyPI when this benchmark was written; bump it deliberately
 TRAINERS = {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer"}
@@ -187,28 +184,6 @@ def trl_config(s: Settings, trainer: str) -> dict[str, Any]:
     else:
         raise ValueError(f"unknown trainer {trainer!r}; valid: {list(TRAINERS)}")
     return config
-
-
-@contextlib.contextmanager
-def _in_root() -> Iterator[None]:
-    """Run in the repository root: the pipeline's run folders and fingerprints are relative to it."""
-    previous = Path.cwd()
-    os.chdir(ROOT)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def ensure_pi_ref_and_reward_model(s: Settings) -> None:
-    """On a fresh clone, run the default pipeline up to the reward model (not the long agents sweep)."""
-    if (Path(s.policy) / "config.json").is_file() and (Path(s.reward_model) / "reward_model.json").is_file():
-        return
-    from rlhf_gym.config import load_config
-    from rlhf_gym.pipeline import PipelineConfig, run_pipeline
-
-    with _in_root():
-        run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
 
 
 def _requirements() -> list[list[str]]:
@@ -395,7 +370,7 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
 
     s = settings(quick, budget_s)
     torch.set_num_threads(s.threads)
-    ensure_pi_ref_and_reward_model(s)
+    pipeline_outputs()  # on a fresh clone, trains pi_ref and the reward model first
     start = time.perf_counter()
     python = setup_trl_venv()
     setup_seconds = time.perf_counter() - start
