@@ -47,7 +47,11 @@ def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], st
         from benchmarks import trl_compare
 
         pipeline_outputs()
-        result = trl_compare.run(quick=quick)
+        threads = torch.get_num_threads()
+        try:
+            result = trl_compare.run(quick=quick)  # both sides on trl_compare's own thread count
+        finally:
+            torch.set_num_threads(threads)
         return result, trl_compare.markdown(result)
     if name == "sb3":
         from benchmarks import sb3_speed
