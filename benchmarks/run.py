@@ -3,6 +3,7 @@
 Sections (each also runs alone as `python -m benchmarks.<name>`):
     rollout  tokens/s of the batched KV-cached env against the naive env and SB3's collection, batch 1-256,
              and the share of rollout time that is not a model forward (bookkeeping)
+    fixes    what each speed fix buys: a REINFORCE/RLOO iteration with each one turned off alone
     scaling  seconds per PPO / REINFORCE iteration as the response length (32-256) and the batch (16-256)
              grow, and the cost per generated token
     trl      our REINFORCE/RLOO against TRL's RLOOTrainer and GRPOTrainer (in a venv of their own) on the
@@ -26,7 +27,7 @@ import torch
 
 from benchmarks.common import OUT, describe, machine_info, pipeline_outputs
 
-SECTIONS = ("rollout", "scaling", "trl", "sb3")
+SECTIONS = ("rollout", "fixes", "scaling", "trl", "sb3")
 
 
 def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], str]:
@@ -37,6 +38,11 @@ def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], st
         policy, reward_model = pipeline_outputs()
         result = rollout.run(policy, reward_model, quick=quick, device=device)
         return result, rollout.markdown(result)
+    if name == "fixes":
+        from benchmarks import ablation
+
+        result = ablation.run(quick=quick, device=device)
+        return result, ablation.markdown(result)
     if name == "scaling":
         from benchmarks import scaling
 

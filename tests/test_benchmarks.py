@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,30 @@ def test_runner_options_name_the_sections():
     assert parser.parse_args(["--quick", "--only", "scaling"]).only == ["scaling"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--only", "nonsense"])
+
+
+def test_each_ablation_switch_turns_its_fix_off_and_back_on(core):
+    from transformers.activations import NewGELUActivation
+
+    import text_env.sampler
+    import text_env.scoring
+    from benchmarks.ablation import variants
+
+    model = core.reference
+    switches = variants([model])
+    assert list(switches)[0] == "all fixes"
+
+    def has_unfused() -> bool:
+        return any(isinstance(m, NewGELUActivation) for m in model.modules())
+
+    with switches["rows kept to the end"]():
+        assert text_env.sampler.COMPACT_BELOW == 0.0
+    with switches["one padded forward"]():
+        overhead = text_env.scoring.CALL_OVERHEAD_TOKENS["cpu"]
+        assert len(text_env.scoring.length_groups(np.array([1, 30, 2]), 8, overhead)) == 1
+    with switches["unfused gelu_new"]():
+        assert has_unfused()
+    with switches["torch.multinomial"]():
+        assert text_env.sampler.sample_categorical.__name__ == "_multinomial"
+    assert not has_unfused() and text_env.sampler.COMPACT_BELOW == 0.75
+    assert len(text_env.scoring.length_groups(np.array([1, 30, 2]), 8, 48)) == 2
