@@ -57,10 +57,13 @@ class RewardTrainConfig:
     backbone: str | None = (
         None  # None: tiny-reviews GPT-2 body + scalar head; else an HF dir/id (sequence classifier)
     )
+    logprob_features: bool | None = (
+        None  # head also reads the frozen LM's log-prob stats; None: on for tiny-reviews, off for HF ids
+    )
     lr: float = 1e-3  # peak AdamW learning rate: linear warm-up, then linear decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_fraction: float = 0.05  # share of all optimiser steps spent warming the learning rate up from 0
-    epochs: int = 2  # passes over the training pairs
+    epochs: int = 4  # passes over the training pairs
     batch_size: int = 32  # pairs per optimiser step (one forward over their 2 x batch_size sequences)
     max_grad_norm: float = 1.0  # gradient-norm clip; <= 0 turns clipping off
     eval_fraction: float = 0.1  # share of pairs held out (seeded shuffle) for accuracy and margin; 0: none
@@ -134,7 +137,9 @@ def evaluate_reward_model(
 
     When the pairs carry `gold_chosen`/`gold_rejected` (written by the labeller, for evaluation only), also
     `gold_agreement`: the share of pairs, gold ties excluded, that the model orders as the gold reward does,
-    and `label_ceiling`: the share whose label does, i.e. the best accuracy the noisy labels allow.
+    and `label_ceiling`: the share whose label does, i.e. the best accuracy the noisy labels allow, and
+    `accuracy_decided`: `accuracy` on those same pairs (gold ties, whose labels are coin flips, excluded),
+    the number to hold against `label_ceiling`.
     """
     pairs = load_pairs(pairs)
     prompts = [p["prompt"] for p in pairs]
@@ -153,6 +158,7 @@ def evaluate_reward_model(
             model_sign = np.sign((r_w - r_l).numpy().astype(np.float64))
             metrics["gold_agreement"] = float((model_sign[decided] == np.sign(gold[decided])).mean())
             metrics["label_ceiling"] = float((gold[decided] > 0).mean())  # chosen is gold-better
+            metrics["accuracy_decided"] = float((r_w > r_l).numpy()[decided].mean())
     return metrics
 
 
@@ -222,8 +228,8 @@ def train_reward_model(
     Returns:
         `(model, metrics)`: the trained, normalised model in eval mode, and final metrics: `train_loss`,
         `train_accuracy` (last epoch, running), `eval_loss`, `eval_accuracy`, `eval_margin` (when pairs
-        are held out), `gold_agreement`/`label_ceiling` on the held-out pairs when they carry gold
-        scores, `shift`, `scale`, sizes and `seconds`.
+        are held out), `gold_agreement`, `label_ceiling` and `accuracy_decided` on the held-out pairs
+        when they carry gold scores, `shift`, `scale`, sizes and `seconds`.
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the message says where and what to try).
@@ -235,7 +241,7 @@ def train_reward_model(
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     if model is None:
-        model = build_reward_model(config.backbone, device=device)
+        model = build_reward_model(config.backbone, logprob_features=config.logprob_features, device=device)
 
     # Held-out split: a seeded shuffle; at least one pair on each side when there are two or more.
     order = rng.permutation(len(pairs))

@@ -14,7 +14,9 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
     LlamaConfig,
+    LlamaForCausalLM,
     LlamaForSequenceClassification,
 )
 
@@ -33,6 +35,7 @@ from reward_models import (
 from reward_models.commands import add_train_rm_command
 from reward_models.data import write_pairs
 from reward_models.labeller import LabelConfig, label_pairs
+from reward_models.model import LOGPROB_FEATURE_SCALE, sequence_logprob_stats
 from rlhf_gym.config import ConfigError, load_config
 from text_env.tasks.reviews import build_tokenizer
 
@@ -68,6 +71,105 @@ def test_bradley_terry_gradient_pushes_chosen_up_and_rejected_down():
 
 
 # --------------------------------------------------------------------------------------------------------
+# The head with log-prob features
+# --------------------------------------------------------------------------------------------------------
+class _BigramLM(torch.nn.Module):
+    """A stand-in causal LM whose next-token logits depend on the current token only: `table[token]`."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return argparse.Namespace(logits=self.table[input_ids])  # (B, T, V)
+
+
+def test_sequence_logprob_stats_match_a_hand_computation():
+    # Vocabulary of 3; log p(next | current) = log_softmax(table[current]).
+    table = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    logp = torch.log_softmax(table, -1)
+    input_ids = torch.tensor([[1, 2, 2, 0], [2, 1, 0, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # row 2: one scored transition (2 -> 1)
+    stats = sequence_logprob_stats(_BigramLM(table), input_ids, attention_mask)
+    row1 = torch.stack([logp[1, 2], logp[2, 2], logp[2, 0]])
+    row2 = logp[2, 1][None]
+    expected = torch.tensor(
+        [[row1.mean(), row1.min(), row1.sum()], [row2.mean(), row2.min(), row2.sum()]]
+    ) * torch.tensor(LOGPROB_FEATURE_SCALE)
+    torch.testing.assert_close(stats, expected)
+    # Padding on the left gives the same statistics: only real -> real transitions are scored.
+    left = sequence_logprob_stats(
+        _BigramLM(table), torch.tensor([[0, 0, 2, 1]]), torch.tensor([[0, 0, 1, 1]])
+    )
+    torch.testing.assert_close(left, expected[1:])
+
+
+def test_head_reads_last_hidden_state_and_logprob_stats(tmp_path):
+    # With a known head, the reward is w_h . h_last + w_lp . stats: check both parts on a hand-made pair.
+    model = build_reward_model(logprob_features=True)
+    assert model.head.in_features == model.body.config.hidden_size + 3
+    sequences = model.encode(PROMPTS[:2], RESPONSES[:2])
+    input_ids, attention_mask = model.collate(sequences)
+    with torch.no_grad():
+        hidden = model.body(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # right-padded: positions are 0.. already
+        last = attention_mask.sum(-1) - 1
+        h_last = hidden[torch.arange(2), last]
+        stats = sequence_logprob_stats(model.reference, input_ids, attention_mask)
+        model.head.weight.zero_()
+        model.head.weight[0, -3:] = torch.tensor([1.0, -2.0, 0.5])
+        torch.testing.assert_close(model(input_ids, attention_mask), stats @ torch.tensor([1.0, -2.0, 0.5]))
+        model.head.weight[0, :-3] = 1.0
+        model.head.weight[0, -3:] = 0.0
+        torch.testing.assert_close(model(input_ids, attention_mask), h_last.sum(-1))
+    # A fluent review is less surprising than the same words shuffled, to the frozen LM.
+    fluent, shuffled = model.encode(["the plot"] * 2, ["was great .", "great . was"])
+    stats = sequence_logprob_stats(model.reference, *model.collate([fluent, shuffled]))
+    assert stats[0, 0] > stats[1, 0] and stats[0, 1] > stats[1, 1]
+    # Save/load keeps the frozen LM and the head: identical raw scores.
+    model.save(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["logprob_features"] is True
+    loaded = load_reward_model(tmp_path / "rm")
+    assert loaded.logprob_features
+    assert torch.equal(loaded.raw_score(PROMPTS, RESPONSES), model.raw_score(PROMPTS, RESPONSES))
+
+
+def test_plain_head_without_logprob_features_round_trips(tmp_path):
+    model = build_reward_model(logprob_features=False)
+    assert not model.logprob_features and model.reference is None
+    assert model.head.in_features == model.body.config.hidden_size
+    model.save(tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm")
+    assert not loaded.logprob_features
+    assert torch.equal(loaded.raw_score(PROMPTS, RESPONSES), model.raw_score(PROMPTS, RESPONSES))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_any_hf_causal_lm_takes_the_logprob_head(kind, tmp_path):
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        lm = GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+        )
+    else:
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+            )
+        )  # fmt: skip
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    model = build_reward_model(str(tmp_path / "lm"), logprob_features=True)
+    assert model.kind == "causal-lm-body" and model.logprob_features
+    model.save(tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm")
+    torch.testing.assert_close(loaded.score(PROMPTS, RESPONSES), model.score(PROMPTS, RESPONSES))
+
+
+# --------------------------------------------------------------------------------------------------------
 # Training on the default task
 # --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -98,8 +200,14 @@ def trained(labelled, tmp_path_factory):
 
 def test_training_changes_every_parameter_and_beats_chance(trained):
     model, metrics, before, _ = trained
-    unchanged = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+    assert model.logprob_features  # the default task's default head
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(not name.startswith("reference.") for name, _ in trainable)
+    unchanged = [name for name, p in trainable if torch.equal(p.detach(), before[name])]
     assert not unchanged, f"parameters not updated by training: {unchanged}"
+    # The reference LM whose log-probs the head reads is frozen: training must leave it exactly as it was.
+    frozen = [(name, p) for name, p in model.named_parameters() if name.startswith("reference.")]
+    assert frozen and all(torch.equal(p.detach(), before[name]) for name, p in frozen)
     assert all(math.isfinite(metrics[k]) for k in ("train_loss", "eval_loss", "eval_accuracy", "eval_margin"))
     assert metrics["num_eval"] > 100
     # Over 100 held-out pairs chance is 0.5 with a standard error under 0.05; an untrained model fails.
@@ -143,6 +251,8 @@ def test_evaluation_reports_gold_agreement_and_label_ceiling(trained, labelled):
     )
     decided = gold != 0
     assert metrics["label_ceiling"] == pytest.approx((gold[decided] > 0).mean())
+    # Accuracy on the ceiling's own population (gold ties excluded), so the two compare like with like.
+    assert metrics["accuracy_decided"] == pytest.approx((margin.numpy()[decided] > 0).mean())
     assert metrics["gold_agreement"] == pytest.approx(
         (np.sign(margin.numpy())[decided] == np.sign(gold[decided])).mean()
     )
