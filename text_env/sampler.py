@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from text_env.kv_cache import preallocated_cache
 from text_env.scoring import position_ids_from_mask
 from text_env.vector_env import TextGenVectorEnv
 
@@ -62,6 +63,7 @@ def _cache_keyword(model: PreTrainedModel) -> str:
 
 
 COMPACT_BELOW = 0.75  # drop ended rows once at most this share of the batch is still generating
+PREALLOCATE = True  # decode into a KV cache allocated once (text_env.kv_cache), not one grown by torch.cat
 
 
 def _cache_of(out: Any, cache_kw: str) -> Any:
@@ -69,9 +71,16 @@ def _cache_of(out: Any, cache_kw: str) -> Any:
 
 
 def _prefill(
-    policy: PreTrainedModel, obs: dict, prompt_index: np.ndarray, p: int, cache_kw: str, device: torch.device
+    policy: PreTrainedModel,
+    obs: dict,
+    prompt_index: np.ndarray,
+    p: int,
+    n: int,
+    cache_kw: str,
+    device: torch.device,
 ) -> tuple[Any, Any]:
-    """Run the prompts through the policy once, each distinct prompt once (RLOO's k copies share it).
+    """Run the prompts through the policy once, each distinct prompt once (RLOO's k copies share it), into a
+    KV cache preallocated for the P + N positions of a rollout (`text_env.kv_cache`).
 
     Returns:
         `(out, cache)`: the policy output with one row per env row (logits of the last prompt position), and
@@ -82,7 +91,10 @@ def _prefill(
     ids = torch.as_tensor(obs["input_ids"][first, :p], device=device)
     mask = torch.as_tensor(obs["attention_mask"][first, :p], device=device)
     kwargs = dict(position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
-    out = policy(input_ids=ids, attention_mask=mask, **kwargs)
+    cache = preallocated_cache(policy, p + n) if PREALLOCATE else None
+    out = policy(
+        input_ids=ids, attention_mask=mask, **kwargs, **({cache_kw: cache} if cache is not None else {})
+    )
     cache = _cache_of(out, cache_kw)
     if not hasattr(cache, "batch_select_indices"):  # no row surgery: prefill every row
         full_mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)
@@ -166,7 +178,7 @@ def rollout(
     if min_new_tokens is None:
         min_new_tokens = envs.core.min_new_tokens
     cache_kw = _cache_keyword(policy)
-    out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, cache_kw, device)
+    out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, n, cache_kw, device)
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
     rows = np.arange(num_rows)  # the env row of each live row
