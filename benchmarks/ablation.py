@@ -1,16 +1,18 @@
 """What each speed fix buys: a REINFORCE/RLOO iteration with all of them, and with each one turned off.
 
 The workload is the TRL comparison's: pi_ref and the learned reward model of the default pipeline, 16
-prompts x 4 samples, up to 32 new tokens, rows ending at their own EOS. Each variant trains a fresh agent
-from the same seed (one warm-up iteration, then the median of the timed ones), one after the other in one
-run. The fixes, and the switch that turns each off here:
+prompts x 4 samples, up to 32 new tokens, rows ending at their own EOS. Each variant trains its own agent
+from the same seed; the variants take turns, one iteration each per round (after a warm-up round), and
+the median per variant is reported. The fixes, and the switch that turns each off here:
 
 * **drop ended rows**: the sampler removes finished rows from the KV cache once a quarter of the batch
   has ended (`text_env.sampler.COMPACT_BELOW`; off: 0, every row decodes to the end);
 * **length groups**: teacher-forced forwards (reference, reward model, update) run rows of similar length
   together, each group cut to its own width (`text_env.scoring.CALL_OVERHEAD_TOKENS`; off: one group);
 * **fused GELU**: GPT-2's eight-op `gelu_new` replaced by torch's one-kernel tanh GELU (off: swapped back);
-* **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off: multinomial).
+* **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off: multinomial);
+* **preallocated KV cache**: written in place (`text_env.kv_cache`; off: transformers' `DynamicCache`,
+  which copies the whole cache with `torch.cat` every step).
 
 Not switchable here, so not in the table: deferred scoring (one reference and reward-model forward per
 batch instead of one per finishing step) and the shared prefill of a prompt's k samples.
@@ -69,31 +71,41 @@ def variants(models: list[nn.Module]) -> dict[str, Any]:
         ),
         "unfused gelu_new": lambda: unfused_gelu(models),
         "torch.multinomial": lambda: mock.patch.object(text_env.sampler, "sample_categorical", _multinomial),
+        "KV cache grown by torch.cat": lambda: mock.patch.object(text_env.sampler, "PREALLOCATE", False),
     }
 
 
-def time_variant(switch: Any, policy: str, reward_model: str, iterations: int, device: str) -> dict:
+def make_agent(policy: str, reward_model: str, device: str) -> Any:
     from agents.reinforce import ReinforceAgent, ReinforceConfig
     from rlhf_gym.config import load_config
     from text_env.config import EnvConfig
 
     envs = EnvConfig(model=policy, reward_model=reward_model, num_envs=64, device=device).make()
-    agent = ReinforceAgent(envs, load_config(ReinforceConfig, ROOT / "configs" / "agents" / "reinforce.yaml"))
-    models = [envs.policy, envs.core.reference, getattr(envs.core.judge.reward_fn, "__self__", envs.policy)]
-    with variants(models)[switch]():
-        agent.learn(iterations=1)  # warm-up
-        seconds = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            agent.learn(iterations=1)
-            seconds.append(time.perf_counter() - start)
-    return {"variant": switch, "seconds_per_iteration": median(seconds), "iterations": iterations}
+    return ReinforceAgent(envs, load_config(ReinforceConfig, ROOT / "configs" / "agents" / "reinforce.yaml"))
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Each variant trains its own agent (same seed); the variants take turns, one iteration each per round,
+    so that a change in the machine's load falls on all of them alike."""
     policy, reward_model = pipeline_outputs()
-    iterations = 2 if quick else 8
-    rows = [time_variant(name, policy, reward_model, iterations, device) for name in variants([])]
+    rounds = 2 if quick else 8
+    names = list(variants([]))
+    agents = {name: make_agent(policy, reward_model, device) for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + 1):  # round 0 warms every agent up and is not counted
+        for name, agent in agents.items():
+            envs = agent.envs
+            models = [
+                envs.policy,
+                envs.core.reference,
+                getattr(envs.core.judge.reward_fn, "__self__", envs.policy),
+            ]
+            with variants(models)[name]():
+                start = time.perf_counter()
+                agent.learn(iterations=1)
+                if round_:
+                    seconds[name].append(time.perf_counter() - start)
+    rows = [{"variant": n, "seconds_per_iteration": median(seconds[n]), "iterations": rounds} for n in names]
     base = rows[0]["seconds_per_iteration"]
     for row in rows:
         row["slowdown"] = row["seconds_per_iteration"] / base

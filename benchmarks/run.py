@@ -27,6 +27,8 @@ import torch
 
 from benchmarks.common import OUT, describe, machine_info, pipeline_outputs
 
+TRL_PROMPTS = (16, 64)  # prompts per batch in the trl section, k = 4 samples each
+TRL_BUDGET_S = 45.0  # training seconds per side and scale
 SECTIONS = ("rollout", "fixes", "scaling", "trl", "sb3")
 
 
@@ -53,12 +55,17 @@ def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], st
         from benchmarks import trl_compare
 
         pipeline_outputs()
-        threads = torch.get_num_threads()
-        try:
-            result = trl_compare.run(quick=quick)  # both sides on trl_compare's own thread count
+        threads, results, texts = torch.get_num_threads(), {}, []
+        try:  # our default batch (16 prompts x 4) and the reference scale (64 prompts x 4)
+            for prompts in TRL_PROMPTS[:1] if quick else TRL_PROMPTS:
+                result = trl_compare.run(
+                    quick=quick, budget_s=None if quick else TRL_BUDGET_S, prompts_per_batch=prompts
+                )
+                results[f"{prompts}x4"] = result
+                texts.append(trl_compare.markdown(result))
         finally:
-            torch.set_num_threads(threads)
-        return result, trl_compare.markdown(result)
+            torch.set_num_threads(threads)  # both sides ran on trl_compare's own thread count
+        return results, "\n\n".join(texts)
     if name == "sb3":
         from benchmarks import sb3_speed
 

@@ -109,8 +109,14 @@ class Settings:
         return self.prompts_per_batch * self.k
 
 
-def settings(quick: bool = False, budget_s: float | None = None) -> Settings:
-    """The shared settings: our REINFORCE/RLOO agent's config and the env's defaults; a budget per side."""
+def settings(
+    quick: bool = False, budget_s: float | None = None, prompts_per_batch: int | None = None
+) -> Settings:
+    """The shared settings: our REINFORCE/RLOO agent's config and the env's defaults; a budget per side.
+
+    `prompts_per_batch` (default: the env's 64 rows / k = 16) sets the scale, e.g. 64 for the issue's
+    "64 prompts x 4 samples" reference point; both sides always get the same.
+    """
     from agents.reinforce import ReinforceConfig
     from rlhf_gym.config import load_config
     from text_env.config import EnvConfig
@@ -124,7 +130,7 @@ def settings(quick: bool = False, budget_s: float | None = None) -> Settings:
     return Settings(
         policy=str(RUN_DIR / "sft"),
         reward_model=str(RUN_DIR / "reward_model"),
-        prompts_per_batch=env.num_envs // ours.k,
+        prompts_per_batch=prompts_per_batch or env.num_envs // ours.k,
         k=ours.k,
         max_new_tokens=env.max_new_tokens,
         temperature=1.0,  # text_env.rollout's default, what the agent samples with
@@ -362,19 +368,22 @@ def _summary(raw: dict[str, Any], s: Settings) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
-    """The whole comparison; returns a JSON-serialisable dict (see `markdown`) and writes trl_compare.json."""
+def run(
+    quick: bool = False, budget_s: float | None = None, prompts_per_batch: int | None = None
+) -> dict[str, Any]:
+    """The whole comparison; returns a JSON-serialisable dict (see `markdown`) and writes
+    trl_compare_<batch>.json."""
     import platform
 
     import torch
 
-    s = settings(quick, budget_s)
+    s = settings(quick, budget_s, prompts_per_batch)
     torch.set_num_threads(s.threads)
     pipeline_outputs()  # on a fresh clone, trains pi_ref and the reward model first
     start = time.perf_counter()
     python = setup_trl_venv()
     setup_seconds = time.perf_counter() - start
-    out = OUT / "trl_compare"
+    out = OUT / f"trl_compare_{s.batch}"
     sides: dict[str, dict[str, Any]] = {}
     print(f"[trl_compare] ours: REINFORCE/RLOO for {s.budget_s:g} s", flush=True)
     sides["ours"] = _summary(run_ours(s, out / "ours"), s)
@@ -406,8 +415,8 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict[str, Any]:
         "notes": NOTES,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "trl_compare.json").write_text(json.dumps(result, indent=2, default=float))
-    (OUT / "trl_compare.md").write_text(markdown(result))
+    (OUT / f"trl_compare_{s.batch}.json").write_text(json.dumps(result, indent=2, default=float))
+    (OUT / f"trl_compare_{s.batch}.md").write_text(markdown(result))
     return result
 
 
@@ -455,12 +464,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (8 s each, 64 eval episodes)")
     parser.add_argument("--budget", type=float, default=None, help="training seconds per side (default 60)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per batch (default 16; x k = 4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result = run(quick=args.quick, budget_s=args.budget)
+    result = run(quick=args.quick, budget_s=args.budget, prompts_per_batch=args.prompts)
     print(f"machine: {result['machine']}")
     print(markdown(result))
-    print(f"written: {OUT / 'trl_compare.json'}")
+    batch = result["settings"]["batch"]
+    print(f"written: {OUT / f'trl_compare_{batch}.json'}")
     return result
 
 
