@@ -62,6 +62,7 @@ def _side(s_per_iter: float, gold: float, trainer: str = "X") -> dict:
         "trainer": trainer,
         "s_per_iter": s_per_iter,
         "cpu_s_per_iter": s_per_iter * 0.9,
+        "early_s_per_iter": s_per_iter * 0.8,
         "iterations": int(60 / s_per_iter),
         "breakdown": {"rollout_s": 0.1},
         "eval": {"gold_score": gold, "rm_score": 0.5, "kl": 1.0, "length": 9.0},
@@ -80,10 +81,16 @@ def test_markdown_table_from_a_result_dict():
     text = markdown(result)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 5  # header, pi_ref, ours, RLOO, GRPO
-    assert "| pi_ref (start) | - | - | - | - | 0.030 |" in text
-    assert "| TRL RLOOTrainer | 1.000 | 2.00x | 0.900 | 60 | 0.125 |" in text
-    assert "| TRL GRPOTrainer | 0.750 | 1.50x |" in text
+    assert "| pi_ref (start) | - | - | - | - | - | 0.030 |" in text
+    assert "| TRL RLOOTrainer | 0.800 | 2.00x | 1.000 | 2.00x | 60 | 0.125 |" in text
+    assert "| TRL GRPOTrainer | 0.600 | 1.50x | 0.750 | 1.50x |" in text
     assert "TRL 1.16.0" in text and "64 sequences" in text
+
+
+def test_early_iterations_skip_the_warm_up_and_stop_at_twenty():
+    seconds = [9.0, 9.0, 9.0] + [1.0] * 20 + [5.0] * 30  # warm-up, 20 early iterations, slower later ones
+    assert trl_compare.early_s_per_iter(seconds, warmup=3) == 1.0
+    assert _median_after_warmup(seconds, 3) == 5.0
 
 
 def test_pipeline_until_rejects_unknown_stages():
@@ -96,7 +103,7 @@ def test_quick_comparison_end_to_end(tmp_path, monkeypatch):
     """Builds the TRL venv from PyPI (once), trains every side a few seconds and evaluates them."""
     monkeypatch.setattr(trl_compare, "OUT", tmp_path)  # keep the real benchmark's JSON; the venv is shared
     result = trl_compare.run(quick=True)
-    assert (tmp_path / "trl_compare.json").is_file()
+    assert (tmp_path / "trl_compare_64.json").is_file()
     for key in ("ours", "trl_rloo", "trl_grpo"):
         assert result[key]["iterations"] >= 1 and result[key]["s_per_iter"] > 0
         assert math.isfinite(result[key]["eval"]["gold_score"])
