@@ -237,6 +237,20 @@ def _timed(fn: Any, parts: dict[str, float], key: str) -> Any:
     return wrapper
 
 
+def shared_envs(s: Settings) -> Any:
+    """The vector env both our training and every evaluation use: pi_ref, the reward model, beta, N, B."""
+    from text_env.config import EnvConfig
+
+    cfg = EnvConfig(
+        model=s.policy,
+        reward_model=s.reward_model,
+        beta=s.beta,
+        max_new_tokens=s.max_new_tokens,
+        num_envs=s.batch,
+    )
+    return cfg.make()
+
+
 def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     """Train our REINFORCE/RLOO agent for the budget, timing each iteration and its parts; save the policy.
 
@@ -249,18 +263,10 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     import text_env
     from agents.reinforce import ReinforceAgent, ReinforceConfig
     from rlhf_gym.config import load_config
-    from text_env.config import EnvConfig
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    env_cfg = EnvConfig(
-        model=s.policy,
-        reward_model=s.reward_model,
-        beta=s.beta,
-        max_new_tokens=s.max_new_tokens,
-        num_envs=s.batch,
-    )
-    envs = env_cfg.make()
+    envs = shared_envs(s)
     agent = ReinforceAgent(envs, load_config(ReinforceConfig, REINFORCE_YAML))
     parts: dict[str, float] = {}
     envs.core.score_rows = _timed(envs.core.score_rows, parts, "scoring_s")
@@ -331,16 +337,9 @@ def evaluate_saved(s: Settings, policy_dirs: dict[str, Path]) -> dict[str, dict[
     from transformers import AutoModelForCausalLM
 
     from agents.base import evaluate_policy
-    from text_env.config import EnvConfig
 
     torch.set_num_threads(s.threads)
-    envs = EnvConfig(
-        model=s.policy,
-        reward_model=s.reward_model,
-        beta=s.beta,
-        max_new_tokens=s.max_new_tokens,
-        num_envs=s.batch,
-    ).make()
+    envs = shared_envs(s)
     results = {}
     for name, path in policy_dirs.items():
         envs.set_policy(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
