@@ -165,3 +165,35 @@ def test_env_min_new_tokens_fixes_the_length_and_is_checked(core):
     assert batch.lengths.tolist() == [12.0] * 6
     with pytest.raises(ValueError, match=r"min_new_tokens must be an int in \[0, max_new_tokens=8\]"):
         EnvCore(reference=core.reference, tokenizer=core.tokenizer, max_new_tokens=8, min_new_tokens=9)
+
+
+def test_deferred_scoring_pays_later_exactly_what_the_terminal_step_would_have(core):
+    """`defer_scoring=True` ends rows with reward 0 and no info; `score_pending` then pays each row the reward
+    the terminal step pays without deferral, in the same info layout, and nothing is left pending."""
+    envs = text_env.TextGenVectorEnv(num_envs=6, core=core)
+    batch = text_env.rollout(envs, seed=4, generator=torch.Generator().manual_seed(4))
+    tokens = batch.response_ids.numpy()
+
+    def replay(defer: bool) -> tuple[np.ndarray, dict]:
+        envs.reset(options={"prompt_indices": batch.prompt_indices})
+        paid, infos = np.zeros(6, dtype=np.float32), {}
+        for t in range(tokens.shape[1]):
+            if envs.all_done:
+                break
+            _, reward, terminated, _, info = envs.step(tokens[:, t], defer_scoring=defer)
+            if defer:
+                assert not info and not reward.any(), "a deferred row is paid nothing on its terminal step"
+            paid += reward
+            for key in info:
+                infos.setdefault(key, []).append(info[key])
+        return paid, infos
+
+    paid_now, _ = replay(defer=False)
+    _, nothing = replay(defer=True)
+    assert not nothing and envs.pending.all()
+    later, info = envs.score_pending()
+    np.testing.assert_allclose(later, paid_now, atol=1e-5)
+    assert info["_rm_score"].all() and list(info["response"]) == batch.responses
+    assert not envs.pending.any() and envs.score_pending()[1] == {}, "scored once, then nothing is pending"
+    envs.reset()
+    assert not envs.pending.any()
