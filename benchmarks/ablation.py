@@ -27,6 +27,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from statistics import median
 from typing import Any
 from unittest import mock
 
@@ -35,7 +36,7 @@ from torch import nn
 
 import text_env.sampler
 import text_env.scoring
-from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, median, pipeline_outputs
+from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, pipeline_outputs
 
 
 @contextlib.contextmanager

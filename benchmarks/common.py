@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,21 +124,18 @@ class ForwardTimer:
         return sum(self.seconds.values())
 
 
-@contextmanager
-def timed() -> Iterator[list[float]]:
-    """`with timed() as t: ...` then `t[0]` is the elapsed seconds."""
-    box: list[float] = []
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - start)
+def timed_calls(fn: Callable[..., Any], totals: dict[str, float], key: str) -> Callable[..., Any]:
+    """`fn`, adding the wall time of each call to `totals[key]`; patch it in where a call is to be timed
+    (e.g. `mock.patch.object(text_env, "rollout", timed_calls(text_env.rollout, totals, "rollout"))`)."""
 
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
-def median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    return wrapper
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -18,14 +18,16 @@ All sides use pi_ref and the learned reward model of the default pipeline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any
+from unittest import mock
 
 import torch
 
 import text_env
-from benchmarks.common import OUT, ForwardTimer, describe, machine_info, markdown_table, sync
+from benchmarks.common import OUT, ForwardTimer, describe, machine_info, markdown_table, sync, timed_calls
 from text_env.core import EnvCore
 from text_env.scoring import position_ids_from_mask
 
@@ -64,20 +66,14 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
     reward_model = getattr(core.judge.reward_fn, "__self__", None)  # a bound RewardModel.score
     if isinstance(reward_model, torch.nn.Module):
         models["reward_model"] = reward_model
-    gold = {"seconds": 0.0}
-    gold_fn = core.judge.gold_fn
-    if gold_fn is not None and gold_fn is not core.judge.reward_fn:
-
-        def timed_gold(prompts: list[str], responses: list[str]) -> Any:
-            start = time.perf_counter()
-            try:
-                return gold_fn(prompts, responses)
-            finally:
-                gold["seconds"] += time.perf_counter() - start
-
-        core.judge.gold_fn = timed_gold
+    gold_fn, parts = core.judge.gold_fn, {"gold": 0.0}
+    time_gold = (  # not when the gold reward is the reward model: the judge then scores once
+        mock.patch.object(core.judge, "gold_fn", timed_calls(gold_fn, parts, "gold"))
+        if gold_fn is not None and gold_fn is not core.judge.reward_fn
+        else contextlib.nullcontext()
+    )
     tokens, rollouts = 0, 0
-    with ForwardTimer(models) as timer:
+    with time_gold, ForwardTimer(models) as timer:
         sync(device)
         start = time.perf_counter()
         while rollouts < 2 or time.perf_counter() - start < min_seconds:
@@ -85,7 +81,6 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
             rollouts += 1
         sync(device)
         seconds = time.perf_counter() - start
-    core.judge.gold_fn = gold_fn
     return {
         "batch": batch,
         "tokens": tokens,
@@ -94,7 +89,7 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
         "tokens_per_s": tokens / seconds,
         "forward_seconds": dict(timer.seconds),
         "bookkeeping_share": 1.0 - timer.total / seconds,
-        "gold_share": gold["seconds"] / seconds,  # the task's gold reward (VADER), logged every batch
+        "gold_share": parts["gold"] / seconds,  # the task's gold reward (VADER), logged every batch
     }
 
 

@@ -20,13 +20,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
+from unittest import mock
 
 import torch
 
 import text_env
 from agents.registry import make_agent
-from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, median
+from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, timed_calls
 from text_env.core import EnvCore
 from text_env.models import TinyConfig, tiny_gpt2
 
@@ -51,42 +53,22 @@ def long_context_core(new_tokens: int, device: str, context: int = 512) -> EnvCo
     )
 
 
-class RolloutClock:
-    """Times `text_env.rollout` inside an agent's `learn` (the rest of an iteration is the update)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._original = text_env.rollout
-
-    def __enter__(self) -> RolloutClock:
-        def timed_rollout(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return self._original(*args, **kwargs)
-            finally:
-                self.seconds.append(time.perf_counter() - start)
-
-        text_env.rollout = timed_rollout
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        text_env.rollout = self._original
-
-
 def time_iterations(agent_name: str, batch: int, new_tokens: int, iterations: int, device: str) -> dict:
     """Median seconds per iteration (after one warm-up) and its rollout share, for one (B, N) point."""
     envs = text_env.TextGenVectorEnv(num_envs=batch, core=long_context_core(new_tokens, device))
     config = str(ROOT / "configs" / "agents" / f"{agent_name}.yaml")
     agent = make_agent(agent_name, envs, config)
     agent.learn(iterations=1)  # warm-up
-    totals = []
-    with RolloutClock() as clock:
+    totals, rollouts, parts = [], [], {}
+    with mock.patch.object(text_env, "rollout", timed_calls(text_env.rollout, parts, "rollout")):
         for _ in range(iterations):
+            parts.clear()
             start = time.perf_counter()
-            agent.learn(iterations=1)
+            agent.learn(iterations=1)  # one rollout, then the update
             totals.append(time.perf_counter() - start)
+            rollouts.append(parts["rollout"])
     seconds = median(totals)
-    rollout = median(clock.seconds)
+    rollout = median(rollouts)
     return {
         "agent": agent_name,
         "batch": batch,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from benchmarks.common import OUT, ROOT, RUN_DIR, pipeline_outputs
+from benchmarks.common import OUT, ROOT, RUN_DIR, pipeline_outputs, timed_calls
 
 VENV = OUT / "venv-trl"
 REINFORCE_YAML = ROOT / "configs" / "agents" / "reinforce.yaml"
@@ -226,17 +226,6 @@ def _median_after_warmup(values: list[float], warmup: int) -> float:
     return float(statistics.median(kept)) if kept else float("nan")
 
 
-def _timed(fn: Any, parts: dict[str, float], key: str) -> Any:
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
-
-    return wrapper
-
-
 def shared_envs(s: Settings) -> Any:
     """The vector env both our training and every evaluation use: pi_ref, the reward model, beta, N, B."""
     from text_env.config import EnvConfig
@@ -269,9 +258,9 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
     envs = shared_envs(s)
     agent = ReinforceAgent(envs, load_config(ReinforceConfig, REINFORCE_YAML))
     parts: dict[str, float] = {}
-    envs.core.score_rows = _timed(envs.core.score_rows, parts, "scoring_s")
+    envs.core.score_rows = timed_calls(envs.core.score_rows, parts, "scoring_s")
     if envs.core.judge.gold_fn is not None:
-        envs.core.judge.gold_fn = _timed(envs.core.judge.gold_fn, parts, "gold_logging_s")
+        envs.core.judge.gold_fn = timed_calls(envs.core.judge.gold_fn, parts, "gold_logging_s")
     steps: list[dict[str, float]] = []
     last, last_cpu = 0.0, time.process_time()
 
@@ -295,7 +284,7 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
         last_cpu = cpu
         return metrics["wall_time"] < s.budget_s
 
-    with mock.patch.object(text_env, "rollout", _timed(text_env.rollout, parts, "rollout_s")):
+    with mock.patch.object(text_env, "rollout", timed_calls(text_env.rollout, parts, "rollout_s")):
         agent.learn(iterations=1_000_000, callback=record)
     agent.save(out_dir / "policy")
     return {"trainer": "ReinforceAgent (rloo)", "train_seconds": last, "steps": steps}

@@ -14,7 +14,7 @@ import torch
 
 import text_env
 from benchmarks import rollout, scaling
-from benchmarks.common import ForwardTimer, markdown_table, median
+from benchmarks.common import ForwardTimer, markdown_table, timed_calls
 from benchmarks.run import SECTIONS, add_arguments
 
 
@@ -75,7 +75,12 @@ def test_rollout_tables_show_every_batch_and_ratio():
 
 
 def test_common_helpers():
-    assert median([3.0, 1.0, 2.0]) == 2.0 and median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    totals: dict[str, float] = {}
+    double = timed_calls(lambda x: 2 * x, totals, "f")
+    assert double(3) == 6 and double(4) == 8 and totals["f"] > 0
+    with pytest.raises(ZeroDivisionError):
+        timed_calls(lambda: 1 / 0, totals, "boom")()
+    assert "boom" in totals, "a call that raises is timed too"
     assert markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | ---: |", "| 1 | 2 |"]
 
 
