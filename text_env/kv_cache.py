@@ -22,6 +22,17 @@ except ImportError:  # pragma: no cover - older transformers: the sampler keeps 
     DynamicCache = DynamicLayer = None
 
 
+def _with_room(buffer: torch.Tensor | None, states: torch.Tensor, size: int) -> torch.Tensor:
+    """`buffer` (B, H, positions, D) with room for `size` positions: allocated on first use, doubled when a
+    rollout runs longer than planned (as a list grows)."""
+    if buffer is None:
+        return states.new_empty((*states.shape[:2], size, states.shape[3]))
+    if size <= buffer.shape[2]:
+        return buffer
+    extra = max(size, 2 * buffer.shape[2]) - buffer.shape[2]
+    return torch.cat([buffer, buffer.new_empty((*buffer.shape[:2], extra, buffer.shape[3]))], dim=2)
+
+
 class PreallocatedLayer(DynamicLayer or object):  # type: ignore[misc]
     """One layer's keys and values in buffers of `capacity` positions (grown by doubling if exceeded)."""
 
@@ -35,23 +46,9 @@ class PreallocatedLayer(DynamicLayer or object):  # type: ignore[misc]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._keys is None:
             self.is_initialized, self.device = True, key_states.device
-            self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]))
-            self._values = value_states.new_empty(
-                (*value_states.shape[:2], self.capacity, value_states.shape[3])
-            )
         end = self.length + key_states.shape[-2]
-        if end > self._keys.shape[2]:  # longer than planned: double, as a list would
-            grow = max(end, 2 * self._keys.shape[2]) - self._keys.shape[2]
-            self._keys = torch.cat(
-                [self._keys, self._keys.new_empty((*self._keys.shape[:2], grow, self._keys.shape[3]))], 2
-            )
-            self._values = torch.cat(
-                [
-                    self._values,
-                    self._values.new_empty((*self._values.shape[:2], grow, self._values.shape[3])),
-                ],
-                2,
-            )
+        self._keys = _with_room(self._keys, key_states, max(end, self.capacity))
+        self._values = _with_room(self._values, value_states, max(end, self.capacity))
         self._keys[:, :, self.length : end] = key_states
         self._values[:, :, self.length : end] = value_states
         self.length = end
