@@ -96,3 +96,27 @@ def test_formula_is_documented():
     for term in ("VADER", "compound", "-0.5", "bigram", "sentiment + grammar + repetition"):
         assert term in GOLD_FORMULA
     assert "sentiment + grammar + repetition" in gold_reward.__doc__
+
+
+def test_windowed_vader_scores_exactly_as_vader():
+    """`WindowedVader` hands VADER's per-word checks a 6-word window instead of the whole text: the scores
+    must not change, on texts dense in negations, boosters, idioms, "but", "least" and capitals."""
+    from vaderSentiment.vaderSentiment import BOOSTER_DICT, NEGATE, SPECIAL_CASES
+
+    from text_env.tasks.reviews.gold import WindowedVader
+    from text_env.tasks.reviews.language import vocabulary
+
+    stock, windowed = SentimentIntensityAnalyzer(), WindowedVader()
+    idioms = [w for phrase in SPECIAL_CASES for w in phrase.split()]
+    words = (
+        vocabulary() + sorted(NEGATE) + sorted(BOOSTER_DICT) + idioms
+        + ["but", "BUT", "least", "at", "very", "no", "nor", "or", "never", "so", "this", "without", "doubt",
+           "kind", "of", "GREAT", "Terrible", "!", "?", ":)", "good", "bad", "not"]
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=n)) for n in [1, 2, 3, 4, 5, 6, 7, 10, 20, 60, 150, 300] * 40]
+    for phrase in [*SPECIAL_CASES, *(b for b in BOOSTER_DICT if " " in b)]:  # each idiom: start, middle, end
+        before, after = " ".join(rng.choice(words, size=4)), " ".join(rng.choice(words, size=4))
+        texts += [f"{phrase} {after}", f"{before} {phrase} {after}", f"not {phrase}", f"{before} {phrase}"]
+    for text in texts:
+        assert windowed.polarity_scores(text) == stock.polarity_scores(text), text

@@ -19,6 +19,7 @@ from text_env.tasks.reviews.language import is_review, is_review_prefix
 
 __all__ = [
     "GOLD_FORMULA",
+    "WindowedVader",
     "gold_components",
     "gold_reward",
     "grammar_penalty",
@@ -38,10 +39,34 @@ GOLD_FORMULA = (
 """One-paragraph statement of the gold reward, for the README and run logs."""
 
 
+class WindowedVader(SentimentIntensityAnalyzer):
+    """VADER with the same scores in time linear in the text's length, not quadratic.
+
+    For every sentiment word, vaderSentiment 3.3.2's `_negation_check` and `_special_idioms_check` lowercase
+    the text's *whole* word list, yet read only the three words before it and the two after. On a 256-token
+    response that quadratic copying was ~10% of a training iteration. Handing each check the window it reads
+    (`words[i - 3 : i + 3]`, index shifted) gives identical results: every read stays inside the window, the
+    callers only pass `i` large enough for the reads behind it, and the checks' own bounds tests
+    (`len - 1 > i`, `len - 1 > i + 1`) come out the same. `tests/test_gold_reward.py` compares the two.
+    """
+
+    @staticmethod
+    def _negation_check(valence, words_and_emoticons, start_i, i):
+        low = max(0, i - 3)
+        window = words_and_emoticons[low : i + 3]
+        return SentimentIntensityAnalyzer._negation_check(valence, window, start_i, i - low)
+
+    @staticmethod
+    def _special_idioms_check(valence, words_and_emoticons, i):
+        low = max(0, i - 3)
+        window = words_and_emoticons[low : i + 3]
+        return SentimentIntensityAnalyzer._special_idioms_check(valence, window, i - low)
+
+
 @functools.cache
 def _analyzer() -> SentimentIntensityAnalyzer:
     """A module-level singleton: building the analyzer parses VADER's 7,500-word lexicon file."""
-    return SentimentIntensityAnalyzer()
+    return WindowedVader()
 
 
 @functools.lru_cache(maxsize=1 << 16)
