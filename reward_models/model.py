@@ -164,6 +164,7 @@ class RewardModel(nn.Module):
         self.reference = reference
         if reference is not None:
             reference.requires_grad_(False).eval()  # frozen: its surprisal is a fixed input feature
+            fuse_gelu(reference)  # as the body: a reloaded LM comes back with the unfused gelu_new
         if kind == "causal-lm-body":
             hidden = body.config.hidden_size
             extra = 0 if reference is None else len(LOGPROB_FEATURE_SCALE)

@@ -133,6 +133,10 @@ def test_head_reads_last_hidden_state_and_logprob_stats(tmp_path):
     loaded = load_reward_model(tmp_path / "rm")
     assert loaded.logprob_features
     assert torch.equal(loaded.raw_score(PROMPTS, RESPONSES), model.raw_score(PROMPTS, RESPONSES))
+    # The reloaded body and frozen LM (built from config: gelu_new) both run the fused GELU kernel.
+    from transformers.activations import NewGELUActivation
+
+    assert not any(isinstance(m, NewGELUActivation) for m in loaded.modules())
 
 
 def test_plain_head_without_logprob_features_round_trips(tmp_path):
