@@ -32,5 +32,7 @@ def test_preallocated_cache_matches_the_models_own_and_grows(core):
         assert cache.get_seq_length() == 9 and cache.layers[0]._keys.shape[2] >= 9
         torch.testing.assert_close(ours, own, atol=1e-5, rtol=0)
         rows = torch.tensor([2, 0])
-        dropped = decode(model, ids, preallocated_cache(model, capacity=16), select=rows)
+        cache = preallocated_cache(model, capacity=16)
+        dropped = decode(model, ids, cache, select=rows)  # rows dropped at 5 filled positions of 16
         torch.testing.assert_close(dropped, own[rows], atol=1e-5, rtol=0)
+        assert cache.layers[0]._keys.shape[:3] == (2, model.config.n_head, 16)  # capacity kept: no regrowth

@@ -63,8 +63,15 @@ class PreallocatedLayer(DynamicLayer or object):  # type: ignore[misc]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self._keys is not None:
-            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._keys, self._values = self._rows(self._keys, indices), self._rows(self._values, indices)
             self._expose()
+
+    def _rows(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The buffer's `indices` rows in a new buffer of the same capacity; only the filled positions are
+        copied (the sampler drops ended rows early, while most of the capacity is still empty)."""
+        out = buffer.new_empty((len(indices), *buffer.shape[1:]))
+        torch.index_select(buffer[:, :, : self.length], 0, indices, out=out[:, :, : self.length])
+        return out
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._keys is not None:
