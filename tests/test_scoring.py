@@ -56,7 +56,9 @@ def test_grouped_logprobs_and_gradients_equal_the_padded_forward(core, device_ov
     loss_grouped, grads_grouped = loss_and_grads(grouped)
     torch.testing.assert_close(loss_grouped, loss_full, atol=1e-4, rtol=1e-6)
     for a, b in zip(grads_grouped, grads_full, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # fp32 sums over ~200 tokens in another order: equal to ~1e-5 of the tensor's largest entry
+        # (a mis-grouped row would be off by O(1) of it)
+        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=1e-4)
 
 
 def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():

@@ -133,13 +133,25 @@ def test_a_rollout_survives_the_next_reset(core):
     assert torch.equal(batch.input_ids, before)
 
 
-def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core):
+@pytest.mark.parametrize("prompts", [np.repeat([4, 0, 7, 4], 4), np.arange(16)], ids=["shared", "distinct"])
+def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core, prompts, monkeypatch):
     """k rows of one prompt share one prefill, and ended rows leave the batch: neither may change a log-prob."""
+    from text_env.kv_cache import PreallocatedLayer
+
+    monkeypatch.setattr(text_env.sampler, "COMPACT_MIN_ROWS", 1)  # drop rows as soon as a quarter ended
+    selects = []
+    select = PreallocatedLayer.batch_select_indices
+    monkeypatch.setattr(
+        PreallocatedLayer, "batch_select_indices", lambda self, i: selects.append(len(i)) or select(self, i)
+    )
     envs = text_env.TextGenVectorEnv(num_envs=16, core=core)
-    prompts = np.repeat(np.array([4, 0, 7, 4]), 4)  # a prompt twice, in two groups
     batch = text_env.rollout(envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2))
     lengths = batch.lengths
     assert lengths.min() < lengths.max(), "rows must end at different steps for rows to be dropped"
+    layers = core.reference.config.n_layer
+    prefill_selects = layers if len(set(prompts.tolist())) <= 8 else 0  # the k copies of a shared prefill
+    assert selects[:prefill_selects] == [16] * prefill_selects
+    assert len(selects) >= prefill_selects + 2 * layers and min(selects) < 16, "rows were dropped twice"
     forced = response_logprobs(envs.policy, batch.input_ids, batch.attention_mask, batch.response_start)
     mask = batch.response_mask
     torch.testing.assert_close(batch.logprobs * mask, forced * mask, atol=2e-4, rtol=0)

@@ -63,6 +63,8 @@ def _cache_keyword(model: PreTrainedModel) -> str:
 
 
 COMPACT_BELOW = 0.75  # drop ended rows once at most this share of the batch is still generating
+COMPACT_MIN_ROWS = 8  # ... and at least this many ended: a step of a few rows costs about the same
+SHARE_PREFILL_BELOW = 0.5  # prefill each distinct prompt once if they are at most this share of the rows
 PREALLOCATE = True  # decode into a KV cache allocated once (text_env.kv_cache), not one grown by torch.cat
 
 
@@ -88,6 +90,9 @@ def _prefill(
         the sampler then keeps every row to the end).
     """
     _, first, inverse = np.unique(prompt_index, return_index=True, return_inverse=True)
+    shared = len(first) <= SHARE_PREFILL_BELOW * len(prompt_index)
+    if not shared:  # (nearly) all prompts distinct: copying the cache to the repeats would cost more
+        first = np.arange(len(prompt_index))
     ids = torch.as_tensor(obs["input_ids"][first, :p], device=device)
     mask = torch.as_tensor(obs["attention_mask"][first, :p], device=device)
     kwargs = dict(position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
@@ -96,7 +101,10 @@ def _prefill(
         input_ids=ids, attention_mask=mask, **kwargs, **({cache_kw: cache} if cache is not None else {})
     )
     cache = _cache_of(out, cache_kw)
-    if not hasattr(cache, "batch_select_indices"):  # no row surgery: prefill every row
+    can_select = hasattr(cache, "batch_select_indices")
+    if not shared:
+        return out, cache if can_select else None
+    if not can_select:  # no row surgery: prefill every row
         full_mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)
         ids = torch.as_tensor(obs["input_ids"][:, :p], device=device)
         kwargs["position_ids"] = position_ids_from_mask(full_mask)
@@ -197,7 +205,9 @@ def rollout(
         probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_probs
         tokens = sample_categorical(probs, generator)  # (b,)
         step_logprobs = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
-        step_entropy = torch.special.entr(policy_probs).sum(-1)  # (b,) -p log p, 0 where p = 0
+        # (b,) -sum p log p; -inf log-probs clamped so p = 0 gives 0 * finite (as `entropy_from_logits`),
+        # ~6x faster than torch.special.entr's where-based kernel
+        step_entropy = -(policy_probs * policy_logprobs.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)
         if finished is not None:
             tokens = tokens.masked_fill(finished, pad_id)
             step_logprobs = step_logprobs.masked_fill(finished, 0.0)
@@ -214,7 +224,8 @@ def rollout(
         real = torch.ones_like(mask[:, :1]) if finished is None else (~finished).long()[:, None]
         mask = torch.cat([mask, real], dim=1)  # (b, L + 1) the new token is real unless the row had ended
         live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
-        if cache is not None and live.sum() <= COMPACT_BELOW * len(rows):
+        ended_rows = len(rows) - int(live.sum())
+        if cache is not None and ended_rows >= max(COMPACT_MIN_ROWS, (1 - COMPACT_BELOW) * len(rows)):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
             keep = torch.as_tensor(np.flatnonzero(live), device=device)
             cache.batch_select_indices(keep)
