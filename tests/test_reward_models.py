@@ -149,6 +149,33 @@ def test_plain_head_without_logprob_features_round_trips(tmp_path):
     assert torch.equal(loaded.raw_score(PROMPTS, RESPONSES), model.raw_score(PROMPTS, RESPONSES))
 
 
+@pytest.mark.parametrize("variant", ["plain", "bos", "truncating"])
+def test_encode_tokenises_as_the_tokenizer_call(variant):
+    """`encode` may read the Rust backend directly; it must give `tokenizer(...)["input_ids"]` exactly,
+    with a BOS-adding post-processor (specials on prompts only) and with a backend that truncates."""
+    from tokenizers.processors import TemplateProcessing
+
+    model = build_reward_model(logprob_features=False)
+    tok = model.tokenizer
+    if variant == "bos":  # Llama-style: the prompt gets <unk> as a stand-in BOS, the response none
+        bos = tok.convert_tokens_to_ids("<unk>")
+        tok.backend_tokenizer.post_processor = TemplateProcessing(
+            single="<unk> $A", special_tokens=[("<unk>", bos)]
+        )
+    if variant == "truncating":
+        tok.backend_tokenizer.enable_truncation(max_length=2)  # the wrapper's call turns this off
+    expected_prompts = tok(PROMPTS)["input_ids"]
+    expected = [
+        p + r + [tok.eos_token_id]
+        for p, r in zip(expected_prompts, tok(RESPONSES, add_special_tokens=False)["input_ids"], strict=True)
+    ]
+    if variant == "truncating":
+        tok.backend_tokenizer.enable_truncation(max_length=2)
+    assert model.encode(PROMPTS, RESPONSES) == expected
+    if variant == "bos":
+        assert all(ids[0] == bos for ids in expected_prompts) and expected[0].count(bos) == 1
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_any_hf_causal_lm_takes_the_logprob_head(kind, tmp_path):
     tokenizer = build_tokenizer()
