@@ -12,7 +12,10 @@ the median per variant is reported. The fixes, and the switch that turns each of
 * **fused GELU**: GPT-2's eight-op `gelu_new` replaced by torch's one-kernel tanh GELU (off: swapped back);
 * **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off: multinomial);
 * **preallocated KV cache**: written in place (`text_env.kv_cache`; off: transformers' `DynamicCache`,
-  which copies the whole cache with `torch.cat` every step).
+  which copies the whole cache with `torch.cat` every step);
+* **shared reference forward**: the reward model's head reads pi_ref's log-prob statistics, which the
+  env's reference forward (for the KL) already computes (`Judge.shared_reward_model`; off: the reward
+  model re-tokenises the text and runs its own copy of pi_ref).
 
 Not switchable here, so not in the table: deferred scoring (one reference and reward-model forward per
 batch instead of one per finishing step) and the shared prefill of a prompt's k samples.
@@ -73,6 +76,9 @@ def variants(models: list[nn.Module]) -> dict[str, Any]:
         "unfused gelu_new": lambda: unfused_gelu(models),
         "torch.multinomial": lambda: mock.patch.object(text_env.sampler, "sample_categorical", _multinomial),
         "KV cache grown by torch.cat": lambda: mock.patch.object(text_env.sampler, "PREALLOCATE", False),
+        "reward model runs its own pi_ref": lambda: mock.patch.object(
+            text_env.scoring.Judge, "shared_reward_model", lambda self: None
+        ),
     }
 
 

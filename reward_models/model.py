@@ -6,12 +6,15 @@ that reads the hidden state of the **last real token**. An EOS is appended to ev
 is the same kind of position whatever the response ends with, as InstructGPT does.
 
 Optionally (`logprob_features=True`, the default task's default) the head also reads three statistics of
-the sequence's per-token log-probabilities under a **frozen copy of the pretrained LM** the body starts
-from: their mean, minimum and sum. The pretrained LM knows the language's grammar, so its surprisal is a
-strong fluency signal that fine-tuning on a few thousand noisy pairs does not recover on its own (issue 3:
-on held-out pairs that differ in grammar, accuracy rose from ~0.65 to ~0.8). It is still one linear head
-on a transformer, trained only on the pairs with the Bradley-Terry loss; the reference LM is an input
-feature extractor, never trained, and is saved with the model.
+the sequence's per-token log-probabilities under a **frozen causal LM**: their mean, minimum and sum. By
+default that LM is a copy of the one the body starts from; the pipeline passes pi_ref (`logprob_model`).
+An LM knows the language's grammar, so its surprisal is a strong fluency signal that fine-tuning on a few
+thousand noisy pairs does not recover on its own (issue 3: on held-out pairs that differ in grammar,
+accuracy rose from ~0.65 to ~0.8). It is still one linear head on a transformer, trained only on the pairs
+with the Bradley-Terry loss; the frozen LM is an input feature extractor, never trained, and is saved with
+the model. When it is pi_ref, the env's reference forward (which the KL needs anyway) gives the features
+too: `reads_logprobs_of` says so and `score_tokens` takes them, so scoring a batch costs one forward of
+pi_ref, not two (issue 6).
 
 Two ways to build one:
 
@@ -54,7 +57,7 @@ from transformers import (
 
 from rlhf_gym.io import atomic_dir, atomic_write, load_tensors, save_tensors
 from text_env.models import BUILTIN_MODELS, fuse_gelu, load_causal_lm, resolve_device
-from text_env.scoring import CALL_OVERHEAD_TOKENS, length_groups, position_ids_from_mask
+from text_env.scoring import CALL_OVERHEAD_TOKENS, length_groups, position_ids_from_mask, token_logprobs
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,6 +65,7 @@ __all__ = [
     "RewardModel",
     "build_reward_model",
     "load_reward_model",
+    "logprob_stats",
     "sequence_logprob_stats",
 ]
 
@@ -75,30 +79,26 @@ LOGPROB_FEATURE_SCALE = (1.0, 0.2, 0.1)
 on the default task the mean is about -2, the minimum about -6 and the sum about -30 nats."""
 
 
-def sequence_logprob_stats(
-    reference: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """(B, 3) scaled (mean, min, sum) of `log p(token_t | tokens_<t)` under `reference`, over real tokens.
+def logprob_stats(token_logprobs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 3) scaled (mean, min, sum) of (B, T-1) `token_logprobs` over the real-after-real positions.
 
     Every real token but the first is scored (the prompt's too: it is the same on both sides of a pair, and
     the prompt/response boundary then need not be passed around); the appended EOS is scored as well, so a
-    response that stops mid-sentence is surprising. No gradients: `reference` is frozen.
+    response that stops mid-sentence is surprising.
     """
-    with torch.no_grad():
-        logits = reference(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).logits[:, :-1]  # (B, T-1, V): position t predicts token t + 1
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        scored = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1) real -> real
-        total = (logprobs * scored).sum(-1)  # (B,)
-        count = scored.sum(-1).clamp(min=1)
-        lowest = logprobs.masked_fill(~scored, 0.0).min(-1).values  # 0 for a one-token sequence
-        stats = torch.stack([total / count, lowest, total], dim=-1)  # (B, 3)
-        return stats * stats.new_tensor(LOGPROB_FEATURE_SCALE)
+    scored = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # (B, T-1) real -> real
+    total = (token_logprobs * scored).sum(-1)  # (B,)
+    count = scored.sum(-1).clamp(min=1)
+    lowest = token_logprobs.masked_fill(~scored, 0.0).min(-1).values  # 0 for a one-token sequence
+    stats = torch.stack([total / count, lowest, total], dim=-1)  # (B, 3)
+    return stats * stats.new_tensor(LOGPROB_FEATURE_SCALE)
+
+
+def sequence_logprob_stats(
+    reference: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, 3) `logprob_stats` of each sequence under `reference` (frozen: no gradients)."""
+    return logprob_stats(token_logprobs(reference, input_ids, attention_mask), attention_mask)
 
 
 def _context_length(config: Any) -> int | None:
@@ -201,17 +201,26 @@ class RewardModel(nn.Module):
         name: str | os.PathLike | None = None,
         *,
         logprob_features: bool = False,
+        logprob_model: str | os.PathLike | None = None,
         device: str | torch.device | None = "cpu",
     ) -> RewardModel:
         """The body of a causal LM plus a fresh scalar head (InstructGPT initialises the RM from the SFT model).
 
         Args:
             name: None/"tiny-reviews" for the default task's GPT-2, or a causal LM directory or hub id.
-            logprob_features: keep a frozen copy of the whole LM and let the head read its log-prob
-                statistics of each sequence as well (see the module docstring).
+            logprob_features: keep a frozen causal LM and let the head read its log-prob statistics of
+                each sequence as well (see the module docstring).
+            logprob_model: that frozen LM (same tokenizer): default a copy of `name`'s. The pipeline passes
+                pi_ref, so the env's reference forward gives the features too (`reads_logprobs_of`).
         """
         lm, tokenizer = load_causal_lm(name, device=device)
-        reference = copy.deepcopy(lm) if logprob_features else None
+        reference = None
+        if logprob_features:
+            reference = (
+                copy.deepcopy(lm)
+                if logprob_model is None
+                else load_causal_lm(logprob_model, device=device)[0]
+            )
         body = (
             lm.base_model
         )  # GPT2LMHeadModel.transformer, LlamaForCausalLM.model, ...: the LM minus its head
@@ -265,12 +274,16 @@ class RewardModel(nn.Module):
             attention_mask[row, : len(ids)] = 1
         return torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stats: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Raw (unnormalised) rewards, (B,), with gradients: what Bradley-Terry training optimises.
 
         Args:
             input_ids: (B, T) prompt + response + EOS, padded on either side.
             attention_mask: (B, T) 1 on real tokens.
+            stats: (B, 3) the frozen LM's `logprob_stats` of these sequences when the caller has them
+                (`score_tokens`); by default the frozen LM is run here.
         """
         if self.kind == "sequence-classifier":
             return self.body(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
@@ -284,7 +297,9 @@ class RewardModel(nn.Module):
         last = (attention_mask.long() * columns).argmax(-1)  # (B,) the rightmost real token: the EOS
         features = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
         if self.reference is not None:
-            extra = sequence_logprob_stats(self.reference, input_ids, attention_mask)  # (B, 3)
+            if stats is None:
+                stats = sequence_logprob_stats(self.reference, input_ids, attention_mask)
+            extra = stats  # (B, 3)
             features = torch.cat([features, extra.to(features.dtype)], dim=-1)  # (B, H + 3)
         return self.head(features).squeeze(-1).float()  # (B,)
 
@@ -310,6 +325,49 @@ class RewardModel(nn.Module):
         finally:
             self.train(was_training)
         return rewards
+
+    def reads_logprobs_of(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+        """Whether the frozen LM is `model` (the same weights) under the same vocabulary and EOS.
+
+        Then a caller that runs `model` over the sequences anyway (the env's reference forward, for the KL)
+        can hand its token log-probs to `score_tokens`, and one forward serves both.
+        """
+        if self.reference is None or self.kind != "causal-lm-body":
+            return False
+        if (
+            tokenizer.eos_token_id != self.tokenizer.eos_token_id
+            or tokenizer.get_vocab() != self.tokenizer.get_vocab()
+        ):
+            return False
+        mine, theirs = self.reference.state_dict(), model.state_dict()
+        return mine.keys() == theirs.keys() and all(
+            mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k].to(mine[k].device))
+            for k in mine
+        )
+
+    @torch.no_grad()
+    def score_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_logprobs: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised rewards, (B,), of sequences tokenised as `encode` does, with the frozen LM's log-probs.
+
+        Args:
+            input_ids: (B, T) prompt + response + EOS, padded on either side (the env's layout works).
+            attention_mask: (B, T) 1 on real tokens.
+            token_logprobs: (B, T-1) the frozen LM's `text_env.scoring.token_logprobs` of these sequences,
+                from a forward the caller ran anyway (`reads_logprobs_of` says when that is this model's).
+        """
+        if self.reference is None:
+            raise ValueError("score_tokens needs log-prob features; this reward model has none: use score()")
+        if int(attention_mask.sum(-1).max()) > self.max_length:
+            raise ValueError(f"sequences longer than the reward model's max_length {self.max_length}")
+        was_training = self.training
+        self.eval()
+        try:
+            raw = self(input_ids, attention_mask, logprob_stats(token_logprobs, attention_mask))
+        finally:
+            self.train(was_training)
+        return (raw - self.shift) / self.scale
 
     def raw_score(
         self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 256
@@ -366,6 +424,8 @@ class RewardModel(nn.Module):
                 self.body.save_pretrained(tmp, safe_serialization=True)  # a plain HF model directory too
             else:
                 self.body.config.save_pretrained(tmp)
+                if self.reference is not None:  # the frozen LM may be another model than the body's
+                    self.reference.config.save_pretrained(tmp / "logprob_model")
                 save_tensors(self.state_dict(), tmp / "model.safetensors", metadata={"kind": self.kind})
             self.tokenizer.save_pretrained(tmp)
             atomic_write(tmp / "reward_model.json", json.dumps(meta, indent=2) + "\n")
@@ -419,7 +479,11 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device | None
     elif kind == "causal-lm-body":
         config = AutoConfig.from_pretrained(str(path))
         body = AutoModel.from_config(config)
-        reference = AutoModelForCausalLM.from_config(config) if meta.get("logprob_features") else None
+        reference = None
+        if meta.get("logprob_features"):  # older saves have no logprob_model/: the body's architecture
+            own = path / "logprob_model"
+            reference_config = AutoConfig.from_pretrained(str(own)) if own.is_dir() else config
+            reference = AutoModelForCausalLM.from_config(reference_config)
         model = RewardModel(body, tokenizer, reference=reference, **options)
         model.load_state_dict(load_tensors(path / "model.safetensors"), strict=True)
     else:
@@ -433,9 +497,10 @@ def build_reward_model(
     backbone: str | os.PathLike | None = None,
     *,
     logprob_features: bool | None = None,
+    logprob_model: str | os.PathLike | None = None,
     device: str | torch.device | None = "cpu",
 ) -> RewardModel:
-    """A fresh reward model to train.
+    """A fresh reward model to train (`logprob_model`: see `RewardModel.from_causal_lm_body`).
 
     Args:
         backbone: None/"tiny-reviews" is the default task's GPT-2 body with a scalar head; anything else is
@@ -448,7 +513,9 @@ def build_reward_model(
     """
     builtin = backbone is None or str(backbone) in BUILTIN_MODELS
     if logprob_features or (builtin and logprob_features is None):
-        return RewardModel.from_causal_lm_body(backbone, logprob_features=True, device=device)
+        return RewardModel.from_causal_lm_body(
+            backbone, logprob_features=True, logprob_model=logprob_model, device=device
+        )
     if builtin:
         return RewardModel.from_causal_lm_body(backbone, device=device)
     return RewardModel.from_pretrained_classifier(backbone, device=device)

@@ -60,6 +60,9 @@ class RewardTrainConfig:
     logprob_features: bool | None = (
         None  # head also reads the frozen LM's log-prob stats; None: on for tiny-reviews, off for HF ids
     )
+    logprob_model: str | None = (
+        None  # the frozen LM whose log-probs the head reads; None: the backbone's own; the pipeline: pi_ref
+    )
     lr: float = 1e-3  # peak AdamW learning rate: linear warm-up, then linear decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_fraction: float = 0.05  # share of all optimiser steps spent warming the learning rate up from 0
@@ -241,7 +244,12 @@ def train_reward_model(
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     if model is None:
-        model = build_reward_model(config.backbone, logprob_features=config.logprob_features, device=device)
+        model = build_reward_model(
+            config.backbone,
+            logprob_features=config.logprob_features,
+            logprob_model=config.logprob_model,
+            device=device,
+        )
 
     # Held-out split: a seeded shuffle; at least one pair on each side when there are two or more.
     order = rng.permutation(len(pairs))

@@ -121,6 +121,9 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
 
     # 4. Reward model (Bradley-Terry), normalised on pi_ref's samples.
     rm_cfg = dataclasses.replace(config.reward_model, pairs=str(pairs_path))
+    if rm_cfg.logprob_features is not False and rm_cfg.logprob_model is None:
+        # The head reads pi_ref's log-probs: the env's reference forward (for the KL) then gives them too.
+        rm_cfg = dataclasses.replace(rm_cfg, logprob_model=str(sft_dir))
     fp_rm = _fingerprint("reward_model", rm_cfg, fp_label)
     rm_dir = run_dir / "reward_model"
     if stages.fresh("reward_model", fp_rm, rm_dir):

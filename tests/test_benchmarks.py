@@ -116,5 +116,8 @@ def test_each_ablation_switch_turns_its_fix_off_and_back_on(core):
         assert has_unfused()
     with switches["torch.multinomial"]():
         assert text_env.sampler.sample_categorical.__name__ == "_multinomial"
+    with switches["reward model runs its own pi_ref"]():
+        assert text_env.scoring.Judge.shared_reward_model.__name__ == "<lambda>"
+    assert text_env.scoring.Judge.shared_reward_model.__name__ == "shared_reward_model"
     assert not has_unfused() and text_env.sampler.COMPACT_BELOW == 0.75
     assert len(text_env.scoring.length_groups(np.array([1, 30, 2]), 8, 48)) == 2

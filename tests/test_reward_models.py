@@ -481,3 +481,44 @@ def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(RewardTrainConfig, root / "train_rm.yaml") == RewardTrainConfig()
     assert load_config(LabelConfig, root / "label.yaml") == LabelConfig()
+
+
+def test_reward_model_reading_pi_refs_logprobs_shares_the_reference_forward(core, tmp_path):
+    """A reward model whose frozen LM is pi_ref scores from the env's reference forward (one forward less):
+    the same scores as its text path, cut-off rows included (EOS appended), its own frozen LM never run."""
+    from text_env.core import EnvCore
+    from text_env.scoring import response_logprobs
+
+    torch.manual_seed(0)
+    rm = build_reward_model(logprob_features=True)  # frozen LM: a copy of the tiny model, i.e. pi_ref here
+    rm.shift, rm.scale = 0.3, 1.7
+    rm.save(tmp_path / "rm")
+    rm = load_reward_model(tmp_path / "rm")  # reloaded: the frozen LM's weights still equal pi_ref's
+    env_core = EnvCore(reference=core.reference, tokenizer=core.tokenizer, reward_model=rm, max_new_tokens=6)
+    assert env_core.judge.shared_reward_model() is rm
+    calls = []
+    hook = rm.reference.register_forward_hook(lambda *_: calls.append(1))
+    envs = text_env.TextGenVectorEnv(num_envs=16, core=env_core)
+    batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert calls == [], "the reward model's own frozen LM ran: nothing was shared"
+    assert (batch.lengths == 6).any() and (batch.lengths < 6).any(), "want cut-off and ended rows"
+    torch.testing.assert_close(batch.rm_scores, rm.score(batch.prompts, batch.responses), atol=1e-4, rtol=0)
+    forced = response_logprobs(core.reference, batch.input_ids, batch.attention_mask, batch.response_start)
+    mask = batch.response_mask
+    torch.testing.assert_close(batch.ref_logprobs * mask, forced * mask, atol=1e-5, rtol=0)
+
+    # A special token inside a response is dropped by the decoded text: such a row is scored as text.
+    unk = core.tokenizer.unk_token_id
+    ids, attn = batch.input_ids.numpy().copy(), batch.attention_mask.numpy()
+    ids[0, batch.response_start] = unk
+    text = core.tokenizer.decode(ids[0, batch.response_start :][attn[0, batch.response_start :] == 1],
+                                 skip_special_tokens=True)  # fmt: skip
+    scores = env_core.judge.score(ids[:1], attn[:1], batch.response_start, batch.prompts[:1], [text])
+    assert scores["rm_score"][0] == pytest.approx(float(rm.score(batch.prompts[:1], [text])[0]), abs=1e-5)
+
+    # A frozen LM with other weights than pi_ref's: no sharing, the text path as before.
+    with torch.no_grad():
+        rm.reference.lm_head.weight.add_(0.01)  # tied to the embeddings: a different LM
+    other = EnvCore(reference=core.reference, tokenizer=core.tokenizer, reward_model=rm, max_new_tokens=6)
+    assert other.judge.shared_reward_model() is None

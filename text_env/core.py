@@ -116,6 +116,7 @@ class EnvCore:
             gold_fn=self.task.gold_reward,
             beta=float(beta),
             kl_estimator=kl_estimator,
+            tokenizer=tokenizer,
         )
         if reward_model is None and self.task.gold_reward is None:
             raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")

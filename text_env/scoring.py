@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_gym.maths import KL_ESTIMATORS, kl_per_token, logprobs_from_logits
 from text_env.tasks import RewardFn
@@ -25,6 +25,7 @@ __all__ = [
     "length_groups",
     "position_ids_from_mask",
     "response_logprobs",
+    "token_logprobs",
 ]
 
 # What one more forward call costs, in padded token positions: the fixed Python and kernel-launch overhead
@@ -79,7 +80,7 @@ def by_response_length(
     """Run a teacher-forced `fn` on length groups of rows, each cut to its own width; reassemble (B, N, ...).
 
     `fn(ids, mask, start)` returns tensors of shape (rows, start..end width, ...) for the response columns
-    of the rows it is given. Each group drops the prompt columns that are padding for all of its rows and the
+    of the rows it is given, or (rows,) for a value per row. Each group drops the prompt columns that are padding for all of its rows and the
     response columns past its longest response, which changes no real position's result (positions count
     real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
     forward. Gradients flow through.
@@ -98,10 +99,13 @@ def by_response_length(
         end = response_start + int(lengths[rows].max())
         index = torch.as_tensor(rows, device=input_ids.device)
         parts = fn(input_ids[index, first:end], attention_mask[index, first:end], response_start - first)
-        if outputs is None:
-            outputs = [x.new_zeros((num_rows, n, *x.shape[2:])) for x in parts]
+        if outputs is None:  # (rows,) per-row values come back (B,); the rest (B, N, ...)
+            outputs = [x.new_zeros((num_rows, *(() if x.dim() == 1 else (n, *x.shape[2:])))) for x in parts]
         for out, part in zip(outputs, parts, strict=True):
-            out[index, : part.shape[1]] = part
+            if part.dim() == 1:
+                out[index] = part
+            else:
+                out[index, : part.shape[1]] = part
     return tuple(outputs)
 
 
@@ -141,6 +145,20 @@ def response_logprobs(
     return logprobs_from_logits(logits, input_ids[:, response_start:])
 
 
+def token_logprobs(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T-1) float32 `log p(token_t+1 | tokens_<=t)` at every position (junk where either is padding)."""
+    with torch.no_grad():
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).logits[:, :-1]  # (B, T-1, V): position t predicts token t + 1
+        return logprobs_from_logits(logits.float(), input_ids[:, 1:])
+
+
 def as_reward_fn(reward_model: Any) -> RewardFn:
     """Accept a reward model object (with `.score`) or a plain callable `(prompts, responses) -> scores`."""
     if hasattr(reward_model, "score") and callable(reward_model.score):
@@ -174,12 +192,29 @@ class Judge:
     gold_fn: RewardFn | None  # the task's gold reward: logged for evaluation, never part of the reward
     beta: float  # KL coefficient
     kl_estimator: str  # "k1" (log-ratio), "k2" or "k3"; the same estimator is logged and optimised
+    tokenizer: PreTrainedTokenizerBase | None = None  # the env's; lets a reward model that reads pi_ref's
+    # log-probs share the reference forward (`shared_reward_model`)
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
         if not np.isfinite(self.beta) or self.beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        self._shares: dict[int, bool] = {}  # id(reward model) -> whether it reads the reference's log-probs
+
+    def shared_reward_model(self) -> Any:
+        """The reward model behind `reward_fn` when its frozen LM is `reference` itself, else None.
+
+        Such a reward model (the pipeline's: its head reads pi_ref's log-prob statistics) can take the
+        token log-probs of the reference forward the KL needs anyway (`score_tokens`): one teacher-forced
+        forward of pi_ref per batch instead of two, and no re-tokenising of the text.
+        """
+        model = getattr(self.reward_fn, "__self__", None)  # `as_reward_fn` keeps the bound `.score`
+        if self.tokenizer is None or model is None or not hasattr(model, "reads_logprobs_of"):
+            return None
+        if id(model) not in self._shares:
+            self._shares[id(model)] = bool(model.reads_logprobs_of(self.reference, self.tokenizer))
+        return model if self._shares[id(model)] else None
 
     @torch.no_grad()
     def score(
@@ -208,11 +243,19 @@ class Judge:
         else:
             logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
         logprobs = logprobs * response_mask
-        ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, group_by_length=True)
+        shared = self.shared_reward_model()
+        if shared is not None and self._fits(shared, mask):
+            ref_logprobs, rm_score = self._reference_and_reward(shared, ids, mask, response_start)
+            text_rows = self._rows_with_specials(ids[:, response_start:], response_mask)
+            if len(text_rows):  # the text path drops special tokens inside a response: score those as text
+                rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
+                                                        [responses[i] for i in text_rows])  # fmt: skip
+        else:
+            ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, group_by_length=True)
+            rm_score = self._text_scores(prompts, responses)
         ref_logprobs = ref_logprobs * response_mask
         kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
         kl = kl.cpu().numpy().astype(np.float32)
-        rm_score = _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
         if self.gold_fn is self.reward_fn:  # the gold reward serves as the reward model: score once
             gold = rm_score.copy()
         elif self.gold_fn is not None:
@@ -227,3 +270,44 @@ class Judge:
             "logprobs": logprobs.cpu().numpy(),
             "ref_logprobs": ref_logprobs.cpu().numpy(),
         }
+
+    def _text_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        return _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
+
+    def _fits(self, reward_model: Any, mask: torch.Tensor) -> bool:
+        """Every sequence plus its EOS fits the reward model (else its text path truncates them)."""
+        return int(mask.sum(-1).max()) + 1 <= reward_model.max_length
+
+    def _rows_with_specials(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> np.ndarray:
+        """Rows whose response holds a special token other than its final EOS (the decoded text drops it)."""
+        special = torch.as_tensor(self.tokenizer.all_special_ids, device=response_ids.device)
+        last = response_mask.sum(-1, keepdim=True).long() - 1  # (k, 1)
+        columns = torch.arange(response_ids.shape[1], device=response_ids.device)
+        final_eos = (columns == last) & (response_ids == self.tokenizer.eos_token_id)
+        odd = torch.isin(response_ids, special) & response_mask.bool() & ~final_eos
+        return np.flatnonzero(odd.any(-1).cpu().numpy())
+
+    def _reference_and_reward(
+        self, reward_model: Any, ids: torch.Tensor, mask: torch.Tensor, response_start: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """pi_ref's response log-probs (k, N) and the reward model's scores (k,) from one reference forward.
+
+        The reward model reads `prompt + response + EOS`: rows cut off at N tokens get the EOS appended in
+        one extra column, whose log-prob only the reward model's statistics use.
+        """
+        k, n = ids.shape[0], ids.shape[1] - response_start
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        last = (mask.long() * columns).argmax(-1)  # (k,) the last real token
+        rows = torch.arange(k, device=ids.device)
+        needs_eos = ids[rows, last] != self.tokenizer.eos_token_id
+        ids = torch.cat([ids, ids.new_full((k, 1), self.tokenizer.pad_token_id)], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((k, 1))], dim=1)
+        ids[rows[needs_eos], last[needs_eos] + 1] = self.tokenizer.eos_token_id
+        mask[rows[needs_eos], last[needs_eos] + 1] = 1
+
+        def forward(g_ids: torch.Tensor, g_mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+            logprobs = token_logprobs(self.reference, g_ids, g_mask)  # (rows, T-1)
+            return logprobs[:, start - 1 :], reward_model.score_tokens(g_ids, g_mask, logprobs)
+
+        ref_logprobs, scores = by_response_length(forward, ids, mask, response_start)
+        return ref_logprobs[:, :n], _as_scores(scores, k, "reward_model")
