@@ -189,11 +189,13 @@ def rollout(
     out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, n, cache_kw, device)
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
+    positions = mask.sum(-1, keepdim=True)  # (b, 1) the position of each row's next token
     rows = np.arange(num_rows)  # the env row of each live row
     steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
+    # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
+    actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
     for t in range(n):
         ended = envs.episodes.done[rows]  # (b,) host-side: ended, not yet dropped from the batch
-        finished = torch.as_tensor(ended, device=device) if ended.any() else None
         policy_logprobs = torch.log_softmax(logits, dim=-1)
         policy_probs = policy_logprobs.exp()
         sampling_logits = logits
@@ -208,38 +210,50 @@ def rollout(
         # (b,) -sum p log p; -inf log-probs clamped so p = 0 gives 0 * finite (as `entropy_from_logits`),
         # ~6x faster than torch.special.entr's where-based kernel
         step_entropy = -(policy_probs * policy_logprobs.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)
-        if finished is not None:
-            tokens = tokens.masked_fill(finished, pad_id)
-            step_logprobs = step_logprobs.masked_fill(finished, 0.0)
-            step_entropy = step_entropy.masked_fill(finished, 0.0)
+        # Rows that had ended get junk here: the env ignores their actions, their new attention column is
+        # 0, and `_scatter_steps` zeroes their log-probs and entropy by the final response mask.
         steps.append((rows, step_logprobs, step_entropy))
-        # One device-to-host copy per token carries the ids and their log-probs (float64 holds any id
-        # exactly); with the log-probs the env needs no policy forward to score finished rows.
-        host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
-        actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
-        actions[rows], action_logprobs[rows] = host[0], host[1]
+        # With the log-probs the env needs no policy forward to score finished rows. On a GPU one copy per
+        # token carries the ids and log-probs (float64 holds any id exactly); on the CPU views suffice.
+        if device.type == "cpu":
+            actions[rows], action_logprobs[rows] = tokens.numpy(), step_logprobs.numpy()
+        else:
+            host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
+            actions[rows], action_logprobs[rows] = host[0], host[1]
         envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
         if envs.all_done:
             break
-        real = torch.ones_like(mask[:, :1]) if finished is None else (~finished).long()[:, None]
-        mask = torch.cat([mask, real], dim=1)  # (b, L + 1) the new token is real unless the row had ended
+        real = (
+            torch.ones_like(mask[:, :1])
+            if not ended.any()
+            else torch.as_tensor(~ended, device=device)[:, None]
+        )
+        mask = torch.cat(
+            [mask, real.long()], dim=1
+        )  # (b, L + 1) the new token is real unless the row had ended
+        positions = positions + real  # (b, 1) an ended row's position stays where it was
         live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
         ended_rows = len(rows) - int(live.sum())
         if cache is not None and ended_rows >= max(COMPACT_MIN_ROWS, (1 - COMPACT_BELOW) * len(rows)):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
             keep = torch.as_tensor(np.flatnonzero(live), device=device)
             cache.batch_select_indices(keep)
-            rows, mask, tokens = rows[live], mask[keep], tokens[keep]
+            rows, mask, tokens, positions = rows[live], mask[keep], tokens[keep], positions[keep]
         out = policy(
             input_ids=tokens[:, None],
             attention_mask=mask,
-            position_ids=(mask.sum(-1, keepdim=True) - 1).clamp(min=0),
+            position_ids=(positions - 1).clamp(min=0),
             use_cache=True,
             **{cache_kw: cache if cache is not None else _cache_of(out, cache_kw)},
         )
         cache = _cache_of(out, cache_kw) if cache is not None else None
         logits = out.logits[:, -1].float()
+    # Copies, not views: the env's buffers are overwritten by its next reset.
+    ids = torch.tensor(envs.episodes.input_ids, device=device)
+    full_mask = torch.tensor(envs.episodes.attention_mask, device=device)
+    response_mask = full_mask[:, p:].float()  # (B, N)
     logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
+    logprobs, entropy = logprobs * response_mask, entropy * response_mask  # 0 after each row's end
     # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
     rewards, info = envs.score_pending()
     results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
@@ -251,9 +265,6 @@ def rollout(
             results[key] = info[key]
         ref_logprobs[rows] = info["ref_logprobs"][rows]
         responses = [str(r) if r is not None else "" for r in info["response"]]
-    # Copies, not views: the env's buffers are overwritten by its next reset.
-    ids = torch.tensor(envs.episodes.input_ids, device=device)
-    full_mask = torch.tensor(envs.episodes.attention_mask, device=device)
     return Rollout(
         prompts=[str(x) for x in reset_info["prompt"]],
         responses=responses,
@@ -261,7 +272,7 @@ def rollout(
         input_ids=ids,
         attention_mask=full_mask,
         response_start=p,
-        response_mask=full_mask[:, p:].float(),
+        response_mask=response_mask,
         logprobs=logprobs,
         ref_logprobs=torch.as_tensor(ref_logprobs, device=device),
         entropy=entropy,
