@@ -71,3 +71,20 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():
     assert (tokens[:, 1] == 3).all(), "all mass on the last token: the clamp never moves a draw"
     again = sample_categorical(probs, torch.Generator().manual_seed(0)).view(20000, 2)
     assert torch.equal(tokens, again), "the generator makes it reproducible"
+
+
+def test_call_overhead_grows_with_cpu_threads_and_calls_per_group():
+    """A call's fixed cost stays while a position's falls with the threads: the overhead in positions grows."""
+    from text_env.scoring import CALL_OVERHEAD_TOKENS, call_overhead_tokens
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = call_overhead_tokens(torch.device("cpu"))
+        assert one == CALL_OVERHEAD_TOKENS["cpu"]
+        assert call_overhead_tokens(torch.device("cpu"), calls=2) == 2 * one
+        torch.set_num_threads(2)
+        assert call_overhead_tokens(torch.device("cpu")) == 2 * one
+        assert call_overhead_tokens(torch.device("cuda")) == CALL_OVERHEAD_TOKENS["cuda"]  # threads: CPU only
+    finally:
+        torch.set_num_threads(threads)

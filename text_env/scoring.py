@@ -22,6 +22,7 @@ __all__ = [
     "Judge",
     "as_reward_fn",
     "by_response_length",
+    "call_overhead_tokens",
     "length_groups",
     "position_ids_from_mask",
     "response_logprobs",
@@ -31,7 +32,15 @@ __all__ = [
 # What one more forward call costs, in padded token positions: the fixed Python and kernel-launch overhead
 # of a call against the cost of one more position in it (measured on the tiny model: ~1.5 ms a call, ~40 us
 # a position on one CPU core; on a GPU a position is nearly free, so there it pays to make few, wide calls).
+# On the CPU a position's cost falls with the threads and a call's does not: see `call_overhead_tokens`.
 CALL_OVERHEAD_TOKENS = {"cpu": 48, "cuda": 16384, "mps": 4096}
+
+
+def call_overhead_tokens(device: torch.device, calls: int = 1) -> int:
+    """The overhead of one more group making `calls` forward calls, in positions, on `device`."""
+    per_call = CALL_OVERHEAD_TOKENS.get(device.type, 48)
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return per_call * threads * calls
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -76,6 +85,7 @@ def by_response_length(
     attention_mask: torch.Tensor,
     response_start: int,
     overhead_tokens: int | None = None,
+    calls: int = 1,
 ) -> tuple[torch.Tensor, ...]:
     """Run a teacher-forced `fn` on length groups of rows, each cut to its own width; reassemble (B, N, ...).
 
@@ -83,13 +93,14 @@ def by_response_length(
     of the rows it is given, or (rows,) for a value per row. Each group drops the prompt columns that are padding for all of its rows and the
     response columns past its longest response, which changes no real position's result (positions count
     real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
-    forward. Gradients flow through.
+    forward. Gradients flow through. `calls`: the model calls `fn` makes (the group count trades them
+    against padding; default `overhead_tokens`: `call_overhead_tokens(device, calls)`).
     """
     num_rows, n = input_ids.shape[0], input_ids.shape[1] - response_start
     host_mask = attention_mask.detach().cpu().numpy()
     lengths = host_mask[:, response_start:].sum(-1)
     if overhead_tokens is None:
-        overhead_tokens = CALL_OVERHEAD_TOKENS.get(input_ids.device.type, 48)
+        overhead_tokens = call_overhead_tokens(input_ids.device, calls)
     groups = length_groups(lengths, response_start, overhead_tokens)
     if len(groups) == 1 and lengths.max() == n and host_mask[:, 0].any():
         return fn(input_ids, attention_mask, response_start)  # nothing to trim
@@ -309,5 +320,5 @@ class Judge:
             logprobs = token_logprobs(self.reference, g_ids, g_mask)  # (rows, T-1)
             return logprobs[:, start - 1 :], reward_model.score_tokens(g_ids, g_mask, logprobs)
 
-        ref_logprobs, scores = by_response_length(forward, ids, mask, response_start)
+        ref_logprobs, scores = by_response_length(forward, ids, mask, response_start, calls=2)
         return ref_logprobs[:, :n], _as_scores(scores, k, "reward_model")
