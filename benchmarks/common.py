@@ -83,6 +83,10 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
+def _no_wait() -> None:
+    """Nothing is queued off CUDA: the CPU's kernels have run when a call returns."""
+
+
 class ForwardTimer:
     """Wall time spent inside the forward calls of some top-level modules (policy, reference, reward model).
 
@@ -101,13 +105,15 @@ class ForwardTimer:
         for name, module in self._modules.items():
             device = next(module.parameters()).device
             started: list[float] = []
+            # Lean hooks: their own cost lands in the bookkeeping they measure (no sync off CUDA).
+            wait = torch.cuda.synchronize if device.type == "cuda" else _no_wait
 
-            def pre(_module, _args, _started=started, _device=device) -> None:
-                sync(_device)
+            def pre(_module, _args, _started=started, _wait=wait) -> None:
+                _wait()
                 _started.append(time.perf_counter())
 
-            def post(_module, _args, _output, _name=name, _started=started, _device=device) -> None:
-                sync(_device)
+            def post(_module, _args, _output, _name=name, _started=started, _wait=wait) -> None:
+                _wait()
                 self.seconds[_name] += time.perf_counter() - _started.pop()
                 self.calls[_name] += 1
 
