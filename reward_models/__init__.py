@@ -11,7 +11,8 @@
 from reward_models.adapters import FunctionRewardModel, HFSequenceClassifierRewardModel
 from reward_models.data import load_pairs, write_pairs
 from reward_models.labeller import LabelConfig, label_pairs
-from reward_models.model import RewardModel, build_reward_model, load_reward_model
+from reward_models.loading import build_reward_model, load_reward_model
+from reward_models.model import RewardModel
 from reward_models.train import (
     RewardTrainConfig,
     bradley_terry_loss,

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reward_models.data import load_pairs
-from reward_models.model import RewardModel, build_reward_model
+from reward_models.loading import build_reward_model
+from reward_models.model import RewardModel
 from rlhf_gym.io import atomic_write
 
 __all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
