@@ -68,6 +68,10 @@ NOTES = [
     "is TRL as shipped; we do not patch it.",
     "Our env also computes the gold reward of every training batch for logging; TRL does not. Its cost is in "
     "our s/iteration and shown in our breakdown (gold_logging_s).",
+    "The reward model's head reads pi_ref's log-prob statistics. Our env hands it the reference forward it runs "
+    "for the KL anyway (one pi_ref forward per batch); TRL calls the same reward model's score() on the decoded "
+    "text, which runs the reward model's own frozen copy of pi_ref. The scores are the same (tested to 1e-4); "
+    "the saved forward is one of our speed fixes, not a different reward.",
     "Prompts: ours draws 16 distinct prompts per iteration at random, TRL's RepeatSampler walks shuffled "
     "epochs of the 256 prompts; the same prompt distribution.",
     "Both: AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), gradient-norm clip 1.0, constant lr (TRL: "
@@ -432,7 +436,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"| | s / iteration, iterations {s['warmup'] + 1}-{s['warmup'] + EARLY_ITERATIONS} | x ours | "
         "s / iteration, whole budget | x ours | iterations | gold | proxy (RM) | KL | length |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def row(label: str, side: dict[str, Any] | None, e: dict[str, float]) -> str:

@@ -81,6 +81,9 @@ def test_markdown_table_from_a_result_dict():
     text = markdown(result)
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(rows) == 5  # header, pi_ref, ours, RLOO, GRPO
+    delimiter = next(line for line in text.splitlines() if line.startswith("|---"))
+    cells = {line.count("|") for line in [*rows, delimiter]}
+    assert len(cells) == 1, "GitHub renders a table only when every row has the header's cell count"
     assert "| pi_ref (start) | - | - | - | - | - | 0.030 |" in text
     assert "| TRL RLOOTrainer | 0.800 | 2.00x | 1.000 | 2.00x | 60 | 0.125 |" in text
     assert "| TRL GRPOTrainer | 0.600 | 1.50x | 0.750 | 1.50x |" in text
