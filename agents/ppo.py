@@ -67,6 +67,7 @@ from rlhf_gym.maths import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rlhf_gym.optim import adam
 from text_env.scoring import by_response_length, position_ids_from_mask
 from text_env.vector_env import TextGenVectorEnv
 
@@ -204,7 +205,7 @@ class PPOAgent:
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = adam(params, lr=cfg.lr, eps=cfg.adam_eps, decoupled=False)
         self.beta = float(envs.core.judge.beta if cfg.beta is None else cfg.beta)
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling

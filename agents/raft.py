@@ -31,6 +31,7 @@ import torch
 import text_env
 from agents.base import Callback, act_with_policy, evaluate_policy, load_policy, rollout_metrics, save_policy
 from agents.sft import IGNORE_INDEX, sft_step
+from rlhf_gym.optim import adam
 from text_env.sampler import Rollout
 
 __all__ = ["RAFTAgent", "RAFTConfig", "rollout_batch", "select_best"]
@@ -175,7 +176,7 @@ class RAFTAgent:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.envs.policy.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        return adam(params, lr=self.config.lr, weight_decay=0.0)
 
     # ---- 1. data collection ---------------------------------------------------------------------------
     def sample(self, prompt_indices: np.ndarray) -> Rollout:

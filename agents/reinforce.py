@@ -50,6 +50,7 @@ from rlhf_gym.maths import (
     ppo_policy_loss,
     rloo_baseline,
 )
+from rlhf_gym.optim import adam
 from text_env.sampler import Rollout
 from text_env.scoring import by_response_length, position_ids_from_mask
 
@@ -230,7 +231,7 @@ class ReinforceAgent:
         self.device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)  # prompt draws
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = adam(
             envs.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps
         )
         self.ema_state: float | None = None  # the moving-average baseline so far

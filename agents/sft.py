@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.base import NonFiniteLossError
 from rlhf_gym.io import DataError, atomic_dir, atomic_write, read_records
+from rlhf_gym.optim import adam
 from text_env.models import resolve_device
 from text_env.scoring import position_ids_from_mask
 
@@ -367,7 +368,7 @@ def train_sft(
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
     def lr_factor(step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak (as tiny-reviews' pretraining)."""

@@ -28,6 +28,7 @@ from reward_models.data import load_pairs
 from reward_models.loading import build_reward_model
 from reward_models.model import RewardModel
 from rlhf_gym.io import atomic_write
+from rlhf_gym.optim import adam
 
 __all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
 
@@ -266,7 +267,7 @@ def train_reward_model(
     b_lengths = np.array([max(len(a), len(b)) for a, b in zip(b_chosen, b_rejected, strict=True)])
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adam(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
