@@ -209,3 +209,14 @@ def test_deferred_scoring_pays_later_exactly_what_the_terminal_step_would_have(c
     assert not envs.pending.any() and envs.score_pending()[1] == {}, "scored once, then nothing is pending"
     envs.reset()
     assert not envs.pending.any()
+
+
+def test_a_rollout_leaves_ordinary_tensors_that_can_enter_a_graph(core):
+    """The sampler runs under inference mode; what it returns must be usable in a training step."""
+    envs = text_env.TextGenVectorEnv(num_envs=4, core=core)
+    batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+    tensors = {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    assert len(tensors) >= 10 and not any(t.is_inference() for t in tensors.values())
+    weight = torch.ones((), requires_grad=True)
+    (weight * batch.logprobs * batch.response_mask).sum().backward()  # mul saves its inputs for backward
+    assert weight.grad is not None

@@ -8,6 +8,7 @@ and the only host round trip per token is one small copy of the ids and log-prob
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,6 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@torch.no_grad()
 def rollout(
     envs: TextGenVectorEnv,
     policy: PreTrainedModel | None = None,
@@ -175,6 +175,30 @@ def rollout(
         seed: seeds the env's prompt draw (reset) when given.
         generator: the torch RNG for sampling, for reproducible rollouts.
     """
+    # Inference mode skips autograd's view and version tracking on every small op of the decode loop (an
+    # iteration of 16 x 4 rollouts measured ~6-14% faster than under no_grad). Its tensors cannot enter a
+    # graph later, so the batch leaves as ordinary copies: agents train on it.
+    with torch.inference_mode():
+        batch = _rollout(
+            envs, policy, temperature, top_k, top_p, min_new_tokens, prompt_indices, seed, generator
+        )
+    return dataclasses.replace(
+        batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
+                  if isinstance(getattr(batch, f.name), torch.Tensor)}
+    )  # fmt: skip
+
+
+def _rollout(
+    envs: TextGenVectorEnv,
+    policy: PreTrainedModel | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_new_tokens: int | None,
+    prompt_indices: np.ndarray | None,
+    seed: int | None,
+    generator: torch.Generator | None,
+) -> Rollout:
     if policy is not None:
         envs.set_policy(policy)
     policy = envs.policy
