@@ -295,8 +295,7 @@ class RewardModel(nn.Module):
         if self.reference is not None:
             if stats is None:
                 stats = sequence_logprob_stats(self.reference, input_ids, attention_mask)
-            extra = stats  # (B, 3)
-            features = torch.cat([features, extra.to(features.dtype)], dim=-1)  # (B, H + 3)
+            features = torch.cat([features, stats.to(features.dtype)], dim=-1)  # (B, H + 3)
         return self.head(features).squeeze(-1).float()  # (B,)
 
     @torch.no_grad()

@@ -235,7 +235,7 @@ def _rollout(
         # ~6x faster than torch.special.entr's where-based kernel
         step_entropy = -(policy_probs * policy_logprobs.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)
         # Rows that had ended get junk here: the env ignores their actions, their new attention column is
-        # 0, and `_scatter_steps` zeroes their log-probs and entropy by the final response mask.
+        # 0, and after the loop the final response mask zeroes their log-probs and entropy.
         steps.append((rows, step_logprobs, step_entropy))
         # With the log-probs the env needs no policy forward to score finished rows. On a GPU one copy per
         # token carries the ids and log-probs (float64 holds any id exactly); on the CPU views suffice.

@@ -90,9 +90,9 @@ def by_response_length(
     """Run a teacher-forced `fn` on length groups of rows, each cut to its own width; reassemble (B, N, ...).
 
     `fn(ids, mask, start)` returns tensors of shape (rows, start..end width, ...) for the response columns
-    of the rows it is given, or (rows,) for a value per row. Each group drops the prompt columns that are padding for all of its rows and the
-    response columns past its longest response, which changes no real position's result (positions count
-    real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
+    of the rows it is given, or (rows,) for a value per row. Each group drops the prompt columns that are
+    padding for all of its rows and the response columns past its longest response, which changes no real
+    position's result (positions count real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
     forward. Gradients flow through. `calls`: the model calls `fn` makes (the group count trades them
     against padding; default `overhead_tokens`: `call_overhead_tokens(device, calls)`).
     """
@@ -211,7 +211,7 @@ class Judge:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
         if not np.isfinite(self.beta) or self.beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
-        self._shares: dict[int, bool] = {}  # id(reward model) -> whether it reads the reference's log-probs
+        self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
 
     def shared_reward_model(self) -> Any:
         """The reward model behind `reward_fn` when its frozen LM is `reference` itself, else None.
@@ -223,9 +223,9 @@ class Judge:
         model = getattr(self.reward_fn, "__self__", None)  # `as_reward_fn` keeps the bound `.score`
         if self.tokenizer is None or model is None or not hasattr(model, "reads_logprobs_of"):
             return None
-        if id(model) not in self._shares:
-            self._shares[id(model)] = bool(model.reads_logprobs_of(self.reference, self.tokenizer))
-        return model if self._shares[id(model)] else None
+        if self._shares[0] is not model:  # checked once per reward model (it compares weights)
+            self._shares = (model, bool(model.reads_logprobs_of(self.reference, self.tokenizer)))
+        return model if self._shares[1] else None
 
     @torch.no_grad()
     def score(
