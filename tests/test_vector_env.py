@@ -54,6 +54,9 @@ def test_vector_env_errors(core):
         envs.step(np.array([1, 1, 1]))
     with pytest.raises(ValueError, match="env 1 is outside the vocabulary"):
         envs.step(np.array([1, 10**6]))
+    with pytest.raises(ValueError, match=r"int array of shape \(2,\).*dtype float64"):
+        envs.step(np.array([1.0, 2.0]))
+    envs.step(np.array([1, 2], dtype=np.uint8))  # any integer dtype is a token id
     with pytest.raises(ValueError, match=r"prompt_indices has shape"):
         envs.reset(options={"prompt_indices": [0]})
 

@@ -78,7 +78,7 @@ class EpisodeBatch:
         else:
             self.logprobs[rows, cols - self.prompt_width] = logprobs[rows]
         self.num_generated[rows] += 1
-        finished = np.zeros_like(self.done)
+        finished = np.zeros(len(self.done), dtype=bool)  # (np.zeros_like costs ~2 us of dispatch a call)
         finished[rows] = (tokens[rows] == self.eos_id) | (self.num_generated[rows] >= self.max_new_tokens)
         self.done |= finished
         return finished

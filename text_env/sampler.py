@@ -213,7 +213,7 @@ def _rollout(
     out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, n, cache_kw, device)
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
-    positions = mask.sum(-1, keepdim=True)  # (b, 1) the position of each row's next token
+    position = mask.sum(-1, keepdim=True) - 1  # (b, 1) each row's last real token (a prompt has one)
     rows = np.arange(num_rows)  # the env row of each live row
     steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
     # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
@@ -255,18 +255,18 @@ def _rollout(
         mask = torch.cat(
             [mask, real.long()], dim=1
         )  # (b, L + 1) the new token is real unless the row had ended
-        positions = positions + real  # (b, 1) an ended row's position stays where it was
+        position = position + real  # (b, 1) the new token's position; an ended row's stays where it was
         live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
         ended_rows = len(rows) - int(live.sum())
         if cache is not None and ended_rows >= max(COMPACT_MIN_ROWS, (1 - COMPACT_BELOW) * len(rows)):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
             keep = torch.as_tensor(np.flatnonzero(live), device=device)
             cache.batch_select_indices(keep)
-            rows, mask, tokens, positions = rows[live], mask[keep], tokens[keep], positions[keep]
+            rows, mask, tokens, position = rows[live], mask[keep], tokens[keep], position[keep]
         out = policy(
             input_ids=tokens[:, None],
             attention_mask=mask,
-            position_ids=(positions - 1).clamp(min=0),
+            position_ids=position,
             use_cache=True,
             **{cache_kw: cache if cache is not None else _cache_of(out, cache_kw)},
         )

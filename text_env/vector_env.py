@@ -142,7 +142,7 @@ class TextGenVectorEnv(VectorEnv):
         if not self.episodes.started.all():
             raise RuntimeError("step() called before reset(): call envs.reset() first")
         actions = np.asarray(actions)
-        if actions.shape != (self.num_envs,) or not np.issubdtype(actions.dtype, np.integer):
+        if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":  # signed or unsigned ints
             raise ValueError(
                 f"actions must be an int array of shape ({self.num_envs},), one token id per env; "
                 f"got shape {actions.shape} dtype {actions.dtype}"
