@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["BudgetCallback", "main", "timed"]
+from benchmarks.common import timed_calls  # the project is installed in the TRL venv too
+
+__all__ = ["BudgetCallback", "main"]
 
 #: The trainer arguments that decide speed, as TRL resolved them, written beside the timings for the record.
 EFFECTIVE_KEYS = (
@@ -37,24 +39,11 @@ EFFECTIVE_KEYS = (
 ).split()
 
 
-def timed(fn: Any, totals: dict[str, float], key: str) -> Any:
-    """Wrap `fn` so its seconds add up in `totals[key]` (a per-iteration breakdown, reset by the callback)."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
-
-    return wrapper
-
-
 class BudgetCallback(TrainerCallback):
     """Record the seconds of every training step and stop once `budget_s` of training has passed."""
 
     def __init__(self, budget_s: float, parts: dict[str, float]) -> None:
-        self.budget_s, self.parts = budget_s, parts  # parts: the running step's breakdown, from `timed`
+        self.budget_s, self.parts = budget_s, parts  # parts: the running step's breakdown (timed_calls)
         self.steps: list[dict[str, float]] = []
         self.start = self.last = self.last_cpu = 0.0
 
@@ -110,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[callback],
     )
     # A breakdown of each step: sampling and the reward model (instance attributes shadow the methods).
-    trainer._generate = timed(trainer._generate, parts, "generate_s")
-    trainer._calculate_rewards = timed(trainer._calculate_rewards, parts, "reward_model_s")
+    trainer._generate = timed_calls(trainer._generate, parts, "generate_s")
+    trainer._calculate_rewards = timed_calls(trainer._calculate_rewards, parts, "reward_model_s")
     trainer.train()
     trainer.save_model(str(out_dir / "policy"))
     tokenizer.save_pretrained(str(out_dir / "policy"))
