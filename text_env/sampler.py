@@ -82,8 +82,9 @@ def _prefill(
     cache_kw: str,
     device: torch.device,
 ) -> tuple[Any, Any]:
-    """Run the prompts through the policy once, each distinct prompt once (RLOO's k copies share it), into a
-    KV cache preallocated for the P + N positions of a rollout (`text_env.kv_cache`).
+    """Run the prompts through the policy into a KV cache preallocated for the P + N positions of a rollout
+    (`text_env.kv_cache`). When prompts repeat (RLOO's k copies), each distinct prompt runs once and its
+    cache is copied to its rows; when they are (nearly) all distinct, every row runs.
 
     Returns:
         `(out, cache)`: the policy output with one row per env row (logits of the last prompt position), and
@@ -247,14 +248,13 @@ def _rollout(
         envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
         if envs.all_done:
             break
+        # (b, 1) the new token is real unless its row had ended
         real = (
-            torch.ones_like(mask[:, :1])
-            if not ended.any()
-            else torch.as_tensor(~ended, device=device)[:, None]
+            torch.as_tensor(~ended, device=device)[:, None].long()
+            if ended.any()
+            else torch.ones_like(mask[:, :1])
         )
-        mask = torch.cat(
-            [mask, real.long()], dim=1
-        )  # (b, L + 1) the new token is real unless the row had ended
+        mask = torch.cat([mask, real], dim=1)  # (b, L + 1)
         position = position + real  # (b, 1) the new token's position; an ended row's stays where it was
         live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
         ended_rows = len(rows) - int(live.sum())
@@ -272,9 +272,9 @@ def _rollout(
         )
         cache = _cache_of(out, cache_kw) if cache is not None else None
         logits = out.logits[:, -1].float()
-    # Copies, not views: the env's buffers are overwritten by its next reset.
-    ids = torch.tensor(envs.episodes.input_ids, device=device)
-    full_mask = torch.tensor(envs.episodes.attention_mask, device=device)
+    # Views of the env's buffers here; `rollout` returns copies (its next reset overwrites them).
+    ids = torch.as_tensor(envs.episodes.input_ids, device=device)
+    full_mask = torch.as_tensor(envs.episodes.attention_mask, device=device)
     response_mask = full_mask[:, p:].float()  # (B, N)
     logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
     logprobs, entropy = logprobs * response_mask, entropy * response_mask  # 0 after each row's end
