@@ -350,8 +350,12 @@ class RewardModel(nn.Module):
         """
         if self.reference is None:
             raise ValueError("score_tokens needs log-prob features; this reward model has none: use score()")
-        if int(attention_mask.sum(-1).max()) > self.max_length:
-            raise ValueError(f"sequences longer than the reward model's max_length {self.max_length}")
+        longest = int(attention_mask.sum(-1).max())
+        if longest > self.max_length:
+            raise ValueError(
+                f"a sequence of {longest} tokens is longer than the reward model's max_length "
+                f"{self.max_length}: score it as text with score(), which keeps the last {self.max_length}"
+            )
         with self._evaluating():
             raw = self(input_ids, attention_mask, logprob_stats(token_logprobs, attention_mask))
         return (raw - self.shift) / self.scale

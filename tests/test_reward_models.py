@@ -517,6 +517,13 @@ def test_reward_model_reading_pi_refs_logprobs_shares_the_reference_forward(core
     scores = env_core.judge.score(ids[:1], attn[:1], batch.response_start, batch.prompts[:1], [text])
     assert scores["rm_score"][0] == pytest.approx(float(rm.score(batch.prompts[:1], [text])[0]), abs=1e-5)
 
+    # Too long for the reward model: a clear error that says how to score it instead.
+    long_ids = torch.zeros((1, rm.max_length + 1), dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=rf"{rm.max_length + 1} tokens .* max_length {rm.max_length}: .*score\(\)"
+    ):
+        rm.score_tokens(long_ids, torch.ones_like(long_ids), torch.zeros(1, rm.max_length))
+
     # A frozen LM with other weights than pi_ref's: no sharing, the text path as before.
     with torch.no_grad():
         rm.reference.lm_head.weight.add_(0.01)  # tied to the embeddings: a different LM

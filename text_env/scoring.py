@@ -255,9 +255,12 @@ class Judge:
             logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
         logprobs = logprobs * response_mask
         shared = self.shared_reward_model()
-        if shared is not None and self._fits(shared, mask):
+        # Both checks read the host arrays the env passed in: no device round trip.
+        if shared is not None and int(np.asarray(attention_mask).sum(-1).max()) + 1 <= shared.max_length:
             ref_logprobs, rm_score = self._reference_and_reward(shared, ids, mask, response_start)
-            text_rows = self._rows_with_specials(ids[:, response_start:], response_mask)
+            text_rows = self._rows_with_specials(
+                np.asarray(input_ids)[:, response_start:], np.asarray(attention_mask)[:, response_start:]
+            )
             if len(text_rows):  # the text path drops special tokens inside a response: score those as text
                 rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
                                                         [responses[i] for i in text_rows])  # fmt: skip
@@ -285,18 +288,15 @@ class Judge:
     def _text_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         return _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
 
-    def _fits(self, reward_model: Any, mask: torch.Tensor) -> bool:
-        """Every sequence plus its EOS fits the reward model (else its text path truncates them)."""
-        return int(mask.sum(-1).max()) + 1 <= reward_model.max_length
+    def _rows_with_specials(self, response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+        """Rows whose response holds a special token other than its final EOS (the decoded text drops it).
 
-    def _rows_with_specials(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> np.ndarray:
-        """Rows whose response holds a special token other than its final EOS (the decoded text drops it)."""
-        special = torch.as_tensor(self.tokenizer.all_special_ids, device=response_ids.device)
-        last = response_mask.sum(-1, keepdim=True).long() - 1  # (k, 1)
-        columns = torch.arange(response_ids.shape[1], device=response_ids.device)
-        final_eos = (columns == last) & (response_ids == self.tokenizer.eos_token_id)
-        odd = torch.isin(response_ids, special) & response_mask.bool() & ~final_eos
-        return np.flatnonzero(odd.any(-1).cpu().numpy())
+        Only those rows go the text path; the others' token scores equal it when every sequence plus its
+        EOS fits the reward model (otherwise the text path keeps only the last `max_length` tokens)."""
+        last = response_mask.sum(-1, keepdims=True) - 1  # (k, 1)
+        final_eos = (np.arange(response_ids.shape[1]) == last) & (response_ids == self.tokenizer.eos_token_id)
+        odd = np.isin(response_ids, self.tokenizer.all_special_ids) & (response_mask == 1) & ~final_eos
+        return np.flatnonzero(odd.any(-1))
 
     def _reference_and_reward(
         self, reward_model: Any, ids: torch.Tensor, mask: torch.Tensor, response_start: int
