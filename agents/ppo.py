@@ -68,7 +68,7 @@ from rlhf_gym.maths import (
     ppo_value_loss,
 )
 from rlhf_gym.optim import adam
-from text_env.scoring import by_response_length, position_ids_from_mask
+from text_env.scoring import by_response_length, teacher_forced
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]
@@ -221,21 +221,13 @@ class PPOAgent:
         self, ids: torch.Tensor, attention_mask: torch.Tensor, p: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log pi and V of the response tokens at columns `p:`: each (B, N), junk past a
-        row's end (masked by the callers). Rows run in length groups (`by_response_length`), so little padding is computed."""
+        row's end (masked by the callers). Rows run in length groups (`by_response_length`), so little
+        padding is computed."""
 
         def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-            out = self.envs.policy(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-                output_hidden_states=True,
-                logits_to_keep=ids.shape[1] - start + 1,  # positions start-1 .. end-1
-            )
-            logprobs = logprobs_from_logits(out.logits[:, :-1].float(), ids[:, start:])  # (b, n)
-            hidden = out.hidden_states[-1][
-                :, start - 1 : -1
-            ].float()  # (b, n, H): the state before each token
+            out, logits = teacher_forced(self.envs.policy, ids, mask, start, output_hidden_states=True)
+            logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
+            hidden = out.hidden_states[-1][:, start - 1 : -1].float()  # (b, n, H): state before each token
             return logprobs, self.value_head(hidden).squeeze(-1)  # (b, n) each
 
         return by_response_length(forward, ids, attention_mask, p)

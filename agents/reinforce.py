@@ -52,7 +52,7 @@ from rlhf_gym.maths import (
 )
 from rlhf_gym.optim import adam
 from text_env.sampler import Rollout
-from text_env.scoring import by_response_length, position_ids_from_mask
+from text_env.scoring import by_response_length, teacher_forced
 
 __all__ = [
     "BASELINES",
@@ -181,14 +181,7 @@ def policy_logprobs(
     """
 
     def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-        out = policy(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-            logits_to_keep=ids.shape[1] - start + 1,  # only positions predicting response tokens
-        )
-        logits = out.logits[:, :-1].float()  # (b, n, V): position t predicts response token t
+        _, logits = teacher_forced(policy, ids, mask, start)  # (b, n, V)
         logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
         return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs,)
 

@@ -26,6 +26,7 @@ __all__ = [
     "length_groups",
     "position_ids_from_mask",
     "response_logprobs",
+    "teacher_forced",
     "token_logprobs",
 ]
 
@@ -120,6 +121,30 @@ def by_response_length(
     return tuple(outputs)
 
 
+def teacher_forced(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    **kwargs: Any,
+) -> tuple[Any, torch.Tensor]:
+    """One teacher-forced forward: the model's output and the (B, N, V) float32 logits that predict the
+    tokens at `response_start:` (position t predicts token t + 1; only those positions reach the LM head).
+
+    Shared by the env's scoring and the agents' updates; `kwargs` go to the model (e.g.
+    `output_hidden_states=True` for PPO's value head).
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=input_ids.shape[1] - response_start + 1,
+        **kwargs,
+    )
+    return out, out.logits[:, :-1].float()
+
+
 def response_logprobs(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -144,15 +169,7 @@ def response_logprobs(
             attention_mask,
             response_start,
         )[0]
-    num_response = input_ids.shape[1] - response_start
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=num_response + 1,  # only the positions that predict response tokens reach the LM head
-    )
-    logits = out.logits[:, :-1].float()  # (B, N, V): position t predicts token t + 1
+    _, logits = teacher_forced(model, input_ids, attention_mask, response_start)
     return logprobs_from_logits(logits, input_ids[:, response_start:])
 
 
@@ -160,7 +177,7 @@ def token_logprobs(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """(B, T-1) float32 `log p(token_t+1 | tokens_<=t)` at every position (junk where either is padding)."""
-    with torch.no_grad():
+    with torch.no_grad():  # every position, so no `logits_to_keep`: any causal LM that takes position ids
         logits = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
