@@ -19,9 +19,9 @@ import torch
 from transformers import PreTrainedModel
 
 import text_env
-from rlhf_gym.io import atomic_dir
+from rlhf_base.io import atomic_dir
+from rlhf_base.lm import position_ids_from_mask
 from text_env.sampler import Rollout
-from text_env.scoring import position_ids_from_mask
 
 __all__ = [
     "METRIC_KEYS",

@@ -28,7 +28,7 @@ import torch
 
 import text_env
 from agents.base import Callback, act_with_policy, load_policy, rollout_metrics, save_policy
-from rlhf_gym.maths import best_of_n_kl
+from rlhf_base.maths import best_of_n_kl
 from text_env.sampler import Rollout
 
 __all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig"]

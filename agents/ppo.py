@@ -57,8 +57,9 @@ from agents.base import (
     rollout_metrics,
     save_policy,
 )
-from rlhf_gym.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
-from rlhf_gym.maths import (
+from rlhf_base.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
+from rlhf_base.lm import by_response_length, teacher_forced
+from rlhf_base.maths import (
     gae,
     kl_per_token,
     logprobs_from_logits,
@@ -67,8 +68,7 @@ from rlhf_gym.maths import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf_gym.optim import adam
-from text_env.scoring import by_response_length, teacher_forced
+from rlhf_base.optim import adam
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]

@@ -31,7 +31,7 @@ import torch
 import text_env
 from agents.base import Callback, act_with_policy, evaluate_policy, load_policy, rollout_metrics, save_policy
 from agents.sft import IGNORE_INDEX, sft_step
-from rlhf_gym.optim import adam
+from rlhf_base.optim import adam
 from text_env.sampler import Rollout
 
 __all__ = ["RAFTAgent", "RAFTConfig", "rollout_batch", "select_best"]

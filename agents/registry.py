@@ -15,7 +15,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from rlhf_gym.config import config_from_dict, load_config
+from rlhf_base.config import config_from_dict, load_config
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = [

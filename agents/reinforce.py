@@ -41,7 +41,8 @@ from agents.base import (
     rollout_metrics,
     save_policy,
 )
-from rlhf_gym.maths import (
+from rlhf_base.lm import by_response_length, teacher_forced
+from rlhf_base.maths import (
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
@@ -50,9 +51,8 @@ from rlhf_gym.maths import (
     ppo_policy_loss,
     rloo_baseline,
 )
-from rlhf_gym.optim import adam
+from rlhf_base.optim import adam
 from text_env.sampler import Rollout
-from text_env.scoring import by_response_length, teacher_forced
 
 __all__ = [
     "BASELINES",
@@ -176,7 +176,7 @@ def policy_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One teacher-forced forward over the rollout: log pi of the response tokens (B, N), and the entropy.
 
-    As `text_env.scoring.response_logprobs`, plus the per-token entropy from the same logits when asked.
+    As `rlhf_base.lm.response_logprobs`, plus the per-token entropy from the same logits when asked.
     Rows run in length groups (`by_response_length`), so the update computes little padding.
     """
 

@@ -46,8 +46,8 @@ from agents.base import (
     rollout_metrics,
     save_policy,
 )
-from rlhf_gym.io import load_tensors, save_tensors
-from text_env.scoring import position_ids_from_mask
+from rlhf_base.io import load_tensors, save_tensors
+from rlhf_base.lm import position_ids_from_mask
 
 __all__ = [
     "EpisodeStatsCallback",

@@ -8,7 +8,7 @@ the median per variant is reported. The fixes, and the switch that turns each of
 * **drop ended rows**: the sampler removes finished rows from the KV cache once a quarter of the batch
   has ended (`text_env.sampler.COMPACT_BELOW`; off: 0, every row decodes to the end);
 * **length groups**: teacher-forced forwards (reference, reward model, update) run rows of similar length
-  together, each group cut to its own width (`text_env.scoring.CALL_OVERHEAD_TOKENS`; off: one group);
+  together, each group cut to its own width (`rlhf_base.lm.CALL_OVERHEAD_TOKENS`; off: one group);
 * **fused GELU**: GPT-2's eight-op `gelu_new` replaced by torch's one-kernel tanh GELU (off: swapped back);
 * **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off: multinomial);
 * **preallocated KV cache**: written in place (`text_env.kv_cache`; off: transformers' `DynamicCache`,
@@ -37,14 +37,15 @@ from unittest import mock
 import torch
 from torch import nn
 
+import rlhf_base.lm
+import text_env.judge
 import text_env.sampler
-import text_env.scoring
 from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, pipeline_outputs
 
 
 @contextlib.contextmanager
 def unfused_gelu(models: list[nn.Module]) -> Iterator[None]:
-    """Put GPT-2's unfused `gelu_new` back where `text_env.models.fuse_gelu` took it out."""
+    """Put GPT-2's unfused `gelu_new` back where `rlhf_base.models.fuse_gelu` took it out."""
     from transformers.activations import NewGELUActivation
 
     swapped = []
@@ -71,20 +72,20 @@ def variants(models: list[nn.Module]) -> dict[str, Any]:
         "all fixes": contextlib.nullcontext,
         "rows kept to the end": lambda: mock.patch.object(text_env.sampler, "COMPACT_BELOW", 0.0),
         "one padded forward": lambda: mock.patch.dict(
-            text_env.scoring.CALL_OVERHEAD_TOKENS, {"cpu": 10**12, "cuda": 10**12, "mps": 10**12}
+            rlhf_base.lm.CALL_OVERHEAD_TOKENS, {"cpu": 10**12, "cuda": 10**12, "mps": 10**12}
         ),
         "unfused gelu_new": lambda: unfused_gelu(models),
         "torch.multinomial": lambda: mock.patch.object(text_env.sampler, "sample_categorical", _multinomial),
         "KV cache grown by torch.cat": lambda: mock.patch.object(text_env.sampler, "PREALLOCATE", False),
         "reward model runs its own pi_ref": lambda: mock.patch.object(
-            text_env.scoring.Judge, "shared_reward_model", lambda self: None
+            text_env.judge.Judge, "shared_reward_model", lambda self: None
         ),
     }
 
 
 def make_agent(policy: str, reward_model: str, device: str) -> Any:
     from agents.reinforce import ReinforceAgent, ReinforceConfig
-    from rlhf_gym.config import load_config
+    from rlhf_base.config import load_config
     from text_env.config import EnvConfig
 
     envs = EnvConfig(model=policy, reward_model=reward_model, num_envs=64, device=device).make()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from reward_models.labeller import LabelConfig, label_pairs
 from reward_models.train import RewardTrainConfig, train_reward_model
+from rlhf_gym.label import LabelConfig, label_pairs
 
 OUT = Path(__file__).parent / "out"
 

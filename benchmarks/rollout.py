@@ -28,8 +28,8 @@ import torch
 
 import text_env
 from benchmarks.common import OUT, ForwardTimer, describe, machine_info, markdown_table, sync, timed_calls
+from rlhf_base.lm import position_ids_from_mask
 from text_env.core import EnvCore
-from text_env.scoring import position_ids_from_mask
 
 BATCHES = (1, 16, 64, 256)
 

@@ -30,7 +30,7 @@ import text_env
 from agents.registry import make_agent
 from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, timed_calls
 from text_env.core import EnvCore
-from text_env.models import TinyConfig, tiny_gpt2
+from text_env.tasks.reviews.model import TinyConfig, tiny_gpt2
 
 LENGTHS = (32, 64, 128, 256)
 BATCHES = (16, 32, 64, 128, 256)

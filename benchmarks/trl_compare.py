@@ -89,7 +89,7 @@ def settings(
     "64 prompts x 4 samples" reference point; both sides always get the same.
     """
     from agents.reinforce import ReinforceConfig
-    from rlhf_gym.config import load_config
+    from rlhf_base.config import load_config
     from text_env.config import EnvConfig
 
     ours, env = load_config(ReinforceConfig, REINFORCE_YAML), EnvConfig()
@@ -222,7 +222,7 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
 
     import text_env
     from agents.reinforce import ReinforceAgent, ReinforceConfig
-    from rlhf_gym.config import load_config
+    from rlhf_base.config import load_config
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)

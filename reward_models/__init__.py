@@ -3,14 +3,12 @@
 * `RewardModel`: a transformer with a scalar head; `score(prompts, responses)` is what the env calls.
 * `train_reward_model`: Bradley-Terry training with a held-out accuracy (`RewardTrainConfig`).
 * `load_pairs` / `write_pairs`: preference pairs `{prompt, chosen, rejected}` from files or datasets.
-* `label_pairs`: a simulated labeller (gold reward + Bradley-Terry noise) for tasks with a gold reward.
 * `FunctionRewardModel`, `HFSequenceClassifierRewardModel`: other reward models behind the same `score`.
 * `load_reward_model(path)`: what `gym.make("text_env/TextGen-v0", reward_model="path")` uses.
 """
 
 from reward_models.adapters import FunctionRewardModel, HFSequenceClassifierRewardModel
 from reward_models.data import load_pairs, write_pairs
-from reward_models.labeller import LabelConfig, label_pairs
 from reward_models.loading import build_reward_model, load_reward_model
 from reward_models.model import RewardModel
 from reward_models.train import (
@@ -19,19 +17,21 @@ from reward_models.train import (
     evaluate_reward_model,
     train_reward_model,
 )
+from rlhf_base.deprecation import moved_names
 
 __all__ = [
     "FunctionRewardModel",
     "HFSequenceClassifierRewardModel",
-    "LabelConfig",
     "RewardModel",
     "RewardTrainConfig",
     "bradley_terry_loss",
     "build_reward_model",
     "evaluate_reward_model",
-    "label_pairs",
     "load_pairs",
     "load_reward_model",
     "train_reward_model",
     "write_pairs",
 ]
+
+# The labeller is a pipeline stage now (rlhf_gym.label); the old names still work, with a warning.
+__getattr__ = moved_names(__name__, {"LabelConfig": "rlhf_gym.label", "label_pairs": "rlhf_gym.label"})

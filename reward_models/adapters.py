@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from text_env.models import resolve_device
+from rlhf_base.models import resolve_device
 
 __all__ = ["FunctionRewardModel", "HFSequenceClassifierRewardModel"]
 

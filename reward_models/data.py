@@ -1,7 +1,7 @@
 """Preference pairs `{prompt, chosen, rejected}`: the data a Bradley-Terry reward model learns from.
 
 Pairs come from a JSONL/JSON/CSV/Parquet file, a `datasets.Dataset` or a list of dicts, all through
-`rlhf_gym.io.read_records`, so a malformed line, a missing field or an empty file is reported with the file
+`rlhf_base.io.read_records`, so a malformed line, a missing field or an empty file is reported with the file
 and line. Extra fields are kept (the labeller stores the gold scores of both responses for evaluation, and a
 numeric field can serve as a margin).
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_gym.io import DataError, read_records, write_jsonl
+from rlhf_base.io import DataError, read_records, write_jsonl
 
 __all__ = ["PAIR_FIELDS", "load_pairs", "write_pairs"]
 
@@ -48,7 +48,7 @@ def load_pairs(source: Any) -> list[dict[str, Any]]:
         The pairs as plain dicts, in order.
 
     Raises:
-        rlhf_gym.io.DataError: the source is missing, empty or malformed, a field is missing or not a
+        rlhf_base.io.DataError: the source is missing, empty or malformed, a field is missing or not a
             string, or a pair's chosen and rejected responses are identical (such a pair says nothing
             about which is better, and its Bradley-Terry loss is a constant log 2). The message names the
             file and line, or the index.

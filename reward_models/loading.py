@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from reward_models.model import FORMAT_VERSION, RewardModel
-from rlhf_gym.io import load_tensors
-from text_env.models import BUILTIN_MODELS, resolve_device
+from rlhf_base.io import load_tensors
+from rlhf_base.models import builtin_models, resolve_device
 
 __all__ = ["build_reward_model", "load_reward_model"]
 
@@ -107,7 +107,7 @@ def build_reward_model(
             too. False: the body with the plain last-token head for the built-in model, the sequence
             classifier for an HF backbone.
     """
-    builtin = backbone is None or str(backbone) in BUILTIN_MODELS
+    builtin = backbone is None or str(backbone) in builtin_models()
     if logprob_features or (builtin and logprob_features is None):
         return RewardModel.from_causal_lm_body(
             backbone, logprob_features=True, logprob_model=logprob_model, device=device

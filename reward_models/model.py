@@ -53,9 +53,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_gym.io import atomic_dir, atomic_write, save_tensors
-from text_env.models import fuse_gelu, load_causal_lm, resolve_device
-from text_env.scoring import call_overhead_tokens, length_groups, position_ids_from_mask, token_logprobs
+from rlhf_base.io import atomic_dir, atomic_write, save_tensors
+from rlhf_base.lm import call_overhead_tokens, length_groups, position_ids_from_mask, token_logprobs
+from rlhf_base.models import fuse_gelu, load_causal_lm, resolve_device
 
 __all__ = [
     "FORMAT_VERSION",
@@ -302,7 +302,7 @@ class RewardModel(nn.Module):
     def score_sequences(self, sequences: Sequence[Sequence[int]], batch_size: int = 256) -> torch.Tensor:
         """Raw rewards of already tokenised sequences, (n,) float32 on the CPU, in eval mode.
 
-        Sequences run in groups of similar length (`text_env.scoring.length_groups`), so a batch pads
+        Sequences run in groups of similar length (`rlhf_base.lm.length_groups`), so a batch pads
         little, and come back in input order.
         """
         if batch_size < 1:
@@ -345,7 +345,7 @@ class RewardModel(nn.Module):
         Args:
             input_ids: (B, T) prompt + response + EOS, padded on either side (the env's layout works).
             attention_mask: (B, T) 1 on real tokens.
-            token_logprobs: (B, T-1) the frozen LM's `text_env.scoring.token_logprobs` of these sequences,
+            token_logprobs: (B, T-1) the frozen LM's `rlhf_base.lm.token_logprobs` of these sequences,
                 from a forward the caller ran anyway (`reads_logprobs_of` says when that is this model's).
         """
         if self.reference is None:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from reward_models.data import load_pairs
 from reward_models.loading import build_reward_model
 from reward_models.model import RewardModel
-from rlhf_gym.io import atomic_write
-from rlhf_gym.optim import adam
+from rlhf_base.io import atomic_write
+from rlhf_base.optim import adam
 
 __all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
 
@@ -238,7 +238,7 @@ def train_reward_model(
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the message says where and what to try).
-        rlhf_gym.io.DataError: the pairs are malformed (see `load_pairs`).
+        rlhf_base.io.DataError: the pairs are malformed (see `load_pairs`).
     """
     config = config or RewardTrainConfig()
     start = time.perf_counter()

@@ -59,7 +59,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the pipeline config")
 
     def run(args: argparse.Namespace) -> int:
-        from rlhf_gym.config import load_config
+        from rlhf_base.config import load_config
         from rlhf_gym.pipeline import PipelineConfig, print_summary, run_pipeline
 
         config = load_config(PipelineConfig, args.config, [*args.overrides, f"device={args.device}"])
@@ -99,10 +99,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 COMMANDS: list[str | Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
     "rlhf_gym.pipeline:add_pipeline_command",
-    "agents.sft:add_sft_command",
-    "reward_models.commands:add_label_command",
-    "reward_models.commands:add_train_rm_command",
-    "agents.commands:add_train_command",
+    "rlhf_gym.sft:add_sft_command",
+    "rlhf_gym.label:add_label_command",
+    "rlhf_gym.train_rm:add_train_rm_command",
+    "rlhf_gym.train:add_train_command",
     "rlhf_gym.sweep:add_sweep_command",
     "rlhf_gym.report:add_report_command",
     _add_rollout,

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.sft import SFTConfig, run_sft
-from reward_models.labeller import LabelConfig, label_pairs
 from reward_models.train import RewardTrainConfig, train_reward_model
-from rlhf_gym.config import config_to_dict, load_config, save_config
-from rlhf_gym.io import atomic_write
+from rlhf_base.config import config_to_dict, load_config, save_config
+from rlhf_base.io import atomic_write
+from rlhf_gym.label import LabelConfig, label_pairs
+from rlhf_gym.sft import SFTConfig, run_sft
 from rlhf_gym.sweep import SweepConfig, run_sweep
 
 __all__ = ["STAGES", "PipelineConfig", "add_pipeline_command", "run_pipeline"]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rlhf_gym.io import DataError, atomic_path, atomic_write
+from rlhf_base.io import DataError, atomic_path, atomic_write
 
 __all__ = [
     "CURVE_METRICS",

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_gym.config import config_from_dict, config_to_dict, load_config, save_config
+from rlhf_base.config import config_from_dict, config_to_dict, load_config, save_config
 from text_env.config import EnvConfig
 
 __all__ = [

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import text_env
+from rlhf_base.models import trainable_copy
 from text_env.core import EnvCore
-from text_env.models import trainable_copy
 
 
 def fresh_envs(core: EnvCore, num_envs: int) -> text_env.TextGenVectorEnv:

@@ -96,8 +96,9 @@ def test_runner_options_name_the_sections():
 def test_each_ablation_switch_turns_its_fix_off_and_back_on(core):
     from transformers.activations import NewGELUActivation
 
+    import rlhf_base.lm
+    import text_env.judge
     import text_env.sampler
-    import text_env.scoring
     from benchmarks.ablation import variants
 
     model = core.reference
@@ -110,14 +111,14 @@ def test_each_ablation_switch_turns_its_fix_off_and_back_on(core):
     with switches["rows kept to the end"]():
         assert text_env.sampler.COMPACT_BELOW == 0.0
     with switches["one padded forward"]():
-        overhead = text_env.scoring.CALL_OVERHEAD_TOKENS["cpu"]
-        assert len(text_env.scoring.length_groups(np.array([1, 30, 2]), 8, overhead)) == 1
+        overhead = rlhf_base.lm.CALL_OVERHEAD_TOKENS["cpu"]
+        assert len(rlhf_base.lm.length_groups(np.array([1, 30, 2]), 8, overhead)) == 1
     with switches["unfused gelu_new"]():
         assert has_unfused()
     with switches["torch.multinomial"]():
         assert text_env.sampler.sample_categorical.__name__ == "_multinomial"
     with switches["reward model runs its own pi_ref"]():
-        assert text_env.scoring.Judge.shared_reward_model.__name__ == "<lambda>"
-    assert text_env.scoring.Judge.shared_reward_model.__name__ == "shared_reward_model"
+        assert text_env.judge.Judge.shared_reward_model.__name__ == "<lambda>"
+    assert text_env.judge.Judge.shared_reward_model.__name__ == "shared_reward_model"
     assert not has_unfused() and text_env.sampler.COMPACT_BELOW == 0.75
-    assert len(text_env.scoring.length_groups(np.array([1, 30, 2]), 8, 48)) == 2
+    assert len(rlhf_base.lm.length_groups(np.array([1, 30, 2]), 8, 48)) == 2

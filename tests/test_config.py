@@ -1,4 +1,4 @@
-"""Behavioural tests for :mod:`rlhf_gym.config`: precedence, nesting, type checks and the error messages.
+"""Behavioural tests for :mod:`rlhf_base.config`: precedence, nesting, type checks and the error messages.
 
 The dataclasses below use postponed annotations (``from __future__ import annotations``), as component
 authors will, so every test also checks that string annotations are resolved.
@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from rlhf_gym.config import ConfigError, config_to_dict, load_config, save_config
+from rlhf_base.config import ConfigError, config_to_dict, load_config, save_config
 
 
 class Schedule(enum.Enum):

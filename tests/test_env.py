@@ -12,8 +12,8 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import text_env
+from rlhf_base.models import trainable_copy
 from text_env.core import EnvCore
-from text_env.models import trainable_copy
 
 
 def _perturbed(model, scale=0.05, seed=0):

@@ -1,4 +1,4 @@
-"""Behavioural tests for :mod:`rlhf_gym.io`: atomic writes, safetensors, record loading and its errors."""
+"""Behavioural tests for :mod:`rlhf_base.io`: atomic writes, safetensors, record loading and its errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_gym.io import (
+from rlhf_base.io import (
     DataError,
     append_jsonl,
     atomic_dir,

@@ -1,4 +1,4 @@
-"""Tests for ``rlhf_gym.maths`` against hand computations (STYLE.md guideline 6, after SB3's ``test_gae.py``).
+"""Tests for ``rlhf_base.maths`` against hand computations (STYLE.md guideline 6, after SB3's ``test_gae.py``).
 
 Padding positions deliberately hold junk (``JUNK``, or ``inf``) so that every test also checks that padding
 cannot leak into a result.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rlhf_gym.maths import (
+from rlhf_base.maths import (
     KL_ESTIMATORS,
     best_of_n_kl,
     discounted_returns,

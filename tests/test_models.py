@@ -48,7 +48,7 @@ def test_env_runs_on_a_saved_hf_model(hf_dirs, arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cached_rollout_matches_teacher_forcing_on_hf_models(hf_dirs, arch):
-    from text_env.scoring import response_logprobs
+    from rlhf_base.lm import response_logprobs
 
     envs = gym.make_vec("text_env/TextGen-v0", num_envs=8, model=hf_dirs[arch], max_new_tokens=8)
     batch = text_env.rollout(envs, generator=torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_fused_gelu_is_the_same_function_and_replaces_every_gelu_new(hf_dirs):
     from transformers import AutoModelForCausalLM
     from transformers.activations import NewGELUActivation
 
-    from text_env.models import fuse_gelu, load_causal_lm
+    from rlhf_base.models import fuse_gelu, load_causal_lm
 
     plain = AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
     fused, _ = load_causal_lm(hf_dirs["gpt2"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlhf_gym.optim import adam
+from rlhf_base.optim import adam
 
 
 @pytest.mark.parametrize("decoupled", [True, False])

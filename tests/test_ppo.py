@@ -11,8 +11,8 @@ import agents
 import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
 from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
-from rlhf_gym.config import ConfigError, load_config
-from rlhf_gym.maths import gae, kl_per_token
+from rlhf_base.config import ConfigError, load_config
+from rlhf_base.maths import gae, kl_per_token
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
 

@@ -10,10 +10,15 @@ import math
 import numpy as np
 import pytest
 
-from reward_models.commands import add_label_command
 from reward_models.data import load_pairs, write_pairs
-from reward_models.labeller import LabelConfig, label_pairs, preference_probability, simulate_labels
-from rlhf_gym.io import DataError
+from rlhf_base.io import DataError
+from rlhf_gym.label import (
+    LabelConfig,
+    add_label_command,
+    label_pairs,
+    preference_probability,
+    simulate_labels,
+)
 from text_env.tasks.reviews import gold_reward
 
 PAIRS = [

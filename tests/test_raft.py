@@ -14,7 +14,7 @@ from agents.base import METRIC_KEYS, NonFiniteLossError
 from agents.raft import RAFTAgent, RAFTConfig, rollout_batch, select_best
 from agents.registry import make_agent
 from agents.sft import IGNORE_INDEX
-from rlhf_gym.config import ConfigError, load_config
+from rlhf_base.config import ConfigError, load_config
 from tests.helpers import fresh_envs
 from text_env.core import EnvCore
 

@@ -15,7 +15,7 @@ import torch
 import agents
 import text_env
 from agents.base import METRIC_KEYS, act_with_policy, evaluate_policy, rollout_metrics
-from rlhf_gym.config import ConfigError
+from rlhf_base.config import ConfigError
 
 
 @dataclasses.dataclass
@@ -123,8 +123,8 @@ def test_train_command_writes_metrics_summary_and_policy(tmp_path):
     """`rlhf-gym train --agent NAME`: configs in, metrics (JSONL, CSV, TensorBoard) and a policy out."""
     import json
 
-    from agents.commands import train
     from rlhf_gym.cli import main
+    from rlhf_gym.train import train
 
     run_dir = tmp_path / "run"
     overrides = ["env.max_new_tokens=8", "env.num_envs=8", "iterations=2", "n=2", "prompts_per_iteration=4"]

@@ -17,7 +17,7 @@ from agents.reinforce import (
     clipped_reinforce_loss,
     reinforce_loss,
 )
-from rlhf_gym.config import ConfigError
+from rlhf_base.config import ConfigError
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
 

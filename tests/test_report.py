@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rlhf_gym.io import DataError
-from rlhf_gym.maths import best_of_n_kl
+from rlhf_base.io import DataError
+from rlhf_base.maths import best_of_n_kl
 from rlhf_gym.report import (
     add_report_command,
     fit_gao,

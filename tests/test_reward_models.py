@@ -32,11 +32,11 @@ from reward_models import (
     load_reward_model,
     train_reward_model,
 )
-from reward_models.commands import add_train_rm_command
 from reward_models.data import write_pairs
-from reward_models.labeller import LabelConfig, label_pairs
 from reward_models.model import LOGPROB_FEATURE_SCALE, sequence_logprob_stats
-from rlhf_gym.config import ConfigError, load_config
+from rlhf_base.config import ConfigError, load_config
+from rlhf_gym.label import LabelConfig, label_pairs
+from rlhf_gym.train_rm import add_train_rm_command
 from text_env.tasks.reviews import build_tokenizer
 
 PROMPTS = ["the plot was", "i", "overall , the film", "this movie"]
@@ -476,7 +476,7 @@ def test_train_rm_command_reports_a_missing_pairs_file(tmp_path, capsys):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from reward_models.labeller import LabelConfig
+    from rlhf_gym.label import LabelConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_config(RewardTrainConfig, root / "train_rm.yaml") == RewardTrainConfig()
@@ -486,8 +486,8 @@ def test_shipped_configs_load():
 def test_reward_model_reading_pi_refs_logprobs_shares_the_reference_forward(core, tmp_path):
     """A reward model whose frozen LM is pi_ref scores from the env's reference forward (one forward less):
     the same scores as its text path, cut-off rows included (EOS appended), its own frozen LM never run."""
+    from rlhf_base.lm import response_logprobs
     from text_env.core import EnvCore
-    from text_env.scoring import response_logprobs
 
     torch.manual_seed(0)
     rm = build_reward_model(logprob_features=True)  # frozen LM: a copy of the tiny model, i.e. pi_ref here

@@ -13,7 +13,7 @@ import text_env
 from agents import METRIC_KEYS, NonFiniteLossError, evaluate_policy, make_agent
 from agents.registry import resolve_config
 from agents.sb3 import LMActorCriticPolicy, SB3A2CAgent, SB3PPOAgent, right_align
-from rlhf_gym.maths import entropy_from_logits
+from rlhf_base.maths import entropy_from_logits
 from text_env.core import EnvCore
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "agents"

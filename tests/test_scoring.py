@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import text_env
-from text_env.scoring import by_response_length, length_groups, response_logprobs
+from rlhf_base.lm import by_response_length, length_groups, response_logprobs
 
 
 def padded_positions(groups, lengths, offset):
@@ -32,7 +32,7 @@ def test_length_groups_dynamic_programme_is_optimal_on_a_small_case():
 
 @pytest.mark.parametrize("device_overhead", [0, 48])
 def test_grouped_logprobs_and_gradients_equal_the_padded_forward(core, device_overhead):
-    from text_env.models import trainable_copy
+    from rlhf_base.models import trainable_copy
 
     envs = text_env.TextGenVectorEnv(num_envs=12, core=core)
     batch = text_env.rollout(envs, seed=1, generator=torch.Generator().manual_seed(1))
@@ -75,7 +75,7 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_a_zero():
 
 def test_call_overhead_grows_with_cpu_threads_and_calls_per_group():
     """A call's fixed cost stays while a position's falls with the threads: the overhead in positions grows."""
-    from text_env.scoring import CALL_OVERHEAD_TOKENS, call_overhead_tokens
+    from rlhf_base.lm import CALL_OVERHEAD_TOKENS, call_overhead_tokens
 
     threads = torch.get_num_threads()
     try:

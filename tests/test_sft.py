@@ -17,17 +17,15 @@ import text_env
 from agents.base import NonFiniteLossError
 from agents.sft import (
     IGNORE_INDEX,
-    SFTConfig,
-    add_sft_command,
     collate,
     encode_demonstrations,
     load_demonstrations,
     sft_loss,
-    train_sft,
 )
-from rlhf_gym.config import ConfigError, load_config
-from rlhf_gym.io import DataError
-from text_env.models import trainable_copy
+from rlhf_base.config import ConfigError, load_config
+from rlhf_base.io import DataError
+from rlhf_base.models import trainable_copy
+from rlhf_gym.sft import SFTConfig, add_sft_command, train_sft
 from text_env.tasks.reviews import sample_demonstrations
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_gym.config import load_config
+from rlhf_base.config import load_config
 from rlhf_gym.report import make_report
 from rlhf_gym.sweep import RESULT_METRICS, SweepConfig, expand_cells, finished_cells, run_sweep
 

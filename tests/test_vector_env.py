@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import text_env
-from rlhf_gym.maths import entropy_from_logits
-from text_env.scoring import position_ids_from_mask, response_logprobs
+from rlhf_base.lm import position_ids_from_mask, response_logprobs
+from rlhf_base.maths import entropy_from_logits
 
 
 def test_make_vec_returns_batched_observations(core):
@@ -102,8 +102,8 @@ def test_same_generator_seed_same_rollout(core):
 
 def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
     """Skipping the policy forward (sampler-supplied log-probs) must not change the env's KL or reward."""
+    from rlhf_base.models import trainable_copy
     from text_env.core import EnvCore
-    from text_env.models import trainable_copy
 
     policy = trainable_copy(core.reference)
     with torch.no_grad():

@@ -11,9 +11,9 @@ point and `TextGenVectorEnv` as its `vector_entry_point`:
 
 from gymnasium.envs.registration import register, registry
 
+from rlhf_base.models import load_causal_lm
 from text_env.core import EnvCore
 from text_env.env import TextGenEnv
-from text_env.models import load_causal_lm
 from text_env.sampler import Rollout, rollout
 from text_env.tasks import Task, get_task, load_prompts
 from text_env.vector_env import TextGenVectorEnv

@@ -13,21 +13,13 @@ import numpy as np
 from gymnasium import spaces
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_base.lm import context_length
+from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
-from text_env.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
-from text_env.scoring import Judge, as_reward_fn
+from text_env.judge import Judge, as_reward_fn
 from text_env.tasks import Task, get_task
 
 __all__ = ["EnvCore"]
-
-
-def _context_length(model: PreTrainedModel) -> int | None:
-    config = model.config
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _load_reward_model(reward_model: Any, device: Any) -> Any:
@@ -148,7 +140,7 @@ class EnvCore:
                 f"prompt {i} ({self.task.prompts[i][:60]!r}...) has {lengths[i]} tokens, more than "
                 f"max_prompt_tokens={width}; {len(too_long)} prompt(s) are too long: shorten them or raise the limit"
             )
-        context = _context_length(self.reference)
+        context = context_length(self.reference)
         if context is not None and width + self.max_new_tokens > context:
             raise ValueError(
                 f"prompt width {width} + max_new_tokens {self.max_new_tokens} = {width + self.max_new_tokens} "

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_base.lm import position_ids_from_mask
 from text_env.kv_cache import preallocated_cache
-from text_env.scoring import position_ids_from_mask
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["Rollout", "rollout", "sample_categorical"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_gym.io import read_records
+from rlhf_base.io import read_records
 
 __all__ = ["TASKS", "RewardFn", "Task", "get_task", "load_prompts", "reviews_task"]
 

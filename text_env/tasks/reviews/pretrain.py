@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from rlhf_gym.io import atomic_dir
-from text_env.models import TinyConfig, cache_dir, tiny_gpt2
+from rlhf_base.io import atomic_dir
+from rlhf_base.models import cache_dir
 from text_env.tasks.reviews.language import sample_corpus, vocabulary
+from text_env.tasks.reviews.model import TinyConfig, tiny_gpt2
 from text_env.tasks.reviews.tokenizer import build_tokenizer
 
 __all__ = ["PretrainConfig", "pretrain", "pretrained_tiny_reviews"]

@@ -1,0 +1,12 @@
+"""Floor 1 of rlhf-gym: the shared pieces every other package builds on, and that import none of them.
+
+- `maths`: GAE, whitening, KL estimators, log-probs from logits, the Bradley-Terry loss.
+- `lm`: forward-pass helpers for any causal LM (position ids, teacher forcing, length groups).
+- `models`: loading a causal LM and its tokenizer (built-in names, local dirs, hub ids, GGUF), devices.
+- `config`: typed config dataclasses from YAML and dotted overrides, with errors that say where.
+- `io`: atomic writes, safetensors, record files (JSONL/JSON/CSV/Parquet).
+- `optim`: the one Adam every trainer uses.
+- `deprecation`: aliases that keep moved public names working, with a warning that names the new place.
+
+See `docs/architecture.md` for the floors above it.
+"""

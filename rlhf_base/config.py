@@ -1,0 +1,506 @@
+"""YAML into typed config dataclasses, with errors that name the problem.
+
+Each component (env, agent, reward model) owns one ``@dataclass`` config whose fields carry defaults and a
+comment each (STYLE.md guideline 3). A YAML file in ``configs/`` and ``key=value`` overrides on the command
+line only *override* those fields; this module does that generically and checks every value against the
+field's type annotation, so a typo fails at start-up with the file and line instead of being silently
+ignored or crashing an hour into training::
+
+    cfg = load_config(TrainConfig, "configs/agents/ppo.yaml", ["agent.learning_rate=1e-5", "seed=3"])
+
+Precedence, lowest first: dataclass defaults, then the YAML file, then the overrides in order. A mapping
+given for a nested dataclass field merges key by key into what came before; any other value replaces it.
+Each dataclass is constructed once, from the merged result, so ``__post_init__`` checks see the final
+values and a YAML value fixed by an override never trips them.
+
+Checked types: ``int``, ``float`` (ints accepted), ``bool`` (only YAML booleans, not ``1`` or ``"yes"``
+strings), ``str``, ``Path``, enums, ``Literal[...]``, ``X | None`` and other unions, ``list[...]``,
+``tuple[...]``, ``dict[..., ...]`` and nested dataclasses. ``Any`` or unannotated fields take any value.
+Unlike PyYAML's YAML 1.1 default, ``1e-4`` reads as a float rather than the string ``"1e-4"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import functools
+import re
+import types
+import typing
+from collections import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePath
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from rlhf_base.io import atomic_write
+
+__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "save_config"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key, where it was set, and what is valid."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# A YAML loader that remembers where each key was written
+# --------------------------------------------------------------------------------------------------------
+class _Node(dict):
+    """A YAML mapping that also records, for each key, where it was set (``"in x.yaml line 3"``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: dict[Any, str] = {}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader building :class:`_Node` mappings, rejecting duplicate keys, reading ``1e-4`` as a float."""
+
+    describe: Callable[[int], str] = staticmethod(lambda line: f"line {line}")
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent ("1.0e-4"), so "1e-4" and "1.0e5"
+# would load as strings; accept them as floats, as YAML 1.2 and every config author expect (yaml/pyyaml#173).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterable[_Node]:
+    data = _Node()
+    yield data  # yielded first, as SafeConstructor does, so recursive anchors resolve
+    explicit = {id(key) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"}
+    loader.flatten_mapping(node)  # expand "<<: *anchor" merge keys; explicit keys come after and win
+    first_line: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise ConfigError(f"unhashable key {key!r} {loader.describe(line)}") from None
+        if id(key_node) in explicit:
+            if key in first_line:
+                first = loader.describe(first_line[key])
+                raise ConfigError(f"duplicate key {key!r} {loader.describe(line)} (first set {first})")
+            first_line[key] = line
+        data[key] = loader.construct_object(value_node, deep=True)
+        data.where[key] = loader.describe(line)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
+def _parse_yaml(text: str, describe: Callable[[int], str], name: str, has_lines: bool = True) -> Any:
+    """Parse ``text`` with :class:`_Loader`; syntax errors become a :class:`ConfigError` naming the line.
+
+    ``describe(line)`` says where a key was written (``"in x.yaml line 3"``); ``name`` is the source for
+    syntax errors, whose line is reported when ``has_lines`` (a file) and only the column otherwise.
+    """
+    loader = _Loader(text)
+    loader.describe = describe
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark, context_mark = e.problem_mark or e.context_mark, e.context_mark
+
+        def at(m: yaml.Mark) -> str:
+            return (
+                f"line {m.line + 1}, column {m.column + 1}" if has_lines else f"value column {m.column + 1}"
+            )
+
+        where = f" {at(mark)}" if has_lines and mark else f" ({at(mark)})" if mark else ""
+        problem = str(e.problem or e.context)
+        if e.context and e.problem:
+            problem += f" ({e.context}" + (f" started at {at(context_mark)})" if context_mark else ")")
+        raise ConfigError(f"invalid YAML in {name}{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {name}: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _read_file(path: Path) -> _Node:
+    if not path.is_file():
+        raise ConfigError(
+            f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
+        )
+    data = _parse_yaml(path.read_text(encoding="utf-8"), lambda line: f"in {path} line {line}", str(path))
+    if data is None:
+        return _Node()  # an empty file overrides nothing
+    if not isinstance(data, _Node):
+        raise ConfigError(
+            f"{path} must hold a mapping of config keys to values (key: value lines), "
+            f"got a {_kind(data)}: {_short(data)}"
+        )
+    return data
+
+
+_OVERRIDE_FORM = "KEY=VALUE with a dotted KEY, e.g. 'agent.learning_rate=1e-5' or 'seed=3'"
+
+
+def _parse_override(text: str) -> _Node:
+    """``"a.b.c=value"`` as the nested mapping ``{a: {b: {c: value}}}``, value parsed as YAML."""
+    if not isinstance(text, str):
+        raise ConfigError(f"override {text!r} is not a string; expected {_OVERRIDE_FORM}")
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"malformed override {text!r}: expected {_OVERRIDE_FORM}")
+    where = f"in override {text!r}"
+    value = _parse_yaml(raw, lambda _line: where, f"override {text!r}", has_lines=False)
+    for part in reversed(parts):
+        node = _Node()
+        node[part.strip()] = value
+        node.where[part.strip()] = where
+        value = node
+    return value
+
+
+def _merge(base: _Node, new: _Node) -> None:
+    """Merge ``new`` into ``base`` in place: mappings merge key by key, anything else replaces."""
+    for key, value in new.items():
+        if isinstance(value, _Node) and isinstance(base.get(key), _Node):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+        base.where[key] = new.where[key]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checking values against type annotations
+# --------------------------------------------------------------------------------------------------------
+class _Mismatch(Exception):
+    """A value is not of the expected type; the caller turns it into a ConfigError naming key and place."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+_UNION_TYPES = (Union, types.UnionType)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _type_name(tp: Any, in_union: bool = False) -> str:
+    """A readable name for an annotation: ``float``, ``list[int]``, ``one of 'a', 'b'``, ``int | None``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if tp is type(None) or tp is None:
+        return "None"
+    if origin is Literal:
+        choices = [repr(a) for a in args]
+        return " | ".join(choices) if in_union else "one of " + ", ".join(choices)
+    if origin in _UNION_TYPES:
+        return " | ".join(_type_name(a, in_union=True) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a, in_union=True) for a in args)
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{inner}]" if args else name
+    if isinstance(tp, type):
+        if dataclasses.is_dataclass(tp):
+            return f"a mapping of {tp.__name__} fields"
+        return tp.__name__
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, current: Any, path: str, where: str) -> Any:
+    """Return ``value`` checked against (and lightly converted to) annotation ``tp``.
+
+    Raises :class:`_Mismatch` when the value is of the wrong type, and :class:`ConfigError` for problems
+    inside a nested dataclass, which already carry their own key and place.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return _plain(value)
+    if tp is type(None) or tp is None:
+        if value is None:
+            return None
+        raise _Mismatch()
+    if origin in _UNION_TYPES:
+        if value is None and type(None) in args:
+            return None
+        details = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, current, path, where)
+            except _Mismatch as m:
+                if m.detail:
+                    details.append(m.detail)
+        raise _Mismatch("; ".join(details))
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):
+                return choice
+        close = (
+            difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            if isinstance(value, str)
+            else []
+        )
+        raise _Mismatch(f"did you mean {close[0]!r}?" if close else "")
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _Mismatch()
+        base = current if isinstance(current, tp) else None
+        return _build(tp, _as_node(value, where), path, base)
+    if origin in (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence):
+        return _convert_sequence(value, origin, args, path, where)
+    if origin in (dict, abc.Mapping, abc.MutableMapping):
+        if not isinstance(value, Mapping):
+            raise _Mismatch()
+        key_tp, value_tp = args if len(args) == 2 else (Any, Any)
+        out = {}
+        for key, item in value.items():
+            try:
+                k = _convert(key, key_tp, None, path, where)
+                v = _convert(item, value_tp, None, f"{path}.{key}", where)
+            except _Mismatch as m:
+                raise _Mismatch(f"entry {key!r}: {item!r}" + (f" ({m.detail})" if m.detail else "")) from None
+            out[k] = v
+        return out
+    if origin is not None:
+        return _plain(value)  # an annotation we do not model (Callable, ...): trust the author
+    return _convert_simple(value, tp)
+
+
+def _convert_sequence(value: Any, origin: Any, args: tuple[Any, ...], path: str, where: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch()
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise _Mismatch(f"needs exactly {len(args)} items, got {len(value)}")
+        item_types = list(args)
+    else:
+        item_types = [args[0] if args else Any] * len(value)
+    items = []
+    for i, (item, item_tp) in enumerate(zip(value, item_types, strict=True)):
+        try:
+            items.append(_convert(item, item_tp, None, f"{path}[{i}]", where))
+        except _Mismatch as m:
+            raise _Mismatch(f"item {i} is {item!r}" + (f" ({m.detail})" if m.detail else "")) from None
+    if origin in (tuple, set, frozenset):
+        return origin(items)
+    return items
+
+
+def _convert_simple(value: Any, tp: Any) -> Any:
+    """Check a plain class: the numeric tower without bool, str-like paths, enums by value or name."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch("use true or false" if value in (0, 1, "0", "1") or isinstance(value, str) else "")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch("quote it to make it a string" if isinstance(value, (int, float, bool)) else "")
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        if isinstance(value, (str, PurePath)):
+            return tp(value)
+        raise _Mismatch()
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or value == member.name or value is member:
+                return member
+        names = [repr(m.value) for m in tp]
+        raise _Mismatch(f"valid values: {', '.join(names)}")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return _plain(value)
+        raise _Mismatch()
+    return _plain(value)  # a TypeVar, a string annotation that did not resolve, ...: trust the author
+
+
+def _as_node(value: Mapping[Any, Any], where: str) -> _Node:
+    if isinstance(value, _Node):
+        return value
+    node = _Node()
+    for key, item in value.items():
+        node[key] = item
+        node.where[key] = where
+    return node
+
+
+def _plain(value: Any) -> Any:
+    """Strip :class:`_Node` (a dict subclass YAML dumpers reject) from values stored as they came."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building dataclasses
+# --------------------------------------------------------------------------------------------------------
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of ``cls``'s init fields; ``get_type_hints`` resolves postponed (string) ones."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a name only imported under TYPE_CHECKING: check what resolves, trust the rest
+        hints = {}
+    return {
+        f.name: hints.get(f.name, Any if isinstance(f.type, str) else f.type)
+        for f in dataclasses.fields(cls)
+        if f.init
+    }
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _build(cls: type[T], node: _Node, path: str, base: T | None) -> T:
+    """Instantiate ``cls`` from ``node``; fields absent from ``node`` keep ``base``'s values or defaults."""
+    types_ = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    section = f"'{path}' ({cls.__name__})" if path else cls.__name__
+    for key in node:
+        if key not in types_:
+            dotted = f"{path}.{key}" if path else str(key)
+            at = f" at '{dotted}'" if path else ""
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {key!r}{at} {node.where[key]}{hint}; valid keys for {section}: "
+                + ", ".join(types_)
+            )
+    kwargs = {}
+    for key, value in node.items():
+        dotted = f"{path}.{key}" if path else key
+        current = getattr(base, key) if base is not None else _default(fields[key])
+        try:
+            kwargs[key] = _convert(value, types_[key], current, dotted, node.where[key])
+        except _Mismatch as m:
+            raise ConfigError(
+                f"bad value for '{dotted}' {node.where[key]}: expected {_type_name(types_[key])}, "
+                f"got {_short(value)} ({_kind(value)})" + (f"; {m.detail}" if m.detail else "")
+            ) from None
+    if base is None:
+        missing = [
+            name
+            for name, f in fields.items()
+            if name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(
+                f"missing required key(s) for {section}: {', '.join(missing)} (these fields have no default)"
+            )
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a __post_init__ check of the author's
+        sources = sorted(set(node.where.values()))
+        set_by = f" (values set {', '.join(sources)})" if sources else ""
+        raise ConfigError(f"invalid config for {section}{set_by}: {e}") from e
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` from its defaults, a YAML file, then dotted-key overrides, checking every value.
+
+    Args:
+        cls: A ``@dataclass`` type whose fields have defaults; fields typed as dataclasses nest.
+        path: YAML file holding a mapping that overrides fields (nested mappings for nested configs), or
+            ``None`` for defaults plus overrides only.
+        overrides: Strings ``"a.b.c=value"``, applied after the file, in order; ``value`` is parsed as YAML,
+            so ``3``, ``0.1``, ``1e-5``, ``true``, ``[1, 2]`` and ``null`` mean what they say.
+
+    Returns:
+        A new ``cls`` instance.
+
+    Raises:
+        ConfigError: The file is missing, not valid YAML or not a mapping; a key is unknown (the message
+            gives its dotted path, file and line, the closest valid key and all valid keys); a value has
+            the wrong type (the message gives key, place, expected type and value); an override lacks
+            ``=``; or the dataclass's own ``__post_init__`` rejected the result.
+        TypeError: ``cls`` is not a dataclass type.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
+    if isinstance(overrides, str):
+        overrides = [overrides]  # one override, not one per character
+    tree = _read_file(Path(path)) if path is not None else _Node()
+    for text in overrides:
+        _merge(tree, _parse_override(text))
+    return _build(cls, tree, "", None)
+
+
+def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "in a mapping") -> T:
+    """Build ``cls`` from defaults and a (nested) mapping, with the same checks and errors as ``load_config``.
+
+    For configs given in code, e.g. ``make_agent("ppo", envs, {"lr": 1e-4})``; ``where`` names the source.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
+    return _build(cls, _as_node(values, where), "", None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing configs back out
+# --------------------------------------------------------------------------------------------------------
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, enum.Enum):
+        return _to_plain(value.value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {_to_plain(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain dicts, lists, strings and numbers, ready for YAML or JSON.
+
+    Only ``__init__`` fields are written, never properties: derived values are recomputed on load, so the
+    file can be fed back to :func:`load_config` and gives an equal config.
+    """
+    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {type(cfg).__name__}")
+    return {f.name: _to_plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically, e.g. into a run folder so the run can be repeated."""
+    header = f"# Resolved {type(cfg).__name__}: every field, defaults included.\n"
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    atomic_write(path, header + body)

@@ -1,0 +1,64 @@
+"""Keep moved public names working for a release, with a warning that names their new home.
+
+The layering redesign (issue 11) moved modules between packages. The old import paths stay importable
+through one-line alias modules: `alias_module` makes the old name the new module itself (so `mock.patch`
+and `isinstance` see one object), `moved_names` forwards some attributes of a module that was split.
+New imports are resolved by name at run time, so a lower floor's alias does not import a higher floor
+until someone uses the old path; `MOVED` lists every alias, and the layering test checks nothing else
+does so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+__all__ = ["MOVED", "REMOVED_IN", "alias_module", "moved_names"]
+
+REMOVED_IN = "0.3"
+
+#: old module -> where its contents live now (a module, or "several" for a split module).
+MOVED: dict[str, str] = {
+    "rlhf_gym.maths": "rlhf_base.maths",
+    "rlhf_gym.io": "rlhf_base.io",
+    "rlhf_gym.config": "rlhf_base.config",
+    "rlhf_gym.optim": "rlhf_base.optim",
+    "text_env.models": "rlhf_base.models (tiny_gpt2, TinyConfig: text_env.tasks.reviews.model)",
+    "text_env.scoring": "rlhf_base.lm (forward-pass helpers), text_env.judge (Judge, as_reward_fn)",
+    "reward_models.labeller": "rlhf_gym.label",
+    "reward_models.commands": "rlhf_gym.train_rm (train-rm), rlhf_gym.label (label)",
+    "agents.commands": "rlhf_gym.train",
+    "agents.sft": "rlhf_gym.sft (SFTConfig, train_sft, run_sft; the loss and step stay in agents.sft)",
+}
+
+
+def _warn(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} has moved to {new}; the old name will be removed in rlhf-gym {REMOVED_IN}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
+def alias_module(old: str, new: str) -> ModuleType:
+    """Make module `old` an alias of module `new` (called from `old`'s own, otherwise empty, file)."""
+    _warn(old, new)
+    module = importlib.import_module(new)
+    sys.modules[old] = module  # the import system returns this object for `old` from now on
+    return module
+
+
+def moved_names(old: str, names: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that forwards each moved attribute name to its new module, with a warning."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in names:
+            raise AttributeError(f"module {old!r} has no attribute {name!r}")
+        _warn(f"{old}.{name}", f"{names[name]}.{name}")
+        return getattr(importlib.import_module(names[name]), name)
+
+    return __getattr__

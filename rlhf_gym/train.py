@@ -1,0 +1,112 @@
+"""`rlhf-gym train --agent NAME`: train one agent on the env and write its metrics and policy to a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+from agents.registry import available, get_agent_class, resolve_config
+from rlhf_base.config import load_config, save_config
+from rlhf_base.io import append_jsonl, atomic_write
+from text_env.config import EnvConfig
+
+__all__ = ["add_train_command", "train"]
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`env.beta=0.1` goes to the env config, everything else to the agent's."""
+    env = [o.removeprefix("env.") for o in overrides if o.startswith("env.")]
+    return env, [o for o in overrides if not o.startswith("env.")]
+
+
+def train(
+    agent_name: str,
+    run_dir: str | Path,
+    agent_config: str | Path | None = None,
+    env_config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Build the env and agent from configs, learn, evaluate, save; every iteration's metrics land on disk."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env_over, agent_over = _split_overrides(list(overrides or []))
+    env_cfg = load_config(EnvConfig, env_config, env_over)
+    agent_cls = get_agent_class(agent_name)
+    if agent_config is None and Path(f"configs/agents/{agent_name}.yaml").is_file():
+        agent_config = f"configs/agents/{agent_name}.yaml"
+    cfg = resolve_config(agent_cls, agent_config, agent_over)
+    save_config(env_cfg, run_dir / "env.yaml")
+    save_config(cfg, run_dir / "agent.yaml")
+
+    envs = env_cfg.make()
+    agent = agent_cls(envs, cfg)
+    baseline = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    start = time.perf_counter()
+
+    def log(agent_, metrics: dict[str, float]) -> None:
+        append_jsonl({"agent": agent_name, **metrics}, metrics_path)
+        step = int(metrics["iteration"])
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"{agent_name}/{key}", value, step)
+        if progress:
+            print(
+                f"[{agent_name}] it {step:3d}  rm {metrics['rm_score']:+.3f}  gold {metrics['gold_score']:+.3f}  "
+                f"kl {metrics['kl']:.3f}  len {metrics['length']:.1f}  ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
+
+    history = agent.learn(callback=log)
+    writer.close()
+    final = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
+    agent.save(run_dir / "policy")
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        rows = [{"agent": agent_name, **m} for m in history]
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            out = csv.DictWriter(f, fieldnames=fields)
+            out.writeheader()
+            out.writerows(rows)
+    summary = {
+        "agent": agent_name,
+        "reference": baseline,
+        "final": final,
+        "seconds": time.perf_counter() - start,
+    }
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if progress:
+        print(
+            f"[{agent_name}] pi_ref: rm {baseline['rm_score']:+.3f} gold {baseline['gold_score']:+.3f} | "
+            f"trained: rm {final['rm_score']:+.3f} gold {final['gold_score']:+.3f} kl {final['kl']:.3f} "
+            f"-> {run_dir}"
+        )
+    return history
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one agent on the env (PPO, REINFORCE, best-of-n, RAFT, SB3, yours)"
+    )
+    p.add_argument("--agent", required=True, help=f"one of {available()}")
+    p.add_argument("--config", default=None, help="agent YAML (default: configs/agents/NAME.yaml)")
+    p.add_argument("--env-config", default=None, help="env YAML (EnvConfig fields)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
+    p.add_argument("--device", default=None, help="overrides env.device")
+    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE; env.* keys go to the env config")
+
+    def run(args: argparse.Namespace) -> int:
+        overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
+        train(args.agent, args.run_dir or f"runs/train-{args.agent}", args.config, args.env_config, overrides)
+        return 0
+
+    p.set_defaults(handler=run)

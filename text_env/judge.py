@@ -1,0 +1,175 @@
+"""The env's judge: turn finished responses into rewards with one teacher-forced forward per model.
+
+The terminal reward is `rm_score - beta * kl`, where `kl` sums a per-token estimator of
+`log pi(w_i | w_<i, x) - log pi_ref(w_i | w_<i, x)` over the response (Ziegler et al. 2019; Stiennon et
+al. 2020). Scoring happens once per finished batch of rows, never per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_base.lm import by_response_length, last_token_index, response_logprobs, token_logprobs
+from rlhf_base.maths import KL_ESTIMATORS, kl_per_token
+from text_env.tasks import RewardFn
+
+__all__ = ["Judge", "as_reward_fn"]
+
+
+def as_reward_fn(reward_model: Any) -> RewardFn:
+    """Accept a reward model object (with `.score`) or a plain callable `(prompts, responses) -> scores`."""
+    if hasattr(reward_model, "score") and callable(reward_model.score):
+        return reward_model.score
+    if callable(reward_model):
+        return reward_model
+    raise TypeError(
+        f"reward_model must be a callable (prompts, responses) -> scores, or an object with .score(...); "
+        f"got {type(reward_model).__name__}"
+    )
+
+
+def _as_scores(values: Any, expected: int, what: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    scores = np.asarray(values, dtype=np.float32)
+    if scores.shape != (expected,):
+        raise ValueError(
+            f"{what} returned scores of shape {scores.shape}; expected ({expected},), one per response"
+        )
+    return scores
+
+
+@dataclass
+class Judge:
+    """Everything that turns a finished response into a reward; shared by the single and the vector env."""
+
+    reference: PreTrainedModel  # pi_ref, frozen
+    policy: PreTrainedModel  # pi, the model the agent trains (handed to the env with `set_policy`)
+    reward_fn: RewardFn  # the (learned) reward model: the proxy the agent optimises
+    gold_fn: RewardFn | None  # the task's gold reward: logged for evaluation, never part of the reward
+    beta: float  # KL coefficient
+    kl_estimator: str  # "k1" (log-ratio), "k2" or "k3"; the same estimator is logged and optimised
+    tokenizer: PreTrainedTokenizerBase | None = None  # the env's; lets a reward model that reads pi_ref's
+    # log-probs share the reference forward (`shared_reward_model`)
+
+    def __post_init__(self) -> None:
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
+        if not np.isfinite(self.beta) or self.beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
+
+    def shared_reward_model(self) -> Any:
+        """The reward model behind `reward_fn` when its frozen LM is `reference` itself, else None.
+
+        Such a reward model (the pipeline's: its head reads pi_ref's log-prob statistics) can take the
+        token log-probs of the reference forward the KL needs anyway (`score_tokens`): one teacher-forced
+        forward of pi_ref per batch instead of two, and no re-tokenising of the text.
+        """
+        model = getattr(self.reward_fn, "__self__", None)  # `as_reward_fn` keeps the bound `.score`
+        if self.tokenizer is None or model is None or not hasattr(model, "reads_logprobs_of"):
+            return None
+        if self._shares[0] is not model:  # checked once per reward model (it compares weights)
+            self._shares = (model, bool(model.reads_logprobs_of(self.reference, self.tokenizer)))
+        return model if self._shares[1] else None
+
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        response_start: int,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        logprobs: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Score k finished rows in one batched forward per model.
+
+        `logprobs` (k, N), when the sampler already computed log pi of every response token, replaces the
+        policy's forward pass: its result is known (the reference's forward always runs).
+
+        Returns arrays keyed by name: `reward`, `rm_score`, `kl`, `gold_score` (NaN without a gold reward),
+        each (k,), and `logprobs`, `ref_logprobs`, (k, N) with 0 at padding.
+        """
+        device = next(self.policy.parameters()).device
+        ids = torch.as_tensor(input_ids, device=device)
+        mask = torch.as_tensor(attention_mask, device=device)
+        response_mask = mask[:, response_start:].float()  # (k, N)
+        if logprobs is None:
+            logprobs = response_logprobs(self.policy, ids, mask, response_start, group_by_length=True)
+        else:
+            logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
+        logprobs = logprobs * response_mask
+        shared = self.shared_reward_model()
+        # Both checks read the host arrays the env passed in: no device round trip.
+        if shared is not None and int(np.asarray(attention_mask).sum(-1).max()) + 1 <= shared.max_length:
+            ref_logprobs, rm_score = self._reference_and_reward(shared, ids, mask, response_start)
+            text_rows = self._rows_with_specials(
+                np.asarray(input_ids)[:, response_start:], np.asarray(attention_mask)[:, response_start:]
+            )
+            if len(text_rows):  # the text path drops special tokens inside a response: score those as text
+                rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
+                                                        [responses[i] for i in text_rows])  # fmt: skip
+        else:
+            ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, group_by_length=True)
+            rm_score = self._text_scores(prompts, responses)
+        ref_logprobs = ref_logprobs * response_mask
+        kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
+        kl = kl.cpu().numpy().astype(np.float32)
+        if self.gold_fn is self.reward_fn:  # the gold reward serves as the reward model: score once
+            gold = rm_score.copy()
+        elif self.gold_fn is not None:
+            gold = _as_scores(self.gold_fn(list(prompts), list(responses)), len(responses), "gold reward")
+        else:
+            gold = np.full(len(responses), np.nan, dtype=np.float32)
+        return {
+            "reward": rm_score - np.float32(self.beta) * kl,
+            "rm_score": rm_score,
+            "kl": kl,
+            "gold_score": gold,
+            "logprobs": logprobs.cpu().numpy(),
+            "ref_logprobs": ref_logprobs.cpu().numpy(),
+        }
+
+    def _text_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        return _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
+
+    def _rows_with_specials(self, response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
+        """Rows whose response holds a special token other than its final EOS (the decoded text drops it).
+
+        Only those rows go the text path; the others' token scores equal it when every sequence plus its
+        EOS fits the reward model (otherwise the text path keeps only the last `max_length` tokens)."""
+        last = response_mask.sum(-1, keepdims=True) - 1  # (k, 1)
+        final_eos = (np.arange(response_ids.shape[1]) == last) & (response_ids == self.tokenizer.eos_token_id)
+        odd = np.isin(response_ids, self.tokenizer.all_special_ids) & (response_mask == 1) & ~final_eos
+        return np.flatnonzero(odd.any(-1))
+
+    def _reference_and_reward(
+        self, reward_model: Any, ids: torch.Tensor, mask: torch.Tensor, response_start: int
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """pi_ref's response log-probs (k, N) and the reward model's scores (k,) from one reference forward.
+
+        The reward model reads `prompt + response + EOS`: rows cut off at N tokens get the EOS appended in
+        one extra column, whose log-prob only the reward model's statistics use.
+        """
+        k, n = ids.shape[0], ids.shape[1] - response_start
+        last = last_token_index(mask)  # (k,)
+        rows = torch.arange(k, device=ids.device)
+        needs_eos = ids[rows, last] != self.tokenizer.eos_token_id
+        ids = torch.cat([ids, ids.new_full((k, 1), self.tokenizer.pad_token_id)], dim=1)
+        mask = torch.cat([mask, mask.new_zeros((k, 1))], dim=1)
+        ids[rows[needs_eos], last[needs_eos] + 1] = self.tokenizer.eos_token_id
+        mask[rows[needs_eos], last[needs_eos] + 1] = 1
+
+        def forward(g_ids: torch.Tensor, g_mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
+            logprobs = token_logprobs(self.reference, g_ids, g_mask)  # (rows, T-1)
+            return logprobs[:, start - 1 :], reward_model.score_tokens(g_ids, g_mask, logprobs)
+
+        ref_logprobs, scores = by_response_length(forward, ids, mask, response_start, calls=2)
+        return ref_logprobs[:, :n], _as_scores(scores, k, "reward_model")
