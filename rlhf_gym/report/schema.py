@@ -20,7 +20,7 @@ the swept fields.
 A *configuration* is the value of every column that is not a metric, `cell`, `seed`, `iteration`,
 `learns` or `ref_*` (see :func:`config_columns`): the agent, beta and the swept fields.
 
-Run folders written before issue 11 name three metrics differently (`OLD_NAMES`: `proxy_reward`,
+Run folders written before issue 11 name the reward columns differently (`OLD_NAMES`: `proxy_reward`,
 `gold_reward`, `ref_proxy_reward`, ...) and have no `learns` column. The reader renames the columns with
 an `OldColumnsWarning` (a DeprecationWarning; the report adds a note), the sweep upgrades such a file's
 header before it appends to it, and :func:`sampling_agents` takes a missing declaration from the
