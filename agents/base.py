@@ -2,8 +2,8 @@
 
 No base class holds control flow: each algorithm reads top to bottom in its own file (cleanrl-style) and
 meets this protocol structurally. Shared here are only the things that must be identical across agents
-for a comparison to be fair: the metric names and how they are computed, how a policy acts on an
-observation, and how it is saved.
+for a comparison to be fair: the metric names (`METRIC_KEYS`, defined once in `rlhf_base.metrics`) and
+how they are computed, how a policy acts on an observation, and how it is saved.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 import text_env
 from rlhf_base.io import atomic_dir
 from rlhf_base.lm import position_ids_from_mask
+from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
 from text_env.sampler import Rollout
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "NonFiniteLossError",
     "Callback",
     "act_with_policy",
+    "agent_learns",
     "check_finite",
     "evaluate_policy",
     "load_policy",
@@ -36,26 +38,22 @@ __all__ = [
     "save_policy",
 ]
 
-#: The metrics every agent reports per iteration, so sweeps compare like with like.
-METRIC_KEYS = (
-    "iteration",  # 1-based learning iteration (0 for an evaluation of the starting policy)
-    "rm_score",  # mean proxy reward: the reward model's score, what the agent optimises
-    "gold_score",  # mean gold reward (NaN when the task has none): evaluation only
-    "kl",  # mean per-response KL(pi || pi_ref) estimate, as the env computes it
-    "reward",  # mean env reward: rm_score - beta * kl
-    "length",  # mean response length in tokens (EOS included)
-    "entropy",  # mean per-token entropy of the policy while sampling
-    "wall_time",  # seconds since learn() started
-    "tokens",  # response tokens generated so far by this agent
-)
-
 #: Called after every iteration with the agent and that iteration's metrics; return False to stop early.
 Callback = Callable[[Any, dict[str, float]], bool | None]
 
 
 @runtime_checkable
 class Agent(Protocol):
-    """The small interface every agent meets (native, SB3-backed, or a user's own)."""
+    """The small interface every agent meets (native, SB3-backed, or a user's own).
+
+    An agent class may also declare `learns = False` (read with `agent_learns`; agents that lack the
+    attribute learn). It says the agent trains nothing and only selects among samples of a fixed policy,
+    as best-of-n does: its iterations are repeated draws rather than a learning curve, and its KL is that
+    of the selection (`log n - (n-1)/n` for best-of-n). A sweep writes the declaration into results.csv's
+    `learns` column, and the report then labels the agent's points with its `n` and fits Gao et al.'s
+    best-of-n form to them, whatever the agent is called. It is not a protocol member, so agents written
+    before it still pass `isinstance(agent, Agent)`.
+    """
 
     name: str  # registry name, e.g. "ppo"
     envs: text_env.TextGenVectorEnv  # the env it acts on; `envs.policy` is the model it trains
@@ -78,6 +76,11 @@ class Agent(Protocol):
     def save(self, path: str | Path) -> None: ...
 
     def load(self, path: str | Path) -> None: ...
+
+
+def agent_learns(agent: Any) -> bool:
+    """An agent's (or agent class's) `learns` declaration; True for agents that do not declare it."""
+    return bool(getattr(agent, "learns", True))
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -103,6 +103,7 @@ class BestOfNAgent:
 
     name = "best_of_n"
     Config = BestOfNConfig
+    learns = False  # selects among samples of a fixed policy: the report draws it as one point per n
 
     def __init__(self, envs: text_env.TextGenVectorEnv, config: BestOfNConfig) -> None:
         if config.n < 1:

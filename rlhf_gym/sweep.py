@@ -2,7 +2,8 @@
 
 Every finished cell is appended to `runs/<name>/results.csv` (one row) and `curves.csv` (one row per
 iteration) by the parent process alone, a whole line at a time, so a killed sweep loses only the cells in
-flight; rerunning it skips every cell already in results.csv.
+flight; rerunning it skips every cell already in results.csv. The rows are built by the report's schema
+(`rlhf_gym.report.schema`), the one definition of both files' columns, in the agents' metric names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ from typing import Any
 import yaml
 
 from rlhf_base.config import config_from_dict, config_to_dict, load_config, save_config
+from rlhf_gym.report.schema import (
+    CURVE_METRICS,
+    RESULT_METRICS,
+    curve_rows,
+    reference_row,
+    result_row,
+    upgrade_name,
+)
 from text_env.config import EnvConfig
 
 __all__ = [
@@ -35,18 +44,6 @@ __all__ = [
     "run_cell",
     "run_sweep",
 ]
-
-#: Metric columns of results.csv and curves.csv, after the configuration columns.
-RESULT_METRICS = (
-    "kl",
-    "proxy_reward",
-    "gold_reward",
-    "length",
-    "entropy",
-    "wall_time",
-    "tokens",
-    "iterations",
-)
 
 
 @dataclass
@@ -152,6 +149,7 @@ def run_cell(cell: Cell, config: SweepConfig) -> tuple[dict[str, Any], list[dict
     """Train and evaluate one cell (in a worker process); return its results row and curve rows."""
     import torch
 
+    from agents.base import agent_learns
     from agents.registry import get_agent_class, resolve_config
 
     torch.set_num_threads(config.threads_per_worker)
@@ -166,47 +164,27 @@ def run_cell(cell: Cell, config: SweepConfig) -> tuple[dict[str, Any], list[dict
     agent = agent_cls(envs, agent_cfg)
     history = agent.learn()
     final = agent.evaluate(num_episodes=config.eval_episodes, seed=10_000 + cell.seed)
-    columns = cell.columns()
-    row = {
-        **columns,
-        "kl": final["kl"],
-        "proxy_reward": final["rm_score"],
-        "gold_reward": final["gold_score"],
-        "length": final["length"],
-        "entropy": final.get("entropy", math.nan),
-        "wall_time": history[-1]["wall_time"] if history else 0.0,
-        "tokens": history[-1]["tokens"] if history else 0.0,
-        "iterations": len(history),
-    }
-    curves = [
-        {
-            **columns,
-            "iteration": m["iteration"],
-            "kl": m["kl"],
-            "proxy_reward": m["rm_score"],
-            "gold_reward": m["gold_score"],
-            "length": m["length"],
-            "entropy": m["entropy"],
-            "wall_time": m["wall_time"],
-            "tokens": m["tokens"],
-        }
-        for m in history
-    ]
-    return row, curves
+    row = result_row(cell.columns(), agent_learns(agent_cls), final, history)
+    return row, curve_rows(cell.columns(), history)
 
 
 def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows to a CSV, widening the header if a new column appears (rare: a new swept key)."""
+    """Append rows to a CSV, widening the header if a new column appears (rare: a new swept key).
+
+    A file written before issue 11 has its old column names upgraded first (`schema.OLD_NAMES`), so a
+    resumed sweep never mixes the two vocabularies in one file.
+    """
     existing: list[dict[str, Any]] = []
     fields: list[str] = []
+    upgraded: list[str] = []
     if path.is_file() and path.stat().st_size:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             fields = list(reader.fieldnames or [])
-            new_keys = [k for row in rows for k in row if k not in fields]
-            if new_keys:
-                existing = list(reader)
-    new_fields = list(dict.fromkeys([*fields, *(k for row in rows for k in row)]))
+            upgraded = [upgrade_name(k) for k in fields]
+            if upgraded != fields or any(k not in upgraded for row in rows for k in row):
+                existing = [{upgrade_name(k): v for k, v in row.items()} for row in reader]
+    new_fields = list(dict.fromkeys([*upgraded, *(k for row in rows for k in row)]))
     if new_fields != fields:  # rewrite with the wider header (atomically), then append
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
@@ -228,15 +206,13 @@ def _reference_metrics(config: SweepConfig, run_dir: Path) -> dict[str, float]:
     key = json.dumps(config_to_dict(config.env), sort_keys=True)
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("env") == key:
-            return cached["metrics"]
+        if cached.get("env") == key:  # a cache written before issue 11 has the old names
+            return {upgrade_name(k): v for k, v in cached["metrics"].items()}
     from agents.base import evaluate_policy
 
-    ref = evaluate_policy(config.env.make(), num_episodes=config.eval_episodes, seed=10_000)
-    metrics = {
-        "ref_proxy_reward": ref["rm_score"],
-        "ref_gold_reward": ref["gold_score"],
-    }
+    metrics = reference_row(
+        evaluate_policy(config.env.make(), num_episodes=config.eval_episodes, seed=10_000)
+    )
     path.write_text(json.dumps({"env": key, "metrics": metrics}, indent=2))
     return metrics
 
@@ -247,7 +223,7 @@ def _write_tensorboard(path: Path, curves: list[dict[str, Any]]) -> None:
 
     writer = SummaryWriter(str(path))
     for row in curves:
-        for key in ("proxy_reward", "gold_reward", "kl", "length", "entropy"):
+        for key in CURVE_METRICS:
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(key, value, int(row["iteration"]))
@@ -267,6 +243,9 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
     run_dir = Path(config.runs_root) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "sweep.yaml")
+    for name in ("results.csv", "curves.csv"):  # a folder written before issue 11 gets today's column names
+        if (run_dir / name).is_file():
+            _append_rows(run_dir / name, [])
     cells = expand_cells(config)
     done = finished_cells(run_dir)
     todo = [c for c in cells if c.id not in done]
@@ -285,7 +264,7 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
         _append_rows(run_dir / "results.csv", [row])
         if progress:
             print(
-                f"[sweep {config.name}] {cell.id}: gold {row['gold_reward']:+.3f} proxy {row['proxy_reward']:+.3f} "
+                f"[sweep {config.name}] {cell.id}: gold {row['gold_score']:+.3f} proxy {row['rm_score']:+.3f} "
                 f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
                 flush=True,
             )

@@ -2,7 +2,8 @@
 
 The fixtures `data/sweep_results.csv` (2 agents x 2 betas x 3 seeds, values picked so every mean and CI is
 a one-line hand computation) and `data/sweep_curves.csv` (each cell's iterations 0..4, moving from pi_ref to
-the cell's final values with a bump of gold halfway) follow the sweep's data contract.
+the cell's final values with a bump of gold halfway) follow the sweep's data contract (`report.schema`).
+`data/sweep_*_old_names.csv` hold the same numbers under the column names used before issue 11.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 from rlhf_base.io import DataError
 from rlhf_base.maths import best_of_n_kl
 from rlhf_gym.report import (
+    OldColumnsWarning,
     add_report_command,
     fit_gao,
     gao_fits,
@@ -27,9 +30,11 @@ from rlhf_gym.report import (
     mean_ci,
     read_curves,
     read_results,
+    sampling_agents,
     summarise,
     t_quantile_975,
 )
+from rlhf_gym.report import plots as report_plots
 
 DATA = Path(__file__).parent / "data"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -85,8 +90,8 @@ def test_summarise_groups_by_configuration_over_seeds():
     ]
     assert summary["seeds"].tolist() == [3, 3, 3, 3]
     ppo = summary.iloc[0]
-    assert ppo["gold_reward_mean"] == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3
-    assert ppo["gold_reward_ci"] == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-4)  # sd 0.1
+    assert ppo["gold_score_mean"] == pytest.approx(0.2)  # (0.1 + 0.2 + 0.3) / 3
+    assert ppo["gold_score_ci"] == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-4)  # sd 0.1
     assert ppo["kl_ci"] == pytest.approx(T2 * 0.2 / math.sqrt(3), rel=1e-4)  # kl 2.0, 2.2, 2.4: sd 0.2
     assert summary.iloc[3]["kl_ci"] == pytest.approx(0.0)  # reinforce beta 0.1: kl 1.5 for every seed
 
@@ -115,9 +120,9 @@ def _rows(agent: str, n: float, seeds: list[int], gold: list[float]) -> list[dic
             "beta": 0.0,
             "n": n,
             "kl": 0.5,
-            "proxy_reward": 1.0,
+            "rm_score": 1.0,
         }
-        | {"gold_reward": g}
+        | {"gold_score": g}
         for s, g in zip(seeds, gold, strict=True)
     ]
 
@@ -172,28 +177,70 @@ def test_fit_gao_refuses_too_few_points_and_unknown_forms():
         fit_gao([1.0, 2.0, 3.0], [0.1, 0.2, 0.3], "ppo")
 
 
-def test_best_of_n_fit_uses_the_analytic_kl_and_the_gain_over_pi_ref():
-    a, b, ref = 0.5, 0.2, 0.1
+def _sampling_rows(
+    agent: str, learns: object, a: float = 0.5, b: float = 0.2, ref: float = 0.1
+) -> pd.DataFrame:
+    """Cells of an agent whose gold gain is exactly Gao's best-of-n form at the analytic KL of each n."""
     rows = []
     for n in (1, 2, 4, 8, 16, 64):
         d = math.sqrt(best_of_n_kl(n))
         for seed in (0, 1):
             rows.append(
-                {"cell": f"bon-{n}-{seed}", "agent": "best_of_n", "seed": seed, "beta": 0.0, "n": n}
-                | {"kl": best_of_n_kl(n), "proxy_reward": 1.0, "gold_reward": ref + d * (a - b * d)}
-                | {"ref_gold_reward": ref}
+                {"cell": f"{agent}-{n}-{seed}", "agent": agent, "seed": seed, "beta": 0.0, "n": n}
+                | {
+                    "learns": learns,
+                    "kl": best_of_n_kl(n),
+                    "rm_score": 1.0,
+                    "gold_score": ref + d * (a - b * d),
+                }
+                | {"ref_gold_score": ref}
             )
-    fit = gao_fits(pd.DataFrame(rows))["best_of_n"]
+    return pd.DataFrame(rows)
+
+
+def test_an_agent_that_declares_it_learns_nothing_gets_the_best_of_n_fit_whatever_its_name():
+    a, b = 0.5, 0.2
+    fit = gao_fits(_sampling_rows("my_sampler", False, a, b))["my_sampler"]  # a user's agent, not registered
     assert (fit.kind, fit.source, fit.note) == ("bon", "results.csv", "")
     assert (fit.a, fit.b) == (pytest.approx(a), pytest.approx(b))
     assert fit.d_peak == pytest.approx(a / (2 * b))  # dR/dd = a - 2 b d = 0
+    # the declaration decides, not the name: best_of_n's rows that say they learn get the RL form
+    assert gao_fits(_sampling_rows("best_of_n", True))["best_of_n"].kind == "rl"
+    assert sampling_agents(_sampling_rows("my_sampler", "False")) == {"my_sampler"}  # as read from CSV text
+
+
+def test_rows_without_the_declaration_take_it_from_the_registered_agent_class():
+    """Run folders written before the `learns` column: the class in the registry says it."""
+    rows = pd.concat([_sampling_rows("best_of_n", None), _sampling_rows("not_registered", None)])
+    assert sampling_agents(rows.drop(columns="learns")) == {"best_of_n"}
+    assert sampling_agents(rows) == {"best_of_n"}  # empty cells of the column (a resumed old file) too
+    assert gao_fits(rows.drop(columns="learns"))["not_registered"].kind == "rl"  # the protocol's default
+
+
+def _frontier_texts(results: pd.DataFrame, tmp_path: Path, monkeypatch) -> dict[str, list[str]]:
+    """The annotations plot_frontier puts on each panel, by the panel's y label."""
+    figures = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    report_plots.plot_frontier(results, tmp_path / "frontier.png")
+    return {ax.get_ylabel(): sorted(t.get_text() for t in ax.texts) for ax in figures[0].axes}
+
+
+def test_frontier_labels_the_points_of_agents_that_learn_nothing_with_their_n(tmp_path, monkeypatch):
+    swept = _frontier_texts(_sampling_rows("my_sampler", False), tmp_path, monkeypatch)
+    assert swept["gold reward (gold_score)"] == ["n=1", "n=16", "n=2", "n=4", "n=64", "n=8"]
+    # a swept field of another name: n is read back from the analytic KL log n - (n-1)/n
+    unswept = _sampling_rows("my_sampler", False).rename(columns={"n": "budget"})
+    texts = _frontier_texts(unswept, tmp_path, monkeypatch)
+    assert texts["proxy reward (rm_score)"] == swept["gold reward (gold_score)"]
+    learning = _frontier_texts(_sampling_rows("my_sampler", True), tmp_path, monkeypatch)
+    assert learning["gold reward (gold_score)"] == []  # an agent that learns has no n to show
 
 
 def test_rl_fits_pool_every_iteration_of_the_curves():
     results, curves = read_results(DATA / "sweep_results.csv"), read_curves(DATA / "sweep_curves.csv")
     fits = gao_fits(results, curves)
     ppo = curves[curves["agent"] == "ppo"]
-    expected = fit_gao(np.sqrt(ppo["kl"]), ppo["gold_reward"] - 0.05, "rl")  # pi_ref's gold is 0.05
+    expected = fit_gao(np.sqrt(ppo["kl"]), ppo["gold_score"] - 0.05, "rl")  # pi_ref's gold is 0.05
     assert (fits["ppo"].kind, fits["ppo"].source) == ("rl", "curves.csv")
     assert (fits["ppo"].a, fits["ppo"].b) == pytest.approx(expected)
     reinforce = fits["reinforce"]  # its gold bumps up then falls: the curve turns over inside the data
@@ -227,8 +274,8 @@ def test_missing_results_names_the_file_and_the_sweep_command(tmp_path):
 
 def test_missing_and_non_numeric_columns_are_named(run_dir):
     results = pd.read_csv(run_dir / "results.csv")
-    results.drop(columns=["gold_reward", "kl"]).to_csv(run_dir / "results.csv", index=False)
-    with pytest.raises(DataError, match=r"results.csv lacks required column\(s\) 'kl', 'gold_reward'"):
+    results.drop(columns=["gold_score", "kl"]).to_csv(run_dir / "results.csv", index=False)
+    with pytest.raises(DataError, match=r"results.csv lacks required column\(s\) 'kl', 'gold_score'"):
         make_report(run_dir)
     results.assign(kl=["high"] + [1.0] * 11).to_csv(run_dir / "results.csv", index=False)
     with pytest.raises(DataError, match="column 'kl' must be numeric; data row 1 holds 'high'"):
@@ -256,3 +303,63 @@ def test_report_command_without_curves_prints_the_table_and_skips_the_learning_c
     empty = tmp_path_factory.mktemp("empty")
     assert _report_command(["report", str(empty)]) == 1
     assert "rlhf-gym sweep" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run folders written before issue 11 (old column names, no `learns`)
+# --------------------------------------------------------------------------------------------------------
+OLD_TO_NEW = "proxy_reward -> rm_score, gold_reward -> gold_score, ref_proxy_reward -> ref_rm_score, "
+
+
+@pytest.fixture()
+def old_run_dir(tmp_path: Path) -> Path:
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(DATA / "sweep_results_old_names.csv", old / "results.csv")
+    shutil.copy(DATA / "sweep_curves_old_names.csv", old / "curves.csv")
+    return old
+
+
+def test_old_column_names_are_read_under_the_new_names_with_a_warning(old_run_dir):
+    with pytest.warns(OldColumnsWarning, match=f"results.csv uses old column names \\({OLD_TO_NEW}"):
+        results = read_results(old_run_dir / "results.csv")
+    assert issubclass(OldColumnsWarning, DeprecationWarning)
+    new = read_results(DATA / "sweep_results.csv")
+    assert set(new.columns) - set(results.columns) == {"learns", "reward"}  # what the old writer lacked
+    pd.testing.assert_frame_equal(results, new[results.columns])
+    with pytest.warns(
+        OldColumnsWarning, match="curves.csv uses old column names \\(proxy_reward -> rm_score"
+    ):
+        curves = read_curves(old_run_dir / "curves.csv")
+    pd.testing.assert_frame_equal(
+        curves, read_curves(DATA / "sweep_curves.csv")[curves.columns], check_dtype=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file in the new names reads without a word
+        read_results(DATA / "sweep_results.csv")
+
+
+def test_an_old_run_folder_gets_the_same_report_and_a_note(old_run_dir, run_dir, capsys):
+    with pytest.warns(OldColumnsWarning):
+        make_report(old_run_dir)
+    old_report = (old_run_dir / "report.md").read_text()
+    new_report = make_report(run_dir)["report"].read_text()
+    table = new_report.split("## Plots")[0].split("\n", 2)[2]  # past the title, which names the folder
+    assert table in old_report
+    assert f"- results.csv uses old column names ({OLD_TO_NEW}" in old_report.split("## Notes")[1]
+    assert "## Notes" not in new_report
+    with pytest.warns(OldColumnsWarning):
+        assert _report_command(["report", str(old_run_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("rlhf-gym report: note:") == 1 and f"({OLD_TO_NEW}" in err
+
+
+def test_old_and_new_names_in_one_file_or_a_frame_are_errors_that_say_what_to_do(old_run_dir):
+    results = pd.read_csv(old_run_dir / "results.csv")
+    with pytest.raises(
+        DataError, match="old names: 'proxy_reward' -> 'rm_score', 'gold_reward' -> 'gold_score'"
+    ):
+        summarise(results)  # a frame read without read_results keeps the old names
+    results.assign(rm_score=1.0).to_csv(old_run_dir / "results.csv", index=False)
+    with pytest.raises(DataError, match="has both 'proxy_reward' \\(the old name\\) and 'rm_score'"):
+        read_results(old_run_dir / "results.csv")

@@ -1,0 +1,174 @@
+"""Sweep reports: mean ± 95% confidence interval over seeds, reward-vs-KL frontiers and over-optimisation fits.
+
+Everything here is computed from the two CSV files a sweep writes, never from checkpoints, so a report can be
+rebuilt anywhere and by anyone who has the run folder. The package is split by job:
+
+- `schema`: the columns of results.csv and curves.csv, defined once (the sweep writes with it), the
+  reader, and which agents learn nothing (their own `learns` declaration, never their name).
+- `stats`: Student t intervals over seeds, the summary and its Markdown table.
+- `gao`: Gao, Schulman & Hilton's (2022) over-optimisation fits.
+- `plots`: the frontier, learning curves and over-optimisation plots.
+
+This module writes the report from them (`make_report`, `rlhf-gym report`) and re-exports their public
+names, so `from rlhf_gym.report import summarise` works as it did when the report was one file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from rlhf_base.io import DataError, atomic_write
+from rlhf_gym.report.gao import GaoFit, fit_gao, fits_table, gao_fits, reference_gold
+from rlhf_gym.report.plots import plot_frontier, plot_learning_curves, plot_overoptimisation
+from rlhf_gym.report.schema import (
+    CURVE_METRICS,
+    OLD_NAMES,
+    REF_METRICS,
+    RESULT_METRICS,
+    OldColumnsWarning,
+    config_columns,
+    old_names_message,
+    read_curves,
+    read_results,
+    read_table,
+    sampling_agents,
+)
+from rlhf_gym.report.stats import markdown_table, mean_ci, summarise, t_quantile_975
+
+__all__ = [
+    "CURVE_METRICS",
+    "METRICS",
+    "OLD_NAMES",
+    "REF_METRICS",
+    "RESULT_METRICS",
+    "GaoFit",
+    "OldColumnsWarning",
+    "add_report_command",
+    "config_columns",
+    "fit_gao",
+    "gao_fits",
+    "make_report",
+    "markdown_table",
+    "mean_ci",
+    "plot_frontier",
+    "plot_learning_curves",
+    "plot_overoptimisation",
+    "read_curves",
+    "read_results",
+    "sampling_agents",
+    "summarise",
+    "t_quantile_975",
+]
+
+#: Per-cell metrics of results.csv: `schema.RESULT_METRICS` under the name this module gave it before the split.
+METRICS = RESULT_METRICS
+
+
+def make_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, frontier.png, learning_curves.png and overoptimisation.png into `run_dir`.
+
+    Reads `run_dir/results.csv` and, when present, `run_dir/curves.csv` (without it the learning curves
+    are skipped, RL over-optimisation points are the cells' final values, and report.md says so).
+
+    Returns:
+        The paths written, by name: "report", "frontier", "learning_curves" (when curves exist),
+        "overoptimisation".
+
+    Raises:
+        FileNotFoundError: No results.csv (the message names it and says to run `rlhf-gym sweep`).
+        DataError: A required column is missing (named) or a metric is not numeric.
+    """
+    run_dir = Path(run_dir)
+    results, renamed = read_table(run_dir / "results.csv", "results")
+    notes = [old_names_message("results.csv", renamed)] if renamed else []
+    curves_path, curves = run_dir / "curves.csv", None
+    if curves_path.is_file():
+        curves, renamed = read_table(curves_path, "curves")
+        notes += [old_names_message("curves.csv", renamed)] if renamed else []
+    summary = summarise(results)
+    sampling = sorted(sampling_agents(results))
+    paths = {"frontier": plot_frontier(results, run_dir / "frontier.png")}
+    if curves is not None:
+        paths["learning_curves"] = plot_learning_curves(curves, run_dir / "learning_curves.png")
+    else:
+        notes.append(
+            "No curves.csv: learning curves skipped, and RL over-optimisation fits use each cell's final "
+            "values only."
+        )
+    paths["overoptimisation"] = plot_overoptimisation(results, curves, run_dir / "overoptimisation.png")
+    fits = gao_fits(results, curves)
+    ref_gold, ref_source = reference_gold(results, curves)
+
+    text = [
+        f"# Sweep report: {run_dir.name}",
+        "",
+        f"{len(results)} cells, {len(summary)} configurations, from `results.csv`"
+        + (f" and `curves.csv` ({len(curves)} rows)." if curves is not None else "."),
+        "Each entry is the mean over seeds ± the half-width of its 95% confidence interval "
+        "(Student t with seeds - 1 degrees of freedom); no ± means a single seed. "
+        "gold is `gold_score`, proxy is `rm_score` (the reward model's score)."
+        + (
+            f" {', '.join(sampling)} learn nothing (`learns = False`): their KL is that of the response they "
+            "select (best-of-n's analytic log n - (n-1)/n)."
+            if sampling
+            else ""
+        ),
+        "",
+        markdown_table(summary),
+        "## Plots",
+        "",
+        "- [frontier.png](frontier.png): gold and proxy reward against KL to pi_ref.",
+    ]
+    if "learning_curves" in paths:
+        text.append("- [learning_curves.png](learning_curves.png): proxy and gold reward per iteration.")
+    text += [
+        "- [overoptimisation.png](overoptimisation.png): gold against proxy, and gold gain against sqrt(KL).",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        *(["![learning curves](learning_curves.png)", ""] if "learning_curves" in paths else []),
+        "![over-optimisation](overoptimisation.png)",
+        "",
+        "## Over-optimisation fits (Gao, Schulman & Hilton 2022)",
+        "",
+        "Gold gain R = gold - gold(pi_ref) against d = sqrt(KL), fitted by least squares to "
+        "R_bon(d) = d (a - b d) for agents that learn nothing (best-of-n) and R_rl(d) = d (a - b log d) "
+        "for agents that learn "
+        "(arXiv:2210.10760). b > 0: the gain peaks at d* and optimising the proxy further costs gold."
+        + (f" pi_ref's gold ({ref_gold:.4f}) is from {ref_source}." if ref_source else ""),
+        "",
+        fits_table(fits),
+    ]
+    if notes:
+        text += ["## Notes", "", *(f"- {n}" for n in notes), ""]
+    report = run_dir / "report.md"
+    atomic_write(report, "\n".join(text))
+    return {"report": report, **paths}
+
+
+def add_report_command(sub: argparse._SubParsersAction) -> None:
+    """Install `rlhf-gym report RUN_DIR`: write the report, print the table and the files written."""
+    p = sub.add_parser("report", help="tables and plots of a finished sweep (reads runs/NAME/results.csv)")
+    p.add_argument("run_dir", help="the sweep's folder, e.g. runs/NAME")
+
+    def run(args: argparse.Namespace) -> int:
+        results = Path(args.run_dir) / "results.csv"
+        try:
+            paths = make_report(args.run_dir)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OldColumnsWarning)  # said once, as a note, below
+                rows, renamed = read_table(results, "results")
+        except (FileNotFoundError, DataError) as e:
+            print(f"rlhf-gym report: error: {e}", file=sys.stderr)
+            return 1
+        if renamed:
+            print(f"rlhf-gym report: note: {old_names_message(results, renamed)}", file=sys.stderr)
+        print(markdown_table(summarise(rows)))
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
+
+    p.set_defaults(handler=run)

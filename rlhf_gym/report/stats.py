@@ -1,0 +1,188 @@
+"""Means with 95% confidence intervals over seeds, the summary table, and its Markdown form.
+
+Seeds are the replicates of a configuration (see `schema.config_columns`), and every number in the table
+is a mean over them with a Student t interval (:func:`mean_ci`), since a sweep has a handful of seeds and
+the normal 1.96 would understate the uncertainty (4.30 is the right factor for 3 seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rlhf_base.io import DataError
+from rlhf_gym.report.schema import (
+    REF_METRICS,
+    RESULT_METRICS,
+    RESULTS_REQUIRED,
+    check_columns,
+    config_columns,
+)
+
+__all__ = [
+    "format_value",
+    "markdown_table",
+    "mean_ci",
+    "reference_mean_ci",
+    "summarise",
+    "t_quantile_975",
+]
+
+#: Table columns after the configuration and `seeds`: (metric, header, number format).
+_TABLE_METRICS = (
+    ("gold_score", "gold", ".3f"),
+    ("rm_score", "proxy", ".3f"),
+    ("kl", "KL", ".3f"),
+    ("length", "length", ".1f"),
+    ("wall_time", "time (s)", ".1f"),
+)
+
+#: t_{0.975, df} for df = 1..30, the two-sided 95% Student t quantile (standard tables, e.g. the NIST/SEMATECH
+#: e-Handbook's critical values of Student's t); tests/test_report.py checks each against a numerical integral of the t density.
+_T975 = (
+    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252, 2.306004135,
+    2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546, 2.119905299,
+    2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845, 2.073873068, 2.068657610, 2.063898562,
+    2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The Student t 0.975 quantile with `df` degrees of freedom: the 95% interval factor (no scipy needed).
+
+    df 1..30 come from the table above; beyond, the Cornish-Fisher expansion of t around the normal
+    quantile z (Abramowitz & Stegun 26.7.5, four terms), accurate to about 1e-6 there.
+
+    Raises:
+        ValueError: If `df < 1`.
+    """
+    if df < 1:
+        raise ValueError(f"the t quantile needs df >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+
+
+def mean_ci(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, 95% CI half-width `t_{0.975, n-1} * std(ddof=1) / sqrt(n)`, and n, over the finite values.
+
+    The half-width is NaN for n < 2 (one seed says nothing about the spread); the mean is NaN for n = 0.
+    """
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(x[0]), math.nan, 1
+    return float(x.mean()), t_quantile_975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n), n
+
+
+def _sorted(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    return df.sort_values(list(by), na_position="last", kind="stable").reset_index(drop=True)
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% CI half-width over seeds of every metric, one row per configuration.
+
+    Args:
+        results: The rows of results.csv (see `schema` for the contract).
+
+    Returns:
+        One row per configuration, sorted by agent then the swept values: the configuration columns,
+        `seeds` (the rows averaged), then `<metric>_mean` and `<metric>_ci` for each metric present (and for
+        pi_ref's `ref_*` metrics). A metric's NaN values (a task without gold) are left out of its mean;
+        the CI is NaN with fewer than two finite values.
+
+    Raises:
+        DataError: A required column is missing, or a configuration has the same seed twice (a cell written
+            twice, or a swept field missing from the file: either way its CI would be wrong).
+    """
+    check_columns(results, RESULTS_REQUIRED, (*RESULT_METRICS, *REF_METRICS), "results")
+    config = config_columns(results)
+    metrics = [m for m in (*RESULT_METRICS, *REF_METRICS) if m in results.columns]
+    rows = []
+    for key, group in results.groupby(config, dropna=False, sort=False):
+        row = dict(zip(config, key, strict=True))
+        seeds = group["seed"]
+        if seeds.duplicated().any():
+            seed = seeds[seeds.duplicated()].iloc[0]
+            cells = ", ".join(map(str, group.loc[seeds == seed, "cell"]))
+            raise DataError(
+                f"configuration {row} has seed {seed} more than once (cells {cells}): a cell was written "
+                "twice or a swept field is missing from results.csv"
+            )
+        row["seeds"] = len(group)
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_ci"], _ = mean_ci(group[m].to_numpy(dtype=float))
+        rows.append(row)
+    columns = [*config, "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "ci"))]
+    return _sorted(pd.DataFrame(rows, columns=columns), config)
+
+
+def _summary_config(summary: pd.DataFrame) -> list[str]:
+    stats = {f"{m}_{s}" for m in (*RESULT_METRICS, *REF_METRICS) for s in ("mean", "ci")}
+    return [c for c in summary.columns if c not in stats and c != "seeds"]
+
+
+def reference_mean_ci(summary: pd.DataFrame, metric: str) -> tuple[float, float]:
+    """pi_ref's (mean, CI) of `metric` ("gold_score"/"rm_score") from a summary; NaNs when absent.
+
+    pi_ref is the same for every cell, so configurations agree; a zero CI (one evaluation copied to every
+    row) is reported as NaN: there is no spread over seeds to show.
+    """
+    mean_col, ci_col = f"ref_{metric}_mean", f"ref_{metric}_ci"
+    if mean_col not in summary.columns or not summary[mean_col].notna().any():
+        return math.nan, math.nan
+    ci = float(np.nanmean(summary[ci_col])) if summary[ci_col].notna().any() else math.nan
+    mean = float(np.nanmean(summary[mean_col]))
+    spread = ci > 1e-9 * max(1.0, abs(mean))  # float noise of equal values is not spread
+    return mean, ci if spread else math.nan
+
+
+def _cell(mean: float, ci: float, spec: str) -> str:
+    """Format a table entry: "0.412 ± 0.031", the mean alone without a CI, "n/a" without a mean."""
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:{spec}}" if not np.isfinite(ci) else f"{mean:{spec}} ± {ci:{spec}}"
+
+
+def format_value(value: object) -> str:
+    """A configuration value: floats as %g (so an `n` stored as 4.0 reads 4), NaN as blank."""
+    if isinstance(value, (float, np.floating)):
+        return "" if math.isnan(value) else f"{value:g}"
+    return str(value)
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table: configuration, seeds, then "mean ± CI" for gold, proxy, KL, ...
+
+    Rows keep the summary's order (agent, then swept values); pi_ref comes first when the sweep recorded it.
+    """
+    config = _summary_config(summary)
+    shown = [(m, h, s) for m, h, s in _TABLE_METRICS if f"{m}_mean" in summary.columns]
+    header = [*config, "seeds", *(h for _, h, _ in shown)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] * len(config) + ["---:"] * (len(header) - len(config))) + "|",
+    ]
+    ref = {m: reference_mean_ci(summary, m) for m in ("gold_score", "rm_score")}
+    if any(np.isfinite(mean) for mean, _ in ref.values()):
+        cells = ["pi_ref", *[""] * (len(config) - 1), ""]
+        for m, _, spec in shown:
+            cells.append(_cell(*ref[m], spec) if m in ref else f"{0:{spec}}" if m == "kl" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    for values in summary.to_dict("records"):
+        cells = [format_value(values[c]) for c in config] + [str(values["seeds"])]
+        cells += [_cell(values[f"{m}_mean"], values[f"{m}_ci"], spec) for m, _, spec in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
