@@ -94,19 +94,19 @@ def settings(
 
     ours, env = load_config(ReinforceConfig, REINFORCE_YAML), EnvConfig()
     # TRL's trainers match this only for the on-policy sequence-sum RLOO estimator.
-    expected = {"baseline": "rloo", "updates_per_batch": 1, "token_mean": False, "entropy_coef": 0.0}
+    expected = {"baseline": "rloo", "epochs": 1, "token_mean": False, "ent_coef": 0.0}
     actual = {key: getattr(ours, key) for key in expected}
     if actual != expected:
         raise ValueError(f"{REINFORCE_YAML} no longer matches what TRL can run: {actual} != {expected}")
     return Settings(
         policy=str(RUN_DIR / "sft"),
         reward_model=str(RUN_DIR / "reward_model"),
-        prompts_per_batch=prompts_per_batch or env.num_envs // ours.k,
-        k=ours.k,
+        prompts_per_batch=prompts_per_batch or env.num_envs // ours.samples_per_prompt,
+        k=ours.samples_per_prompt,
         max_new_tokens=env.max_new_tokens,
         temperature=1.0,  # text_env.rollout's default, what the agent samples with
         beta=env.beta,
-        lr=ours.lr,
+        lr=ours.learning_rate,
         adam_eps=ours.adam_eps,
         weight_decay=ours.weight_decay,
         max_grad_norm=ours.max_grad_norm,

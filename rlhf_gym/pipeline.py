@@ -102,7 +102,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
         return {"run_dir": run_dir, "sft": sft_dir}
 
     # 3. Label preference pairs sampled from pi_ref.
-    label_cfg = dataclasses.replace(config.label, policy=str(sft_dir))
+    label_cfg = dataclasses.replace(config.label, model=str(sft_dir))
     fp_label = _fingerprint("label", label_cfg, fp_sft)
     pairs_path = run_dir / "pairs.jsonl"
     if stages.fresh("label", fp_label, pairs_path):

@@ -106,8 +106,8 @@ def test_yaml_defaults_load_and_bad_values_name_the_key(core16):
     assert isinstance(cfg, PPOConfig) and cfg.kl_placement in ("per_token", "terminal")
     with pytest.raises(ConfigError, match="kl_placement"):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"kl_placement": "end"})
-    with pytest.raises(ConfigError, match="lr must be > 0"):
-        agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"lr": 0.0})
+    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+        agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"learning_rate": 0.0})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,7 +123,9 @@ def test_yaml_defaults_load_and_bad_values_name_the_key(core16):
 )
 def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, overrides):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "num_minibatches": 2, "ppo_epochs": 2, **overrides})
+    agent = agents.make_agent(
+        "ppo", envs, {"learning_rate": 1e-3, "num_minibatches": 2, "epochs": 2, **overrides}
+    )
     assert isinstance(agent, agents.Agent) and isinstance(agent, PPOAgent)
     policy_before, head_before = params(envs.policy), params(agent.value_head)
     assert all((p == 0).all() for p in head_before)  # zero-initialised critic
@@ -146,22 +148,24 @@ def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, o
 def test_first_minibatch_is_on_policy_and_target_kl_stops_the_epochs(core16):
     # The first minibatch sees ratio 1 (old log-probs come from the same forward), so its clip fraction is 0;
     # a target_kl of 0 then stops after the first epoch.
-    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"target_kl": 0.0, "ppo_epochs": 4, "lr": 1e-3})
+    agent = agents.make_agent(
+        "ppo", fresh_envs(core16, 8), {"target_kl": 0.0, "epochs": 4, "learning_rate": 1e-3}
+    )
     (m,) = agent.learn(1)
     assert m["ppo_epochs"] == 1.0
-    zero_lr = agents.make_agent("ppo", fresh_envs(core16, 8), {"lr": 1e-12, "num_minibatches": 1})
+    zero_lr = agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": 1e-12, "num_minibatches": 1})
     (m,) = zero_lr.learn(1)
     assert m["clip_fraction"] == 0.0 and m["approx_kl"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_callback_returning_false_stops_early(core16):
-    agent = agents.make_agent("ppo", fresh_envs(core16, 4), {"ppo_epochs": 1})
+    agent = agents.make_agent("ppo", fresh_envs(core16, 4), {"epochs": 1})
     assert len(agent.learn(5, callback=lambda a, m: False)) == 1
 
 
 def test_save_then_load_restores_policy_value_head_and_beta(core16, tmp_path):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "adaptive_kl": True, "ppo_epochs": 1})
+    agent = agents.make_agent("ppo", envs, {"learning_rate": 1e-3, "adaptive_kl": True, "epochs": 1})
     agent.learn(1)
     agent.save(tmp_path / "ppo")
     saved_policy, saved_head, saved_beta = params(envs.policy), params(agent.value_head), agent.beta
@@ -173,7 +177,7 @@ def test_save_then_load_restores_policy_value_head_and_beta(core16, tmp_path):
 
 def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core16, tmp_path, monkeypatch):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "ppo_epochs": 1})
+    agent = agents.make_agent("ppo", envs, {"learning_rate": 1e-3, "epochs": 1})
     agent.learn(1)
     agent.save(tmp_path / "ppo")
     before = params(envs.policy)
@@ -188,7 +192,7 @@ def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core
 
 def test_infinite_learning_rate_is_caught_before_a_second_step(core16):
     # lr = inf turns the weights non-finite after the first step; the next loss is caught.
-    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"lr": math.inf, "num_minibatches": 2})
+    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": math.inf, "num_minibatches": 2})
     with pytest.raises(NonFiniteLossError, match="iteration 1"):
         agent.learn(1)
 

@@ -110,7 +110,7 @@ def test_training_changes_every_parameter_and_lowers_the_loss(model, tokenizer):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
         loss_before = sft_loss(model, batch).item()
-    config = SFTConfig(epochs=4, batch_size=8, lr=3e-3, warmup=0, seed=0)
+    config = SFTConfig(epochs=4, batch_size=8, learning_rate=3e-3, warmup_steps=0, seed=0)
     metrics = train_sft(model, tokenizer, demos, config, progress=False)
     with torch.no_grad():
         loss_after = sft_loss(model, batch).item()
@@ -154,7 +154,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tokenizer, tmp_path
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(sft, "sft_loss", nan_on_third_step)
-    config = SFTConfig(epochs=1, batch_size=4, save_every=1, lr=1e-3)
+    config = SFTConfig(epochs=1, batch_size=4, save_every=1, learning_rate=1e-3)
     with pytest.raises(NonFiniteLossError, match="SFT loss is nan at step 3 of 4"):
         train_sft(model, tokenizer, sample_demonstrations(16, seed=3), config, tmp_path, progress=False)
     state = json.loads((tmp_path / "sft" / "sft_state.json").read_text())
@@ -190,11 +190,16 @@ def test_malformed_demonstration_file_names_file_and_line(tmp_path):
         load_demonstrations(path)
 
 
-def test_unknown_config_key_is_named(tmp_path):
+def test_unknown_or_renamed_config_key_is_named(tmp_path):
     path = tmp_path / "sft.yaml"
-    path.write_text("epochs: 2\nlearning_rate: 1e-4\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate' in .*sft\.yaml line 2"):
+    path.write_text("epochs: 2\nlr: 1e-4\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"'lr' was renamed to 'learning_rate' in SFTConfig: change it in .*sft\.yaml line 2",
+    ):
         load_config(SFTConfig, path)
+    with pytest.raises(ConfigError, match="'warmup' was renamed to 'warmup_steps'"):
+        load_config(SFTConfig, None, ["warmup=3"])
     with pytest.raises(ConfigError, match="unknown key 'bach_size'.*did you mean 'batch_size'"):
         load_config(SFTConfig, None, ["bach_size=3"])
     with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
