@@ -1,7 +1,7 @@
 """Stage 2a of RLHF, `rlhf-gym label`: a simulated labeller for tasks with a gold reward, the stand-in for
 the humans who compare two responses.
 
-    rlhf-gym label --run-dir runs/label [--config label.yaml] [--device cpu] num_pairs=2000 tau=0.1
+    rlhf-gym label --run-dir runs/label [--config my_label.yaml] [--device cpu] num_pairs=2000 tau=0.1
 
 writes `pairs.jsonl`, `label_report.json` and the resolved `label_config.yaml` into the run folder.
 
@@ -287,6 +287,6 @@ def add_label_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="sample response pairs from pi_ref and label them with the gold reward under Bradley-Terry noise",
         description=run_label.__doc__,
     )
-    add_common_arguments(parser, "label.yaml", "runs/label", "tau=0.1 num_pairs=2000")
+    add_common_arguments(parser, "LabelConfig", "runs/label", "tau=0.1 num_pairs=2000")
     parser.set_defaults(handler=run_label)
     return parser

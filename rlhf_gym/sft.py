@@ -38,6 +38,7 @@ from rlhf_base.io import atomic_dir, atomic_write
 from rlhf_base.lm import context_length
 from rlhf_base.models import resolve_device
 from rlhf_base.optim import adam
+from rlhf_gym.commands import add_config_argument
 
 __all__ = ["SFTConfig", "add_sft_command", "grammatical_fraction", "run_sft", "train_sft"]
 
@@ -342,7 +343,7 @@ def add_sft_command(sub: argparse._SubParsersAction) -> None:
         help="supervised fine-tuning on demonstrations: the reference policy pi_ref",
         description="Fine-tune a causal LM on (prompt, response) demonstrations; saves RUN_DIR/sft/.",
     )
-    p.add_argument("--config", default=None, help="YAML file of SFTConfig fields (e.g. configs/sft.yaml)")
+    add_config_argument(p, None, "SFTConfig")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/sft-TIMESTAMP)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (overrides the config's device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
