@@ -6,7 +6,7 @@ line only *override* those fields; this module does that generically and checks 
 field's type annotation, so a typo fails at start-up with the file and line instead of being silently
 ignored or crashing an hour into training::
 
-    cfg = load_config(TrainConfig, "configs/agents/ppo.yaml", ["agent.learning_rate=1e-5", "seed=3"])
+    cfg = load_config(TrainConfig, "my_run.yaml", ["agent.learning_rate=1e-5", "seed=3"])
 
 Precedence, lowest first: dataclass defaults, then the YAML file, then the overrides in order. A mapping
 given for a nested dataclass field merges key by key into what came before; any other value replaces it.

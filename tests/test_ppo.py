@@ -10,8 +10,8 @@ import torch
 import agents
 import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
-from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
-from rlhf_base.config import ConfigError, load_config
+from agents.ppo import PPO_METRIC_KEYS, PPOAgent, adaptive_beta, token_rewards
+from rlhf_base.config import ConfigError
 from rlhf_base.maths import gae, kl_per_token
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
@@ -101,9 +101,7 @@ def test_adaptive_beta_by_hand():
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
-def test_yaml_defaults_load_and_bad_values_name_the_key(core16):
-    cfg = load_config(PPOConfig, "configs/agents/ppo.yaml")
-    assert isinstance(cfg, PPOConfig) and cfg.kl_placement in ("per_token", "terminal")
+def test_bad_values_name_the_key(core16):
     with pytest.raises(ConfigError, match="kl_placement"):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"kl_placement": "end"})
     with pytest.raises(ConfigError, match="learning_rate must be > 0"):
@@ -213,11 +211,11 @@ def test_ppo_raises_the_reward_model_score_above_pi_ref(core16):
 
 @pytest.mark.slow
 def test_ppo_raises_the_gold_score_on_the_default_task():
-    """Responses of up to 32 tokens and the YAML defaults (60 iterations, ~5 min on one core): gold rises
+    """Responses of up to 32 tokens and the default config (60 iterations, ~5 min on one core): gold rises
     from ~0.05 to ~0.6 (seeds 0-2), with KL ~4-5 nats."""
     envs = fresh_envs(EnvCore(max_new_tokens=32), 64)
     before = evaluate_policy(envs, num_episodes=256, seed=7)
-    agent = agents.make_agent("ppo", envs, "configs/agents/ppo.yaml")
+    agent = agents.make_agent("ppo", envs)  # the default config
     agent.learn(60)
     after = evaluate_policy(envs, num_episodes=256, seed=7)
     assert after["gold_score"] > before["gold_score"] + 0.3, (before["gold_score"], after["gold_score"])

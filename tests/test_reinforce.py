@@ -195,7 +195,7 @@ def test_rloo_raises_the_gold_score_on_the_default_task():
     core = EnvCore(max_new_tokens=32)
     envs = text_env.TextGenVectorEnv(num_envs=64, core=core)
     before = evaluate_policy(envs, num_episodes=256, seed=123)
-    agent = agents.make_agent("reinforce", envs, "configs/agents/reinforce.yaml")
+    agent = agents.make_agent("reinforce", envs)  # the default config
     agent.learn(100)
     after = evaluate_policy(envs, num_episodes=256, seed=123)
     assert after["gold_score"] > before["gold_score"] + 0.3, (before["gold_score"], after["gold_score"])

@@ -476,16 +476,6 @@ def test_train_rm_command_reports_a_missing_pairs_file(tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
-
-    from rlhf_gym.label import LabelConfig
-
-    root = Path(__file__).resolve().parents[1] / "configs"
-    assert load_config(RewardTrainConfig, root / "train_rm.yaml") == RewardTrainConfig()
-    assert load_config(LabelConfig, root / "label.yaml") == LabelConfig()
-
-
 def test_reward_model_reading_pi_refs_logprobs_shares_the_reference_forward(core, tmp_path):
     """A reward model whose frozen LM is pi_ref scores from the env's reference forward (one forward less):
     the same scores as its text path, cut-off rows included (EOS appended), its own frozen LM never run."""

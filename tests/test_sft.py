@@ -6,7 +6,6 @@ import argparse
 import copy
 import csv
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -28,7 +27,6 @@ from rlhf_base.models import trainable_copy
 from rlhf_gym.sft import SFTConfig, add_sft_command, train_sft
 from text_env.tasks.reviews import sample_demonstrations
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"
 PAIRS = [("the movie was", "great ."), ("i", "loved this film . the cast was dull ."), ("this plot", "")]
 
 
@@ -209,10 +207,11 @@ def test_unknown_or_renamed_config_key_is_named(tmp_path):
 def test_sft_command_writes_a_loadable_reference(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rlhf-gym")
     add_sft_command(parser.add_subparsers(dest="command"))
-    run_dir = tmp_path / "run"
+    run_dir, config = tmp_path / "run", tmp_path / "small.yaml"
+    config.write_text("num_demonstrations: 64\nbatch_size: 16\n")
     args = parser.parse_args(
-        ["sft", "--config", str(CONFIG),  "--run-dir", str(run_dir), "--device", "cpu", "--quiet",
-         "num_demonstrations=64", "num_eval_demonstrations=32", "eval_episodes=64", "batch_size=16"]
+        ["sft", "--config", str(config),  "--run-dir", str(run_dir), "--device", "cpu", "--quiet",
+         "num_eval_demonstrations=32", "eval_episodes=64"]
     )  # fmt: skip
     assert args.handler(args) == 0
     out = capsys.readouterr().out
