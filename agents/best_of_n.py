@@ -1,6 +1,6 @@
 """Best-of-n sampling (rejection sampling against the reward model): the strong baseline that learns nothing.
 
-For each prompt, draw n responses from the policy (pi_ref unless you load another), score them with the
+For each prompt, draw n = `samples_per_prompt` responses from the policy (pi_ref unless you load another), score them with the
 **reward model** (the env's `rm_score`; the gold reward is only reported) and return the best. Nakano et al.
 (2021, WebGPT) and Stiennon et al. (2020) found it competitive with RL at small KL budgets; Gao et al. (2023,
 arXiv:2210.10760) use it to chart reward over-optimisation against KL.
@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,9 +37,16 @@ __all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig"]
 
 @dataclass
 class BestOfNConfig:
-    """Best-of-n settings; `configs/agents/best_of_n.yaml` holds the default-task values."""
+    """Best-of-n settings; the defaults suit the default task (4 rounds of 64 prompts x 16 samples).
 
-    n: int = 16  # samples per prompt; the one with the highest reward-model score is returned
+    The method's n is `samples_per_prompt`, the name RAFT and REINFORCE (RLOO) give the same knob, so one
+    sweep key (`agent.samples_per_prompt`) means the same thing for all three; `n` in a YAML file or an
+    override fails naming it (`RENAMED`). Metrics and the report still say n, as the papers do.
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"n": "samples_per_prompt"}
+
+    samples_per_prompt: int = 16  # n: samples per prompt; the one the reward model scores best is kept
     prompts_per_iteration: int = 64  # prompts per evaluation round of learn()
     iterations: int = 4  # evaluation rounds per learn() call (nothing is learned)
     seed: int = 0  # seeds the prompt draw and the sampling generator
@@ -106,8 +114,8 @@ class BestOfNAgent:
     learns = False  # selects among samples of a fixed policy: the report draws it as one point per n
 
     def __init__(self, envs: text_env.TextGenVectorEnv, config: BestOfNConfig) -> None:
-        if config.n < 1:
-            raise ValueError(f"n must be >= 1, got {config.n}")
+        if config.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {config.samples_per_prompt}")
         if config.prompts_per_iteration < 1:
             raise ValueError(f"prompts_per_iteration must be >= 1, got {config.prompts_per_iteration}")
         self.envs, self.config = envs, config
@@ -124,7 +132,7 @@ class BestOfNAgent:
     ) -> BestOfN:
         """Sample n responses for each prompt index, score them with the reward model, keep the best."""
         prompt_indices = np.asarray(prompt_indices, dtype=np.int64)  # (m,)
-        n, num_envs = self.config.n, self.envs.num_envs
+        n, num_envs = self.config.samples_per_prompt, self.envs.num_envs
         wanted = np.repeat(prompt_indices, n)  # (m * n,)
         chunks = []
         for lo in range(0, len(wanted), num_envs):
@@ -163,13 +171,13 @@ class BestOfNAgent:
     def metrics(self, result: BestOfN, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
         """Shared metrics of the selected responses, with the analytic best-of-n KL (see the docstring)."""
         metrics = rollout_metrics(result.best, iteration, wall_time, tokens)
-        kl = best_of_n_kl(self.config.n)
+        kl = best_of_n_kl(self.config.samples_per_prompt)
         metrics.update(
             kl=kl,
             reward=metrics["rm_score"] - self.envs.core.judge.beta * kl,
             kl_measured_env=metrics["kl"],
             rm_score_all=result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
-            n=float(self.config.n),
+            n=float(self.config.samples_per_prompt),
         )
         return metrics
 

@@ -28,7 +28,7 @@ reproduction of OpenAI's lm-human-preferences:
   minibatch's ratio is exactly 1 (the same code path as the training forward); the KL in the rewards uses
   the sampler's log-probs, so that it sums to the env's `kl` exactly.
 * **Update**: GAE (gamma 1, lambda 0.95), advantages whitened over the valid tokens of the batch, the
-  clipped surrogate and clipped value loss averaged over tokens, `ppo_epochs` passes over shuffled
+  clipped surrogate and clipped value loss averaged over tokens, `epochs` passes over shuffled
   minibatches of rows, global gradient-norm clipping, Adam with eps 1e-5 (as OpenAI baselines' PPO; Huang
   et al. show PyTorch's Adam steps harder early on than the TensorFlow one lm-human-preferences used), and
   an optional early stop of the epochs once approx-KL exceeds `target_kl` (cleanrl).
@@ -41,7 +41,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -79,14 +79,21 @@ PPO_METRIC_KEYS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "b
 
 @dataclass
 class PPOConfig:
-    """PPO's settings; the defaults suit the default task (tiny-reviews, responses <= 32 tokens, B = 64)."""
+    """PPO's settings; the defaults suit the default task (tiny-reviews, responses <= 32 tokens, B = 64):
+    the 60 iterations take ~5 minutes on one CPU core and lift rm_score from ~0.05 to ~0.6.
+
+    Knobs several configs share have one name in all of them, SB3's where SB3 has one (`learning_rate`,
+    `gae_lambda`, `epochs`); a YAML file or override with an old name fails naming the new one (`RENAMED`).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "lam": "gae_lambda", "ppo_epochs": "epochs"}
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
     num_envs: int = 64  # B, when make_agent batches a single env; a vector env passed in keeps its own
-    lr: float = 3e-4  # Adam learning rate, for the policy and the value head alike
+    learning_rate: float = 3e-4  # Adam learning rate, for the policy and the value head alike
     adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
-    ppo_epochs: int = 4  # passes over each rollout batch
+    epochs: int = 4  # passes over each rollout batch (TRL's num_ppo_epochs, SB3's n_epochs)
     num_minibatches: int = 4  # minibatches per pass (rows, shuffled); ignored when minibatch_size is set
     minibatch_size: int | None = None  # rows per minibatch; overrides num_minibatches
     clip_range: float = 0.2  # epsilon of the clipped surrogate
@@ -94,7 +101,7 @@ class PPOConfig:
     vf_coef: float = 0.1  # weight of the value loss in the one loss (lm-human-preferences, TRL)
     max_grad_norm: float = 1.0  # global gradient-norm clip over policy and value head
     gamma: float = 1.0  # discount; 1 because the episode is short and only the whole response is judged
-    lam: float = 0.95  # GAE lambda
+    gae_lambda: float = 0.95  # GAE lambda (Schulman et al. 2016)
     whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
     whiten_rewards: bool = False  # rescale token rewards to unit variance (sign kept), as TRL's option
     kl_placement: Literal["per_token", "terminal"] = "per_token"  # where -beta * KL is paid (module doc)
@@ -107,7 +114,8 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.kl_placement not in ("per_token", "terminal"):
             raise ValueError(f"kl_placement must be 'per_token' or 'terminal', got {self.kl_placement!r}")
-        positive = {"lr": self.lr, "ppo_epochs": self.ppo_epochs, "num_minibatches": self.num_minibatches}
+        positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}
+        positive |= {"num_minibatches": self.num_minibatches}
         positive |= {"clip_range": self.clip_range, "max_grad_norm": self.max_grad_norm}
         positive |= {"kl_target": self.kl_target, "kl_horizon": self.kl_horizon}
         for name, value in positive.items():
@@ -117,8 +125,10 @@ class PPOConfig:
             raise ValueError(f"minibatch_size must be >= 1 or None, got {self.minibatch_size}")
         if self.beta is not None and not self.beta >= 0:
             raise ValueError(f"beta must be >= 0 or None (the env's), got {self.beta}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ValueError(
+                f"gamma and gae_lambda must lie in [0, 1], got {self.gamma} and {self.gae_lambda}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -205,7 +215,7 @@ class PPOAgent:
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        self.optimizer = adam(params, lr=cfg.lr, eps=cfg.adam_eps, decoupled=False)
+        self.optimizer = adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, decoupled=False)
         self.beta = float(envs.core.judge.beta if cfg.beta is None else cfg.beta)
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
@@ -256,7 +266,9 @@ class PPOAgent:
                 rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
                 if cfg.whiten_rewards:
                     rewards = masked_whiten(rewards, b_mask, shift_mean=False)
-                b_advantages, b_returns = gae(rewards, b_values, b_mask, cfg.gamma, cfg.lam)  # (B, N) each
+                b_advantages, b_returns = gae(
+                    rewards, b_values, b_mask, cfg.gamma, cfg.gae_lambda
+                )  # (B, N) each
                 ev = explained_variance(b_values, b_returns, b_mask)
                 if cfg.whiten_advantages:
                     b_advantages = masked_whiten(b_advantages, b_mask)
@@ -266,7 +278,7 @@ class PPOAgent:
                 k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")
             }
             epochs_done = 0
-            for _ in range(cfg.ppo_epochs):
+            for _ in range(cfg.epochs):
                 order = torch.randperm(num_rows, generator=self.shuffle_generator).to(b_ids.device)
                 epoch_kl = []
                 for lo in range(0, num_rows, self.minibatch_size):

@@ -1,8 +1,9 @@
 """RAFT: Reward rAnked FineTuning (Dong et al. 2023, arXiv:2304.06767), on the text env.
 
 Each round (the paper's "stage"):
-  1. Data collection: pick `prompts_per_iteration` prompts and sample `k` responses to each from the
-     current policy, through the KV-cached vector env (`text_env.rollout` with `np.repeat(prompts, k)`).
+  1. Data collection: pick `prompts_per_iteration` prompts and sample k = `samples_per_prompt` responses
+     to each from the current policy, through the KV-cached vector env (`text_env.rollout` with
+     `np.repeat(prompts, k)`).
   2. Ranking: keep the `keep` best responses per prompt by the *reward model's* score (`rm_scores`, the
      proxy the agent may see; never the gold score, which is for evaluation only).
   3. Fine-tuning: train the policy on the kept (prompt, response) pairs with SFT's loss and step
@@ -23,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -39,15 +40,23 @@ __all__ = ["RAFTAgent", "RAFTConfig", "rollout_batch", "select_best"]
 
 @dataclass
 class RAFTConfig:
-    """One RAFT run; the defaults raise the reward on the default task within a few CPU-seconds per round."""
+    """One RAFT run; the defaults raise the reward on the default task within a few CPU-seconds per round.
+
+    Knobs several configs share have one name in all of them (`learning_rate`, `samples_per_prompt`); a YAML
+    file or override with an old name fails naming the new one (`RENAMED`).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "k": "samples_per_prompt"}
 
     iterations: int = 10  # rounds of sample -> rank -> fine-tune that learn() runs by default
-    k: int = 4  # responses sampled per prompt (the paper's K)
+    samples_per_prompt: int = 4  # responses sampled per prompt (the paper's K)
     prompts_per_iteration: int = 64  # prompts per round (the paper's batch b)
     keep: int = 1  # responses kept per prompt, the best by rank_by (the paper keeps 1 of K)
     rank_by: Literal["rm_score", "reward"] = "rm_score"  # rm_score (the paper) or env reward rm - beta * kl
     epochs: int = 1  # SFT passes over each round's kept samples
-    lr: float = 5e-4  # AdamW learning rate of the fine-tuning step (constant; optimiser kept across rounds)
+    learning_rate: float = (
+        5e-4  # AdamW learning rate of the fine-tuning step (constant; optimiser kept across rounds)
+    )
     batch_size: int = 16  # kept samples per SFT step
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     temperature: float = 1.0  # sampling temperature (1 = the policy; otherwise the logged KL is biased)
@@ -55,18 +64,19 @@ class RAFTConfig:
     seed: int = 0  # prompt choice and sampling RNG
 
     def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError(f"k must be >= 2 (RAFT ranks k samples per prompt), got {self.k}")
-        if not 1 <= self.keep < self.k:
+        k = self.samples_per_prompt
+        if k < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 (RAFT ranks the samples of a prompt), got {k}")
+        if not 1 <= self.keep < k:
             raise ValueError(
-                f"keep must be in [1, k) = [1, {self.k}), got {self.keep}: keeping all k ranks nothing"
+                f"keep must be in [1, samples_per_prompt) = [1, {k}), got {self.keep}: keeping all ranks nothing"
             )
         for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size", "num_envs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.rank_by not in ("rm_score", "reward"):
             raise ValueError(f"rank_by must be 'rm_score' or 'reward', got {self.rank_by!r}")
-        for name in ("lr", "temperature", "max_grad_norm"):
+        for name in ("learning_rate", "temperature", "max_grad_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -176,12 +186,12 @@ class RAFTAgent:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.envs.policy.parameters() if p.requires_grad]
-        return adam(params, lr=self.config.lr, weight_decay=0.0)
+        return adam(params, lr=self.config.learning_rate, weight_decay=0.0)
 
     # ---- 1. data collection ---------------------------------------------------------------------------
     def sample(self, prompt_indices: np.ndarray) -> Rollout:
         """k samples per prompt, in `np.repeat(prompt_indices, k)` order, batched `num_envs` rows at a time."""
-        wanted = np.repeat(np.asarray(prompt_indices, dtype=np.int64), self.config.k)
+        wanted = np.repeat(np.asarray(prompt_indices, dtype=np.int64), self.config.samples_per_prompt)
         num_envs, batches = self.envs.num_envs, []
         self.envs.policy.eval()
         for start in range(0, len(wanted), num_envs):
@@ -237,7 +247,7 @@ class RAFTAgent:
             batch = self.sample(prompts)  # (M * k) rows
             self._tokens += batch.num_tokens
             scores = batch.rm_scores if cfg.rank_by == "rm_score" else batch.rewards
-            kept = select_best(scores, cfg.k, cfg.keep)  # (M * keep,)
+            kept = select_best(scores, cfg.samples_per_prompt, cfg.keep)  # (M * keep,)
             loss = self.fine_tune(batch, kept, iteration)
             metrics = rollout_metrics(batch, iteration, time.perf_counter() - self._start, self._tokens)
             best = rollout_metrics(_take(batch, kept), iteration, 0.0, 0)

@@ -11,11 +11,11 @@ a fraction of its cost: one teacher-forced forward and backward of the policy pe
 
 Baselines (`ReinforceConfig.baseline`):
     * `moving_average`: b = an exponential moving average of past batches' mean reward (Williams 1992).
-    * `rloo`: k samples per prompt; each sample's b is the mean reward of the other k - 1 (unbiased, and
-      it tracks each prompt's difficulty as a critic would).
+    * `rloo`: k = `samples_per_prompt` samples per prompt; each sample's b is the mean reward of the
+      other k - 1 (unbiased, and it tracks each prompt's difficulty as a critic would).
     * `whiten`: A = (R - mean(R)) / std(R) over the batch, as REINFORCE++ (Hu 2025, arXiv:2501.03262).
 
-The update is on-policy: one gradient step per rollout by default. With `updates_per_batch > 1` the later
+The update is on-policy: one gradient step per rollout by default. With `epochs > 1` the later
 steps are off-policy, so the loss becomes PPO's clipped surrogate with sequence advantages on every token
 (the objective TRL's RLOOTrainer optimises); its first step has exactly the plain REINFORCE gradient.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -70,20 +70,31 @@ BASELINES: tuple[str, ...] = ("moving_average", "rloo", "whiten")
 
 @dataclass
 class ReinforceConfig:
-    """REINFORCE / RLOO hyperparameters; `configs/agents/reinforce.yaml` holds the default-task values."""
+    """REINFORCE / RLOO hyperparameters; the defaults suit the default task (tiny-reviews, num_envs 64).
+
+    Knobs several configs share have one name in all of them (`learning_rate`, `samples_per_prompt`,
+    `epochs`, SB3's `ent_coef`); a YAML file or override with an old name fails naming the new one.
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate",
+        "k": "samples_per_prompt",
+        "entropy_coef": "ent_coef",
+        "updates_per_batch": "epochs",
+    }
 
     iterations: int = 450  # rollouts (and updates) per learn() call: ~5 min on one CPU core (default task)
     baseline: Baseline = "rloo"  # moving_average | rloo | whiten (see the module docstring)
-    k: int = 4  # samples per prompt with baseline "rloo" (>= 2, must divide num_envs); other baselines: 1
+    samples_per_prompt: int = 4  # k of RLOO: baseline "rloo" only (>= 2, must divide num_envs); others: 1
     ema_decay: float = 0.9  # moving_average baseline: b <- decay * b + (1 - decay) * mean(R)
-    lr: float = 3e-4  # AdamW learning rate
+    learning_rate: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay (RLHF fine-tuning usually uses none)
     adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # global gradient-norm clip
     token_mean: bool = False  # False: loss = -mean_seq(A * sum_t log pi); True: average over all tokens
-    entropy_coef: float = 0.0  # entropy bonus (mean per-token entropy of the policy) added to the objective
-    updates_per_batch: int = 1  # gradient steps per rollout; > 1 switches to the clipped surrogate
-    clip_range: float = 0.2  # ratio clip of the surrogate, only used when updates_per_batch > 1
+    ent_coef: float = 0.0  # entropy bonus (mean per-token entropy of the policy) added to the objective
+    epochs: int = 1  # passes over each rollout, a full-batch gradient step each; > 1: clipped surrogate
+    clip_range: float = 0.2  # ratio clip of the surrogate, only used when epochs > 1
     seed: int = 0  # seeds the prompt draw, the sampling generator and torch
 
 
@@ -196,7 +207,8 @@ class ReinforceAgent:
     """REINFORCE with a baseline (RLOO by default) on `envs.policy`, rolled out KV-cached through the env.
 
     Args:
-        envs: the vector env; `envs.num_envs` sequences per rollout (`num_envs / k` prompts with "rloo").
+        envs: the vector env; `envs.num_envs` sequences per rollout (`num_envs / samples_per_prompt`
+            prompts with "rloo").
         config: a `ReinforceConfig`.
     """
 
@@ -207,17 +219,18 @@ class ReinforceAgent:
         if config.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {config.baseline!r}; valid: {list(BASELINES)}")
         if config.baseline == "rloo":
-            if config.k < 2:
-                raise ValueError(f"baseline 'rloo' needs k >= 2 samples per prompt, got k={config.k}")
-            if envs.num_envs % config.k:
+            k = config.samples_per_prompt
+            if k < 2:
+                raise ValueError(f"baseline 'rloo' needs samples_per_prompt >= 2, got {k}")
+            if envs.num_envs % k:
                 raise ValueError(
-                    f"num_envs={envs.num_envs} is not divisible by k={config.k}: RLOO fills each rollout with "
-                    f"k samples of num_envs / k prompts; choose num_envs a multiple of k"
+                    f"num_envs={envs.num_envs} is not divisible by samples_per_prompt={k}: RLOO fills each "
+                    f"rollout with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of {k}"
                 )
         elif config.baseline == "whiten" and envs.num_envs < 2:
             raise ValueError("baseline 'whiten' needs num_envs >= 2 to estimate a standard deviation")
-        if config.updates_per_batch < 1:
-            raise ValueError(f"updates_per_batch must be >= 1, got {config.updates_per_batch}")
+        if config.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {config.epochs}")
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)
@@ -225,7 +238,10 @@ class ReinforceAgent:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)  # prompt draws
         self.optimizer = adam(
-            envs.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps
+            envs.policy.parameters(),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            eps=config.adam_eps,
         )
         self.ema_state: float | None = None  # the moving-average baseline so far
         self.iteration = 0  # learning iterations done so far, across learn() calls
@@ -233,7 +249,7 @@ class ReinforceAgent:
 
     @property
     def samples_per_prompt(self) -> int:
-        return self.config.k if self.config.baseline == "rloo" else 1
+        return self.config.samples_per_prompt if self.config.baseline == "rloo" else 1
 
     def _prompt_indices(self) -> np.ndarray:
         """(B,) prompts of the next rollout: num_envs / k distinct prompts, k consecutive copies each."""
@@ -244,7 +260,7 @@ class ReinforceAgent:
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
-        """Roll out, compute advantages, take `updates_per_batch` gradient steps; repeat `iterations` times."""
+        """Roll out, compute advantages, take `epochs` full-batch gradient steps; repeat `iterations` times."""
         cfg, policy = self.config, self.envs.policy
         start, metrics_out = time.perf_counter(), []
         for _ in range(cfg.iterations if iterations is None else iterations):
@@ -255,20 +271,20 @@ class ReinforceAgent:
             )
             self.tokens += batch.num_tokens
             b_advantages, b_baselines, self.ema_state = advantages(
-                batch.rewards, cfg.baseline, cfg.k, self.ema_state, cfg.ema_decay
+                batch.rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
             )  # (B,), (B,)
             mask = batch.response_mask  # (B, N)
 
-            for _ in range(cfg.updates_per_batch):
-                logprobs, entropy = policy_logprobs(policy, batch, with_entropy=cfg.entropy_coef > 0)
-                if cfg.updates_per_batch == 1:
+            for _ in range(cfg.epochs):
+                logprobs, entropy = policy_logprobs(policy, batch, with_entropy=cfg.ent_coef > 0)
+                if cfg.epochs == 1:
                     loss = reinforce_loss(logprobs, b_advantages, mask, cfg.token_mean)
                 else:  # off-policy after the first step: clip the ratio to the rollout policy (PPO)
                     loss = clipped_reinforce_loss(
                         logprobs, batch.logprobs, b_advantages, mask, cfg.clip_range, cfg.token_mean
                     )
                 if entropy is not None:
-                    loss = loss - cfg.entropy_coef * masked_mean(entropy, mask)
+                    loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
                 check_finite(loss, "policy loss", self.iteration)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

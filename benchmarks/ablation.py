@@ -40,7 +40,7 @@ from torch import nn
 import rlhf_base.lm
 import text_env.judge
 import text_env.sampler
-from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, pipeline_outputs
+from benchmarks.common import OUT, describe, machine_info, markdown_table, pipeline_outputs
 
 
 @contextlib.contextmanager
@@ -85,11 +85,12 @@ def variants(models: list[nn.Module]) -> dict[str, Any]:
 
 def make_agent(policy: str, reward_model: str, device: str) -> Any:
     from agents.reinforce import ReinforceAgent, ReinforceConfig
-    from rlhf_base.config import load_config
     from text_env.config import EnvConfig
 
     envs = EnvConfig(model=policy, reward_model=reward_model, num_envs=64, device=device).make()
-    return ReinforceAgent(envs, load_config(ReinforceConfig, ROOT / "configs" / "agents" / "reinforce.yaml"))
+    return ReinforceAgent(
+        envs, ReinforceConfig()
+    )  # the defaults: what `rlhf-gym train --agent reinforce` runs
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:

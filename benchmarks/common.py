@@ -27,13 +27,14 @@ def pipeline_outputs() -> tuple[str, str]:
     policy, reward_model = RUN_DIR / "sft", RUN_DIR / "reward_model"
     if not ((policy / "config.json").is_file() and (reward_model / "reward_model.json").is_file()):
         from rlhf_base.config import load_config
+        from rlhf_gym.commands import config_file
         from rlhf_gym.pipeline import PipelineConfig, run_pipeline
 
         print("[bench] no pi_ref / reward model yet: running the default pipeline up to the reward model")
         previous = os.getcwd()
         os.chdir(ROOT)  # the run folders, and the label stage's fingerprint, use paths relative to it
         try:
-            run_pipeline(load_config(PipelineConfig, "configs/default.yaml"), until="reward_model")
+            run_pipeline(load_config(PipelineConfig, config_file("default")), until="reward_model")
         finally:
             os.chdir(previous)
     return str(policy), str(reward_model)

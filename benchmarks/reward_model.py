@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-pairs", type=int, default=label_defaults.num_pairs)
     parser.add_argument("--tau", type=float, default=label_defaults.tau)
     parser.add_argument("--epochs", type=int, default=train_defaults.epochs)
-    parser.add_argument("--lr", type=float, default=train_defaults.lr)
+    parser.add_argument("--lr", type=float, default=train_defaults.learning_rate)
     parser.add_argument("--batch-size", type=int, default=train_defaults.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
         LabelConfig(num_pairs=args.num_pairs, tau=args.tau, seed=args.seed), device=args.device
     )
     label_seconds = time.perf_counter() - start
-    config = RewardTrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    config = RewardTrainConfig(
+        epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed
+    )
     start = time.perf_counter()
     _, metrics = train_reward_model(pairs, config, device=args.device)
     train_seconds = time.perf_counter() - start

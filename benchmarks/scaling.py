@@ -28,7 +28,7 @@ import torch
 
 import text_env
 from agents.registry import make_agent
-from benchmarks.common import OUT, ROOT, describe, machine_info, markdown_table, timed_calls
+from benchmarks.common import OUT, describe, machine_info, markdown_table, timed_calls
 from text_env.core import EnvCore
 from text_env.tasks.reviews.model import TinyConfig, tiny_gpt2
 
@@ -56,8 +56,7 @@ def long_context_core(new_tokens: int, device: str, context: int = 512) -> EnvCo
 def time_iterations(agent_name: str, batch: int, new_tokens: int, iterations: int, device: str) -> dict:
     """Median seconds per iteration (after one warm-up) and its rollout share, for one (B, N) point."""
     envs = text_env.TextGenVectorEnv(num_envs=batch, core=long_context_core(new_tokens, device))
-    config = str(ROOT / "configs" / "agents" / f"{agent_name}.yaml")
-    agent = make_agent(agent_name, envs, config)
+    agent = make_agent(agent_name, envs)  # the agent's default config, as `rlhf-gym train --agent NAME`
     agent.learn(iterations=1)  # warm-up
     totals, rollouts, parts = [], [], {}
     with mock.patch.object(text_env, "rollout", timed_calls(text_env.rollout, parts, "rollout")):

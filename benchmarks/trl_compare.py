@@ -2,7 +2,7 @@
 
 All three start from the same pi_ref (`runs/default/sft`, the default pipeline's SFT output) and tokenizer,
 learn from the same reward model (`runs/default/reward_model`) on the reviews task's prompts, with the
-settings of our REINFORCE agent with the leave-one-out baseline (`configs/agents/reinforce.yaml`): 16 prompts
+settings of our REINFORCE agent with the leave-one-out baseline (`ReinforceConfig`'s defaults): 16 prompts
 x k=4 samples = 64 sequences per iteration, 32 new tokens, temperature 1, beta 0.05, AdamW lr 3e-4, one
 on-policy gradient step per batch, fp32, one torch thread. Each side trains for the same wall-clock budget;
 then every policy is saved and evaluated the same way, here, with `agents.base.evaluate_policy` on the same
@@ -35,7 +35,6 @@ from benchmarks.common import OUT, ROOT, RUN_DIR, pipeline_outputs, timed_calls
 from benchmarks.trl_report import EARLY_ITERATIONS, NOTES, markdown
 
 VENV = OUT / "venv-trl"
-REINFORCE_YAML = ROOT / "configs" / "agents" / "reinforce.yaml"
 TRL_VERSION = "1.16.0"  # the latest trl on PyPI when this benchmark was written; bump it deliberately
 TRAINERS = {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer"}
 
@@ -89,24 +88,25 @@ def settings(
     "64 prompts x 4 samples" reference point; both sides always get the same.
     """
     from agents.reinforce import ReinforceConfig
-    from rlhf_base.config import load_config
     from text_env.config import EnvConfig
 
-    ours, env = load_config(ReinforceConfig, REINFORCE_YAML), EnvConfig()
+    ours, env = ReinforceConfig(), EnvConfig()
     # TRL's trainers match this only for the on-policy sequence-sum RLOO estimator.
-    expected = {"baseline": "rloo", "updates_per_batch": 1, "token_mean": False, "entropy_coef": 0.0}
+    expected = {"baseline": "rloo", "epochs": 1, "token_mean": False, "ent_coef": 0.0}
     actual = {key: getattr(ours, key) for key in expected}
     if actual != expected:
-        raise ValueError(f"{REINFORCE_YAML} no longer matches what TRL can run: {actual} != {expected}")
+        raise ValueError(
+            f"ReinforceConfig's defaults no longer match what TRL can run: {actual} != {expected}"
+        )
     return Settings(
         policy=str(RUN_DIR / "sft"),
         reward_model=str(RUN_DIR / "reward_model"),
-        prompts_per_batch=prompts_per_batch or env.num_envs // ours.k,
-        k=ours.k,
+        prompts_per_batch=prompts_per_batch or env.num_envs // ours.samples_per_prompt,
+        k=ours.samples_per_prompt,
         max_new_tokens=env.max_new_tokens,
         temperature=1.0,  # text_env.rollout's default, what the agent samples with
         beta=env.beta,
-        lr=ours.lr,
+        lr=ours.learning_rate,
         adam_eps=ours.adam_eps,
         weight_decay=ours.weight_decay,
         max_grad_norm=ours.max_grad_norm,
@@ -222,12 +222,11 @@ def run_ours(s: Settings, out_dir: Path) -> dict[str, Any]:
 
     import text_env
     from agents.reinforce import ReinforceAgent, ReinforceConfig
-    from rlhf_base.config import load_config
 
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     envs = shared_envs(s)
-    agent = ReinforceAgent(envs, load_config(ReinforceConfig, REINFORCE_YAML))
+    agent = ReinforceAgent(envs, ReinforceConfig())
     parts: dict[str, float] = {}
     envs.core.score_rows = timed_calls(envs.core.score_rows, parts, "scoring_s")
     if envs.core.judge.gold_fn is not None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,7 +51,13 @@ def bradley_terry_loss(
 
 @dataclass
 class RewardTrainConfig:
-    """How a reward model is trained; `configs/train_rm.yaml` overrides these defaults."""
+    """How a reward model is trained; the defaults suit the default task.
+
+    Knobs several configs share have one name in all of them (`learning_rate`); `lr` in a YAML file or an
+    override fails naming it (`RENAMED`).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
 
     pairs: str = (
         "runs/label/pairs.jsonl"  # preference pairs read by `rlhf-gym train-rm` (.jsonl/.json/.csv/.parquet)
@@ -65,7 +71,7 @@ class RewardTrainConfig:
     logprob_model: str | None = (
         None  # the frozen LM whose log-probs the head reads; None: the backbone's own; the pipeline: pi_ref
     )
-    lr: float = 1e-3  # peak AdamW learning rate: linear warm-up, then linear decay to 0
+    learning_rate: float = 1e-3  # peak AdamW learning rate: linear warm-up, then linear decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_fraction: float = 0.05  # share of all optimiser steps spent warming the learning rate up from 0
     epochs: int = 4  # passes over the training pairs
@@ -82,8 +88,8 @@ class RewardTrainConfig:
     seed: int = 0  # seeds the split, the batch order and the head's initialisation
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
         if not 0 <= self.eval_fraction < 1:
@@ -267,7 +273,7 @@ def train_reward_model(
     b_lengths = np.array([max(len(a), len(b)) for a, b in zip(b_chosen, b_rejected, strict=True)])
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = int(config.warmup_fraction * total_steps)
@@ -295,7 +301,7 @@ def train_reward_model(
                 bar.close()
                 raise FloatingPointError(
                     f"reward model loss became {loss.item()} at epoch {epoch}, step {step + 1}: training "
-                    f"diverged. Lower the learning rate (lr={config.lr:g}), keep gradient clipping on "
+                    f"diverged. Lower the learning rate (learning_rate={config.learning_rate:g}), keep gradient clipping on "
                     f"(max_grad_norm={config.max_grad_norm:g}), and check the pairs' margins"
                 )
             optimizer.zero_grad(set_to_none=True)

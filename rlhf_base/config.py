@@ -6,12 +6,16 @@ line only *override* those fields; this module does that generically and checks 
 field's type annotation, so a typo fails at start-up with the file and line instead of being silently
 ignored or crashing an hour into training::
 
-    cfg = load_config(TrainConfig, "configs/agents/ppo.yaml", ["agent.learning_rate=1e-5", "seed=3"])
+    cfg = load_config(TrainConfig, "my_run.yaml", ["agent.learning_rate=1e-5", "seed=3"])
 
 Precedence, lowest first: dataclass defaults, then the YAML file, then the overrides in order. A mapping
 given for a nested dataclass field merges key by key into what came before; any other value replaces it.
 Each dataclass is constructed once, from the merged result, so ``__post_init__`` checks see the final
 values and a YAML value fixed by an override never trips them.
+
+A field that was renamed stays known to the loader: the dataclass lists it in a class attribute
+``RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}`` (old name -> new name), and a file, override
+or mapping that still uses the old name fails with the new one in the message, rather than "unknown key".
 
 Checked types: ``int``, ``float`` (ints accepted), ``bool`` (only YAML booleans, not ``1`` or ``"yes"``
 strings), ``str``, ``Path``, enums, ``Literal[...]``, ``X | None`` and other unions, ``list[...]``,
@@ -388,9 +392,15 @@ def _build(cls: type[T], node: _Node, path: str, base: T | None) -> T:
     types_ = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     section = f"'{path}' ({cls.__name__})" if path else cls.__name__
+    renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
     for key in node:
         if key not in types_:
             dotted = f"{path}.{key}" if path else str(key)
+            if key in renamed:
+                new = f"{path}.{renamed[key]}" if path else renamed[key]
+                raise ConfigError(
+                    f"'{dotted}' was renamed to '{new}' in {cls.__name__}: change it {node.where[key]}"
+                )
             at = f" at '{dotted}'" if path else ""
             close = difflib.get_close_matches(str(key), list(types_), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -446,7 +456,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
     Raises:
         ConfigError: The file is missing, not valid YAML or not a mapping; a key is unknown (the message
-            gives its dotted path, file and line, the closest valid key and all valid keys); a value has
+            gives its dotted path, file and line, the closest valid key and all valid keys) or was renamed
+            (the message gives the new name, file and line); a value has
             the wrong type (the message gives key, place, expected type and value); an override lacks
             ``=``; or the dataclass's own ``__post_init__`` rejected the result.
         TypeError: ``cls`` is not a dataclass type.
@@ -464,7 +475,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "in a mapping") -> T:
     """Build ``cls`` from defaults and a (nested) mapping, with the same checks and errors as ``load_config``.
 
-    For configs given in code, e.g. ``make_agent("ppo", envs, {"lr": 1e-4})``; ``where`` names the source.
+    For configs given in code, e.g. ``make_agent("ppo", envs, {"learning_rate": 1e-4})``; ``where`` names the source.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")

@@ -12,6 +12,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from rlhf_gym.commands import add_config_argument
+
 __all__ = ["COMMANDS", "main"]
 
 
@@ -54,7 +56,7 @@ def _rollout(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default; prints the comparison table")
-    p.add_argument("--config", default="configs/default.yaml")
+    add_config_argument(p, "default", "PipelineConfig")
     p.add_argument("--device", default="cpu")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the pipeline config")
 

@@ -1,7 +1,7 @@
 """Stage 2a of RLHF, `rlhf-gym label`: a simulated labeller for tasks with a gold reward, the stand-in for
 the humans who compare two responses.
 
-    rlhf-gym label --run-dir runs/label [--config configs/label.yaml] [--device cpu] num_pairs=2000 tau=0.1
+    rlhf-gym label --run-dir runs/label [--config my_label.yaml] [--device cpu] num_pairs=2000 tau=0.1
 
 writes `pairs.jsonl`, `label_report.json` and the resolved `label_config.yaml` into the run folder.
 
@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -55,9 +55,14 @@ __all__ = [
 
 @dataclass
 class LabelConfig:
-    """What to sample and how the simulated labeller judges; `configs/label.yaml` overrides these defaults."""
+    """What to sample and how the simulated labeller judges; the defaults suit the default task.
 
-    policy: str | None = (
+    `model` is named as the env's and SFT's model; `policy` in a YAML file or an override fails naming it.
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"policy": "model"}
+
+    model: str | None = (
         None  # the model whose samples are labelled: None = tiny-reviews; a saved HF causal LM dir (e.g. SFT)
     )
     task: str = "reviews"  # built-in task: supplies the prompts and the gold reward the labeller follows
@@ -145,7 +150,7 @@ def label_pairs(
     Args:
         config: what to sample and how to label; default `LabelConfig()`.
         core: an already built `EnvCore` to sample from; its model, prompts and length limit then replace
-            `config.policy`, `config.task`, `config.prompts` and `config.max_new_tokens`.
+            `config.model`, `config.task`, `config.prompts` and `config.max_new_tokens`.
         judge: what the labeller follows instead of the task's gold reward: a function `(prompts,
             responses) -> scores` or an object with `.score` (a larger reward model as an AI labeller,
             a rule for a test...). The `gold_*` fields and the ceiling then refer to its scores.
@@ -160,7 +165,7 @@ def label_pairs(
     """
     config = config or LabelConfig()
     start = time.perf_counter()
-    policy = "(the given env core)" if core is not None else config.policy or "tiny-reviews"
+    policy = "(the given env core)" if core is not None else config.model or "tiny-reviews"
     judge_name = (
         "gold reward"
         if judge is None
@@ -174,7 +179,7 @@ def label_pairs(
                 "label pairs another way and train with `train-rm`"
             )
         core = EnvCore(
-            task, model=config.policy, reward_model=judge, max_new_tokens=config.max_new_tokens, device=device
+            task, model=config.model, reward_model=judge, max_new_tokens=config.max_new_tokens, device=device
         )
     elif core.task.gold_reward is None and judge is None:
         raise ValueError(f"task {core.task.name!r} has no gold reward: the simulated labeller needs one")
@@ -282,6 +287,6 @@ def add_label_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="sample response pairs from pi_ref and label them with the gold reward under Bradley-Terry noise",
         description=run_label.__doc__,
     )
-    add_common_arguments(parser, "label.yaml", "runs/label", "tau=0.1 num_pairs=2000")
+    add_common_arguments(parser, "LabelConfig", "runs/label", "tau=0.1 num_pairs=2000")
     parser.set_defaults(handler=run_label)
     return parser

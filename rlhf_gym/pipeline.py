@@ -19,9 +19,10 @@ from typing import Any
 from reward_models.train import RewardTrainConfig, train_reward_model
 from rlhf_base.config import config_to_dict, load_config, save_config
 from rlhf_base.io import atomic_write
+from rlhf_gym.commands import add_config_argument
 from rlhf_gym.label import LabelConfig, label_pairs
 from rlhf_gym.sft import SFTConfig, run_sft
-from rlhf_gym.sweep import SweepConfig, run_sweep
+from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
 
 __all__ = ["STAGES", "PipelineConfig", "add_pipeline_command", "run_pipeline"]
 
@@ -72,6 +73,8 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
     """
     if until not in ("sft", "label", "reward_model", "report"):
         raise ValueError(f"until={until!r}; valid: 'sft', 'label', 'reward_model', 'report'")
+    if until == "report":
+        check_cells(expand_cells(config.agents), config.agents)  # a bad agent key fails now, not after SFT
     run_dir = Path(config.runs_root) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "pipeline.yaml")
@@ -102,7 +105,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
         return {"run_dir": run_dir, "sft": sft_dir}
 
     # 3. Label preference pairs sampled from pi_ref.
-    label_cfg = dataclasses.replace(config.label, policy=str(sft_dir))
+    label_cfg = dataclasses.replace(config.label, model=str(sft_dir))
     fp_label = _fingerprint("label", label_cfg, fp_sft)
     pairs_path = run_dir / "pairs.jsonl"
     if stages.fresh("label", fp_label, pairs_path):
@@ -166,7 +169,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
 
 def add_pipeline_command(sub: Any) -> None:
     p = sub.add_parser("pipeline", help="pretrain -> SFT -> label -> reward model -> agents -> report")
-    p.add_argument("--config", default="configs/default.yaml", help="PipelineConfig YAML")
+    add_config_argument(p, "default", "PipelineConfig")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (overrides the config)")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. agents.seeds=[0] sft.epochs=2")
 

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,13 +38,22 @@ from rlhf_base.io import atomic_dir, atomic_write
 from rlhf_base.lm import context_length
 from rlhf_base.models import resolve_device
 from rlhf_base.optim import adam
+from rlhf_gym.commands import add_config_argument
 
 __all__ = ["SFTConfig", "add_sft_command", "grammatical_fraction", "run_sft", "train_sft"]
 
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning on (prompt, response) demonstrations; the defaults are tuned for the default task."""
+    """Supervised fine-tuning on (prompt, response) demonstrations; the defaults are tuned for the default task
+    (~40 s on 2 CPU cores).
+
+    Knobs several configs share have one name in all of them (`learning_rate`; `warmup_steps` counts steps
+    where the reward model's `warmup_fraction` is a share); an old name in a YAML file or an override fails
+    naming the new one (`RENAMED`).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "warmup": "warmup_steps"}
 
     model: str | None = None  # base model: None = built-in tiny-reviews, or a saved HF dir / hub id
     demonstrations: str | None = None  # JSONL/JSON/CSV/Parquet of "prompt", "response"; None = generator
@@ -54,8 +63,8 @@ class SFTConfig:
     eval_episodes: int = 256  # default task: rollouts measuring the grammatical fraction (0: skip)
     epochs: int = 1  # passes over the demonstrations
     batch_size: int = 32  # demonstrations per optimiser step
-    lr: float = 1e-3  # peak AdamW learning rate, cosine-decayed to 10% after warm-up
-    warmup: int = 10  # linear warm-up steps
+    learning_rate: float = 1e-3  # peak AdamW learning rate, cosine-decayed to 10% after warm-up
+    warmup_steps: int = 10  # linear warm-up steps
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     max_length: int | None = None  # prompt + response + EOS tokens; longer responses are cut; None = context
@@ -70,10 +79,10 @@ class SFTConfig:
         for name, least in minimums.items():
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.warmup < 0 or self.save_every < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ValueError("warmup, save_every and weight_decay must be >= 0 and max_grad_norm > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError("warmup_steps, save_every and weight_decay must be >= 0 and max_grad_norm > 0")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a prompt token and EOS), got {self.max_length}")
 
@@ -168,13 +177,13 @@ def train_sft(
 
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    optimizer = adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def lr_factor(step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak (as tiny-reviews' pretraining)."""
-        if step < config.warmup:
-            return (step + 1) / config.warmup
-        frac = (step - config.warmup) / max(1, total_steps - config.warmup)
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -334,9 +343,11 @@ def add_sft_command(sub: argparse._SubParsersAction) -> None:
         help="supervised fine-tuning on demonstrations: the reference policy pi_ref",
         description="Fine-tune a causal LM on (prompt, response) demonstrations; saves RUN_DIR/sft/.",
     )
-    p.add_argument("--config", default=None, help="YAML file of SFTConfig fields (e.g. configs/sft.yaml)")
+    add_config_argument(p, None, "SFTConfig")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/sft-TIMESTAMP)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (overrides the config's device)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. lr=3e-4")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. learning_rate=3e-4"
+    )
     p.set_defaults(handler=_sft_command)

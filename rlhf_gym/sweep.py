@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from rlhf_base.config import config_from_dict, config_to_dict, load_config, save_config
+from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from rlhf_gym.commands import add_config_argument
 from rlhf_gym.report.schema import (
     CURVE_METRICS,
     RESULT_METRICS,
@@ -39,6 +40,8 @@ __all__ = [
     "Cell",
     "SweepConfig",
     "add_sweep_command",
+    "cell_configs",
+    "check_cells",
     "expand_cells",
     "finished_cells",
     "run_cell",
@@ -57,14 +60,14 @@ class SweepConfig:
     )  # agent names
     betas: list[float] = field(default_factory=lambda: [0.05])  # env KL coefficients
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # seeds per configuration
-    # Extra axes by dotted key: "env.X" (the env), "AGENT.X" (that agent only, e.g. "best_of_n.n"),
-    # "agent.X" (every agent in the sweep).
+    # Extra axes by dotted key: "env.X" (the env), "AGENT.X" (that agent only, e.g.
+    # "best_of_n.samples_per_prompt"), "agent.X" (every agent in the sweep).
     grid: dict[str, list[Any]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)  # fixed dotted overrides, same keys as grid
     env: EnvConfig = field(default_factory=EnvConfig)  # the env every cell starts from
     agent_configs: dict[str, str] = field(
         default_factory=dict
-    )  # agent -> YAML (default configs/agents/NAME.yaml)
+    )  # agent -> a YAML file overriding its Config's defaults (an agent not named: the defaults)
     eval_episodes: int = 128  # fresh episodes for each final evaluation
     workers: int = 2  # parallel worker processes (1 = run in this process)
     threads_per_worker: int = 1  # torch threads in each worker
@@ -145,21 +148,38 @@ def _with_overrides(cfg: Any, overrides: tuple[str, ...] | list[str]) -> Any:
     return config_from_dict(type(cfg), values, where="in the sweep's env overrides")
 
 
+def cell_configs(cell: Cell, config: SweepConfig) -> tuple[EnvConfig, type, Any]:
+    """The env config, agent class and agent config of one cell: the sweep's env with the cell's beta and env
+    overrides; the agent's defaults (or its file in `agent_configs`), the cell's overrides and seed."""
+    from agents.registry import get_agent_class, resolve_config
+
+    env_cfg = _with_overrides(dataclasses.replace(config.env, beta=cell.beta), cell.env_overrides)
+    agent_cls = get_agent_class(cell.agent)
+    agent_cfg = resolve_config(
+        agent_cls, config.agent_configs.get(cell.agent), [*cell.agent_overrides, f"seed={cell.seed}"]
+    )
+    return env_cfg, agent_cls, agent_cfg
+
+
+def check_cells(cells: list[Cell], config: SweepConfig) -> None:
+    """Resolve every cell's configs before any runs, so that a bad grid or override key (a typo, a renamed
+    field) fails at once, naming the cell, rather than in a worker after the cells before it have run."""
+    for cell in cells:
+        try:
+            cell_configs(cell, config)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"sweep cell {cell.id}: {e}") from e
+
+
 def run_cell(cell: Cell, config: SweepConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and evaluate one cell (in a worker process); return its results row and curve rows."""
     import torch
 
     from agents.base import agent_learns
-    from agents.registry import get_agent_class, resolve_config
 
     torch.set_num_threads(config.threads_per_worker)
     torch.manual_seed(cell.seed)
-    env_cfg = _with_overrides(dataclasses.replace(config.env, beta=cell.beta), cell.env_overrides)
-    agent_cls = get_agent_class(cell.agent)
-    yaml_path = config.agent_configs.get(cell.agent) or (
-        f"configs/agents/{cell.agent}.yaml" if Path(f"configs/agents/{cell.agent}.yaml").is_file() else None
-    )
-    agent_cfg = resolve_config(agent_cls, yaml_path, [*cell.agent_overrides, f"seed={cell.seed}"])
+    env_cfg, agent_cls, agent_cfg = cell_configs(cell, config)
     envs = env_cfg.make()
     agent = agent_cls(envs, agent_cfg)
     history = agent.learn()
@@ -240,13 +260,14 @@ def finished_cells(run_dir: Path) -> set[str]:
 
 def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
     """Run every unfinished cell; return the run folder (results.csv, curves.csv, sweep.yaml)."""
+    cells = expand_cells(config)
+    check_cells(cells, config)
     run_dir = Path(config.runs_root) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "sweep.yaml")
     for name in ("results.csv", "curves.csv"):  # a folder written before issue 11 gets today's column names
         if (run_dir / name).is_file():
             _append_rows(run_dir / name, [])
-    cells = expand_cells(config)
     done = finished_cells(run_dir)
     todo = [c for c in cells if c.id not in done]
     if progress:
@@ -284,7 +305,7 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
 
 def add_sweep_command(sub: Any) -> None:
     p = sub.add_parser("sweep", help="run a grid of agents x beta x seeds (x any field) in worker processes")
-    p.add_argument("--config", default="configs/sweep.yaml", help="SweepConfig YAML")
+    add_config_argument(p, "sweep", "SweepConfig")
     p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
     p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the sweep config")

@@ -12,6 +12,7 @@ from pathlib import Path
 from agents.registry import available, get_agent_class, resolve_config
 from rlhf_base.config import load_config, save_config
 from rlhf_base.io import append_jsonl, atomic_write
+from rlhf_gym.commands import add_config_argument
 from text_env.config import EnvConfig
 
 __all__ = ["add_train_command", "train"]
@@ -31,14 +32,17 @@ def train(
     overrides: list[str] | None = None,
     progress: bool = True,
 ) -> list[dict[str, float]]:
-    """Build the env and agent from configs, learn, evaluate, save; every iteration's metrics land on disk."""
+    """Build the env and agent from configs, learn, evaluate, save; every iteration's metrics land on disk.
+
+    `agent_config` and `env_config` are YAML files overriding the defaults of the agent's `Config` and of
+    `EnvConfig` (None: the defaults, which suit the default task); `overrides` go to the agent, or to the
+    env with an `env.` prefix.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env_over, agent_over = _split_overrides(list(overrides or []))
     env_cfg = load_config(EnvConfig, env_config, env_over)
     agent_cls = get_agent_class(agent_name)
-    if agent_config is None and Path(f"configs/agents/{agent_name}.yaml").is_file():
-        agent_config = f"configs/agents/{agent_name}.yaml"
     cfg = resolve_config(agent_cls, agent_config, agent_over)
     save_config(env_cfg, run_dir / "env.yaml")
     save_config(cfg, run_dir / "agent.yaml")
@@ -98,7 +102,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
         "train", help="train one agent on the env (PPO, REINFORCE, best-of-n, RAFT, SB3, yours)"
     )
     p.add_argument("--agent", required=True, help=f"one of {available()}")
-    p.add_argument("--config", default=None, help="agent YAML (default: configs/agents/NAME.yaml)")
+    add_config_argument(p, None, "the agent's Config")
     p.add_argument("--env-config", default=None, help="env YAML (EnvConfig fields)")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
     p.add_argument("--device", default=None, help="overrides env.device")

@@ -1,6 +1,6 @@
 """The `train-rm` subcommand of `rlhf-gym`: step 2 of RLHF from the command line (`label` is in label.py).
 
-    rlhf-gym train-rm --run-dir runs/rm    [--config configs/train_rm.yaml] pairs=runs/label/pairs.jsonl
+    rlhf-gym train-rm --run-dir runs/rm    [--config my_rm.yaml] pairs=runs/label/pairs.jsonl
 
 `train-rm` reads the pairs named by its `pairs` field, trains, and writes `reward_model/` (load it with
 `load_reward_model`, or hand its path to the env as `reward_model=...`), `metrics.csv`, `metrics.json`,
@@ -56,6 +56,6 @@ def add_train_rm_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="train a Bradley-Terry reward model on preference pairs",
         description=run_train_rm.__doc__,
     )
-    add_common_arguments(parser, "train_rm.yaml", "runs/reward_model", "lr=3e-4 epochs=3")
+    add_common_arguments(parser, "RewardTrainConfig", "runs/reward_model", "learning_rate=3e-4 epochs=3")
     parser.set_defaults(handler=run_train_rm)
     return parser

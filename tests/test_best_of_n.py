@@ -26,7 +26,7 @@ def test_best_of_n_picks_the_reward_models_argmax_per_prompt(length_core, n, num
     # num_envs 8: 5 prompts x 4 = 20 samples need 3 rollouts (the last one part filler); 2 x 12 = 24 need 3,
     # and each prompt's 12 samples span two rollouts.
     envs = text_env.TextGenVectorEnv(num_envs=8, core=length_core)
-    agent = agents.make_agent("best_of_n", envs, {"n": n})
+    agent = agents.make_agent("best_of_n", envs, {"samples_per_prompt": n})
     prompt_ids = np.arange(num_prompts) * 7
     result = agent.best_of(prompt_ids)
     assert len(result.samples.responses) == num_prompts * n and len(result.best.responses) == num_prompts
@@ -42,7 +42,9 @@ def test_best_of_n_picks_the_reward_models_argmax_per_prompt(length_core, n, num
 
 
 def test_select_takes_prompt_strings_or_indices(length_core):
-    agent = agents.make_agent("best_of_n", text_env.TextGenVectorEnv(num_envs=8, core=length_core), {"n": 4})
+    agent = agents.make_agent(
+        "best_of_n", text_env.TextGenVectorEnv(num_envs=8, core=length_core), {"samples_per_prompt": 4}
+    )
     prompts = list(length_core.task.prompts[:3])
     chosen = agent.select(prompts)
     assert len(chosen) == 3 and all(isinstance(r, str) for r in chosen)
@@ -53,7 +55,9 @@ def test_select_takes_prompt_strings_or_indices(length_core):
 
 def test_learn_reports_the_chosen_responses_and_the_analytic_kl(length_core):
     envs = text_env.TextGenVectorEnv(num_envs=8, core=length_core)
-    agent = agents.make_agent("best_of_n", envs, {"n": 4, "prompts_per_iteration": 4, "iterations": 2})
+    agent = agents.make_agent(
+        "best_of_n", envs, {"samples_per_prompt": 4, "prompts_per_iteration": 4, "iterations": 2}
+    )
     assert isinstance(agent, agents.Agent) and isinstance(agent, BestOfNAgent)
     before = [p.detach().clone() for p in envs.policy.parameters()]
     history = agent.learn()
@@ -71,7 +75,9 @@ def test_learn_reports_the_chosen_responses_and_the_analytic_kl(length_core):
 def test_best_of_8_beats_pi_refs_mean_reward_model_score():
     envs = text_env.TextGenVectorEnv(num_envs=64, core=EnvCore(max_new_tokens=16))
     reference = evaluate_policy(envs, num_episodes=128, seed=1)
-    agent = agents.make_agent("best_of_n", envs, {"n": 8, "prompts_per_iteration": 32, "iterations": 1})
+    agent = agents.make_agent(
+        "best_of_n", envs, {"samples_per_prompt": 8, "prompts_per_iteration": 32, "iterations": 1}
+    )
     (m,) = agent.learn()
     assert m["rm_score"] > reference["rm_score"] + 0.2, (m["rm_score"], reference["rm_score"])
     assert m["rm_score"] > m["rm_score_all"] + 0.2

@@ -11,12 +11,12 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytest
 import yaml
 
-from rlhf_base.config import ConfigError, config_to_dict, load_config, save_config
+from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
 
 class Schedule(enum.Enum):
@@ -26,6 +26,8 @@ class Schedule(enum.Enum):
 
 @dataclass
 class OptimConfig:
+    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}  # old key -> new key, for the error
+
     learning_rate: float = 1e-3  # step size
     betas: tuple[float, float] = (0.9, 0.999)  # Adam moments
     name: Literal["adam", "sgd"] = "adam"  # optimiser
@@ -174,6 +176,33 @@ def test_unknown_top_level_key_and_unknown_override():
         load_config(TrainConfig, overrides=["sed=1"])
     with pytest.raises(ConfigError, match=r"'agent.nope'.*valid keys for 'agent' \(AgentConfig\): optim, "):
         load_config(TrainConfig, overrides=["agent.nope=1"])
+
+
+def test_renamed_key_names_the_new_key_and_where_in_file_override_and_mapping(tmp_path):
+    path = write(tmp_path, "seed: 1\nagent:\n  optim:\n    lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, path)
+    assert str(info.value) == (
+        f"'agent.optim.lr' was renamed to 'agent.optim.learning_rate' in OptimConfig: change it in {path} line 4"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, overrides=["critic_optim.lr=0.1"])
+    assert str(info.value) == (
+        "'critic_optim.lr' was renamed to 'critic_optim.learning_rate' in OptimConfig: "
+        "change it in override 'critic_optim.lr=0.1'"
+    )
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(OptimConfig, {"lr": 0.1}, where="in the caller's dict")
+    assert (
+        str(info.value)
+        == "'lr' was renamed to 'learning_rate' in OptimConfig: change it in the caller's dict"
+    )
+    # the new name works, and a plain typo still gets the usual "unknown key" error
+    assert (
+        load_config(TrainConfig, overrides=["agent.optim.learning_rate=0.1"]).agent.optim.learning_rate == 0.1
+    )
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        config_from_dict(OptimConfig, {"lrr": 0.1})
 
 
 @pytest.mark.parametrize(

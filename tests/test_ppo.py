@@ -11,8 +11,8 @@ import torch
 import agents
 import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
-from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
-from rlhf_base.config import ConfigError, load_config
+from agents.ppo import PPO_METRIC_KEYS, PPOAgent, adaptive_beta, token_rewards
+from rlhf_base.config import ConfigError
 from rlhf_base.maths import gae, kl_per_token
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
@@ -102,13 +102,11 @@ def test_adaptive_beta_by_hand():
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
-def test_yaml_defaults_load_and_bad_values_name_the_key(core16):
-    cfg = load_config(PPOConfig, "configs/agents/ppo.yaml")
-    assert isinstance(cfg, PPOConfig) and cfg.kl_placement in ("per_token", "terminal")
+def test_bad_values_name_the_key(core16):
     with pytest.raises(ConfigError, match="kl_placement"):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"kl_placement": "end"})
-    with pytest.raises(ConfigError, match="lr must be > 0"):
-        agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"lr": 0.0})
+    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+        agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"learning_rate": 0.0})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,7 +122,9 @@ def test_yaml_defaults_load_and_bad_values_name_the_key(core16):
 )
 def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, overrides):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "num_minibatches": 2, "ppo_epochs": 2, **overrides})
+    agent = agents.make_agent(
+        "ppo", envs, {"learning_rate": 1e-3, "num_minibatches": 2, "epochs": 2, **overrides}
+    )
     assert isinstance(agent, agents.Agent) and isinstance(agent, PPOAgent)
     policy_before, head_before = params(envs.policy), params(agent.value_head)
     assert all((p == 0).all() for p in head_before)  # zero-initialised critic
@@ -147,22 +147,24 @@ def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, o
 def test_first_minibatch_is_on_policy_and_target_kl_stops_the_epochs(core16):
     # The first minibatch sees ratio 1 (old log-probs come from the same forward), so its clip fraction is 0;
     # a target_kl of 0 then stops after the first epoch.
-    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"target_kl": 0.0, "ppo_epochs": 4, "lr": 1e-3})
+    agent = agents.make_agent(
+        "ppo", fresh_envs(core16, 8), {"target_kl": 0.0, "epochs": 4, "learning_rate": 1e-3}
+    )
     (m,) = agent.learn(1)
     assert m["ppo_epochs"] == 1.0
-    zero_lr = agents.make_agent("ppo", fresh_envs(core16, 8), {"lr": 1e-12, "num_minibatches": 1})
+    zero_lr = agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": 1e-12, "num_minibatches": 1})
     (m,) = zero_lr.learn(1)
     assert m["clip_fraction"] == 0.0 and m["approx_kl"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_callback_returning_false_stops_early(core16):
-    agent = agents.make_agent("ppo", fresh_envs(core16, 4), {"ppo_epochs": 1})
+    agent = agents.make_agent("ppo", fresh_envs(core16, 4), {"epochs": 1})
     assert len(agent.learn(5, callback=lambda a, m: False)) == 1
 
 
 def test_save_then_load_restores_policy_value_head_and_beta(core16, tmp_path):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "adaptive_kl": True, "ppo_epochs": 1})
+    agent = agents.make_agent("ppo", envs, {"learning_rate": 1e-3, "adaptive_kl": True, "epochs": 1})
     agent.learn(1)
     agent.save(tmp_path / "ppo")
     saved_policy, saved_head, saved_beta = params(envs.policy), params(agent.value_head), agent.beta
@@ -174,7 +176,7 @@ def test_save_then_load_restores_policy_value_head_and_beta(core16, tmp_path):
 
 def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core16, tmp_path, monkeypatch):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("ppo", envs, {"lr": 1e-3, "ppo_epochs": 1})
+    agent = agents.make_agent("ppo", envs, {"learning_rate": 1e-3, "epochs": 1})
     agent.learn(1)
     agent.save(tmp_path / "ppo")
     before = params(envs.policy)
@@ -189,7 +191,7 @@ def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core
 
 def test_infinite_learning_rate_is_caught_before_a_second_step(core16):
     # lr = inf turns the weights non-finite after the first step; the next loss is caught.
-    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"lr": math.inf, "num_minibatches": 2})
+    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": math.inf, "num_minibatches": 2})
     with pytest.raises(NonFiniteLossError, match="iteration 1"):
         agent.learn(1)
 
@@ -214,11 +216,11 @@ def test_ppo_raises_the_reward_model_score_above_pi_ref(core16):
 
 @pytest.mark.slow
 def test_ppo_raises_the_gold_score_on_the_default_task():
-    """Responses of up to 32 tokens and the YAML defaults (60 iterations, ~5 min on one core): gold rises
+    """Responses of up to 32 tokens and the default config (60 iterations, ~5 min on one core): gold rises
     from ~0.05 to ~0.6 (seeds 0-2), with KL ~4-5 nats."""
     envs = fresh_envs(EnvCore(max_new_tokens=32), 64)
     before = evaluate_policy(envs, num_episodes=256, seed=7)
-    agent = agents.make_agent("ppo", envs, "configs/agents/ppo.yaml")
+    agent = agents.make_agent("ppo", envs)  # the default config
     agent.learn(60)
     after = evaluate_policy(envs, num_episodes=256, seed=7)
     assert after["gold_score"] > before["gold_score"] + 0.3, (before["gold_score"], after["gold_score"])

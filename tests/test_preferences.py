@@ -188,7 +188,7 @@ def test_label_command_writes_pairs_and_report_with_a_saved_policy(tmp_path, cor
     core.tokenizer.save_pretrained(policy_dir)
     run_dir = tmp_path / "run"
     argv = ["label", "--run-dir", str(run_dir), "--no-progress", "num_pairs=12", "batch_size=12"]
-    args = _label_parser().parse_args([*argv, "max_new_tokens=8", f"policy={policy_dir}"])
+    args = _label_parser().parse_args([*argv, "max_new_tokens=8", f"model={policy_dir}"])
     assert args.handler(args) == 0
     pairs = load_pairs(run_dir / "pairs.jsonl")
     report = json.loads((run_dir / "label_report.json").read_text())

@@ -127,7 +127,13 @@ def test_train_command_writes_metrics_summary_and_policy(tmp_path):
     from rlhf_gym.train import train
 
     run_dir = tmp_path / "run"
-    overrides = ["env.max_new_tokens=8", "env.num_envs=8", "iterations=2", "n=2", "prompts_per_iteration=4"]
+    overrides = [
+        "env.max_new_tokens=8",
+        "env.num_envs=8",
+        "iterations=2",
+        "samples_per_prompt=2",
+        "prompts_per_iteration=4",
+    ]
     history = train("best_of_n", run_dir, overrides=overrides, progress=False)
     assert [m["iteration"] for m in history] == [1.0, 2.0]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -101,10 +101,10 @@ def test_clipped_loss_has_the_reinforce_gradient_at_the_rollout_policy(token_mea
 # ---------------------------------------------------------------------------------------------------------
 def test_num_envs_not_divisible_by_k_is_a_clear_error(core16):
     envs = text_env.TextGenVectorEnv(num_envs=6, core=core16)
-    with pytest.raises(ValueError, match="num_envs=6 is not divisible by k=4"):
-        agents.make_agent("reinforce", envs, {"baseline": "rloo", "k": 4})
-    with pytest.raises(ValueError, match="k >= 2"):
-        agents.make_agent("reinforce", envs, {"baseline": "rloo", "k": 1})
+    with pytest.raises(ValueError, match="num_envs=6 is not divisible by samples_per_prompt=4"):
+        agents.make_agent("reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 4})
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        agents.make_agent("reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 1})
 
 
 def test_unknown_baseline_via_make_agent_names_valid_ones(core16):
@@ -128,16 +128,16 @@ def test_non_finite_reward_stops_before_the_update(core16):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"baseline": "rloo", "k": 2},
+        {"baseline": "rloo", "samples_per_prompt": 2},
         {"baseline": "moving_average"},
-        {"baseline": "whiten", "token_mean": True, "entropy_coef": 0.01},
-        {"baseline": "rloo", "k": 4, "updates_per_batch": 2},
+        {"baseline": "whiten", "token_mean": True, "ent_coef": 0.01},
+        {"baseline": "rloo", "samples_per_prompt": 4, "epochs": 2},
     ],
     ids=["rloo", "moving_average", "whiten+token_mean+entropy", "clipped_two_updates"],
 )
 def test_every_variant_trains_every_parameter_and_reports_metrics(core16, overrides):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("reinforce", envs, {"lr": 1e-3, **overrides})
+    agent = agents.make_agent("reinforce", envs, {"learning_rate": 1e-3, **overrides})
     assert isinstance(agent, agents.Agent) and isinstance(agent, ReinforceAgent)
     before = params(envs.policy)
     history = agent.learn(2)
@@ -152,7 +152,7 @@ def test_every_variant_trains_every_parameter_and_reports_metrics(core16, overri
 
 
 def test_rloo_rollout_holds_k_consecutive_samples_per_prompt(core16):
-    agent = ReinforceAgent(fresh_envs(core16, 8), ReinforceConfig(k=4))
+    agent = ReinforceAgent(fresh_envs(core16, 8), ReinforceConfig(samples_per_prompt=4))
     indices = agent._prompt_indices()
     assert indices.shape == (8,) and (indices[:4] == indices[0]).all() and (indices[4:] == indices[4]).all()
 
@@ -164,7 +164,7 @@ def test_callback_returning_false_stops_early(core16):
 
 def test_save_then_load_restores_the_policy(core16, tmp_path):
     envs = fresh_envs(core16, 8)
-    agent = agents.make_agent("reinforce", envs, {"lr": 1e-3})
+    agent = agents.make_agent("reinforce", envs, {"learning_rate": 1e-3})
     agent.learn(1)
     agent.save(tmp_path / "policy")
     saved = params(envs.policy)
@@ -177,7 +177,9 @@ def test_rloo_raises_the_reward_model_score_above_pi_ref(core16):
     """The default task, 64 envs, k = 4: about 20 iterations of 0.5 s lift fresh samples' mean rm_score."""
     envs = fresh_envs(core16, 64)
     before = evaluate_policy(envs, num_episodes=128, seed=123)
-    agent = agents.make_agent("reinforce", envs, {"baseline": "rloo", "k": 4, "lr": 1e-3})
+    agent = agents.make_agent(
+        "reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 4, "learning_rate": 1e-3}
+    )
     agent.learn(20)
     after = evaluate_policy(envs, num_episodes=128, seed=123)
     assert after["rm_score"] > before["rm_score"] + 0.15, (before["rm_score"], after["rm_score"])
@@ -193,7 +195,7 @@ def test_rloo_raises_the_gold_score_on_the_default_task():
     core = EnvCore(max_new_tokens=32)
     envs = text_env.TextGenVectorEnv(num_envs=64, core=core)
     before = evaluate_policy(envs, num_episodes=256, seed=123)
-    agent = agents.make_agent("reinforce", envs, "configs/agents/reinforce.yaml")
+    agent = agents.make_agent("reinforce", envs)  # the default config
     agent.learn(100)
     after = evaluate_policy(envs, num_episodes=256, seed=123)
     assert after["gold_score"] > before["gold_score"] + 0.3, (before["gold_score"], after["gold_score"])

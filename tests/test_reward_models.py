@@ -455,11 +455,14 @@ def test_train_rm_command_trains_saves_and_writes_metrics(labelled, tmp_path):
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "train_rm_config.yaml").is_file()
 
 
-def test_unknown_config_key_names_the_valid_keys(tmp_path, capsys):
+def test_unknown_or_renamed_config_key_names_the_valid_or_new_key(tmp_path, capsys):
     with pytest.raises(
-        ConfigError, match=r"unknown key 'learning_rate'.*valid keys for RewardTrainConfig: .*\blr\b"
+        ConfigError,
+        match=r"unknown key 'learning_rte'.*valid keys for RewardTrainConfig: .*\blearning_rate\b",
     ):
-        load_config(RewardTrainConfig, None, ["learning_rate=1e-3"])
+        load_config(RewardTrainConfig, None, ["learning_rte=1e-3"])
+    with pytest.raises(ConfigError, match=r"'lr' was renamed to 'learning_rate' in RewardTrainConfig"):
+        load_config(RewardTrainConfig, None, ["lr=1e-3"])
     args = _train_rm_parser().parse_args(["train-rm", "--run-dir", str(tmp_path), "epoch=2"])
     assert args.handler(args) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
@@ -471,16 +474,6 @@ def test_train_rm_command_reports_a_missing_pairs_file(tmp_path, capsys):
     )
     assert args.handler(args) == 2
     assert "none.jsonl" in capsys.readouterr().err
-
-
-def test_shipped_configs_load():
-    from pathlib import Path
-
-    from rlhf_gym.label import LabelConfig
-
-    root = Path(__file__).resolve().parents[1] / "configs"
-    assert load_config(RewardTrainConfig, root / "train_rm.yaml") == RewardTrainConfig()
-    assert load_config(LabelConfig, root / "label.yaml") == LabelConfig()
 
 
 def test_reward_model_reading_pi_refs_logprobs_shares_the_reference_forward(core, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,10 @@ import torch
 
 import text_env
 from agents import METRIC_KEYS, NonFiniteLossError, evaluate_policy, make_agent
-from agents.registry import resolve_config
 from agents.sb3 import LMActorCriticPolicy, SB3A2CAgent, SB3PPOAgent, right_align
 from rlhf_base.maths import entropy_from_logits
 from text_env.core import EnvCore
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "agents"
 N = 8  # max_new_tokens: short episodes keep SB3's one-forward-per-token collection fast
 
 
@@ -169,15 +166,6 @@ def test_save_load_round_trip(tmp_path, envs):
     agent.load(tmp_path / "ckpt")
     assert all(torch.equal(p, saved[name]) for name, p in agent.policy.named_parameters())
     assert agent.act(handmade_observations(envs.core)).shape == (8,)
-
-
-@pytest.mark.parametrize("name", ["sb3_ppo", "sb3_a2c"])
-def test_yaml_configs_load(name):
-    from agents import get_agent_class
-
-    agent_cls = get_agent_class(name)
-    config = resolve_config(agent_cls, CONFIGS / f"{name}.yaml")
-    assert isinstance(config, agent_cls.Config)
 
 
 @pytest.mark.slow

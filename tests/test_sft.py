@@ -6,7 +6,6 @@ import argparse
 import copy
 import csv
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -28,7 +27,6 @@ from rlhf_base.models import trainable_copy
 from rlhf_gym.sft import SFTConfig, add_sft_command, train_sft
 from text_env.tasks.reviews import sample_demonstrations
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"
 PAIRS = [("the movie was", "great ."), ("i", "loved this film . the cast was dull ."), ("this plot", "")]
 
 
@@ -110,7 +108,7 @@ def test_training_changes_every_parameter_and_lowers_the_loss(model, tokenizer):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
         loss_before = sft_loss(model, batch).item()
-    config = SFTConfig(epochs=4, batch_size=8, lr=3e-3, warmup=0, seed=0)
+    config = SFTConfig(epochs=4, batch_size=8, learning_rate=3e-3, warmup_steps=0, seed=0)
     metrics = train_sft(model, tokenizer, demos, config, progress=False)
     with torch.no_grad():
         loss_after = sft_loss(model, batch).item()
@@ -154,7 +152,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model, tokenizer, tmp_path
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(sft, "sft_loss", nan_on_third_step)
-    config = SFTConfig(epochs=1, batch_size=4, save_every=1, lr=1e-3)
+    config = SFTConfig(epochs=1, batch_size=4, save_every=1, learning_rate=1e-3)
     with pytest.raises(NonFiniteLossError, match="SFT loss is nan at step 3 of 4"):
         train_sft(model, tokenizer, sample_demonstrations(16, seed=3), config, tmp_path, progress=False)
     state = json.loads((tmp_path / "sft" / "sft_state.json").read_text())
@@ -190,11 +188,16 @@ def test_malformed_demonstration_file_names_file_and_line(tmp_path):
         load_demonstrations(path)
 
 
-def test_unknown_config_key_is_named(tmp_path):
+def test_unknown_or_renamed_config_key_is_named(tmp_path):
     path = tmp_path / "sft.yaml"
-    path.write_text("epochs: 2\nlearning_rate: 1e-4\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate' in .*sft\.yaml line 2"):
+    path.write_text("epochs: 2\nlr: 1e-4\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"'lr' was renamed to 'learning_rate' in SFTConfig: change it in .*sft\.yaml line 2",
+    ):
         load_config(SFTConfig, path)
+    with pytest.raises(ConfigError, match="'warmup' was renamed to 'warmup_steps'"):
+        load_config(SFTConfig, None, ["warmup=3"])
     with pytest.raises(ConfigError, match="unknown key 'bach_size'.*did you mean 'batch_size'"):
         load_config(SFTConfig, None, ["bach_size=3"])
     with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
@@ -204,10 +207,11 @@ def test_unknown_config_key_is_named(tmp_path):
 def test_sft_command_writes_a_loadable_reference(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rlhf-gym")
     add_sft_command(parser.add_subparsers(dest="command"))
-    run_dir = tmp_path / "run"
+    run_dir, config = tmp_path / "run", tmp_path / "small.yaml"
+    config.write_text("num_demonstrations: 64\nbatch_size: 16\n")
     args = parser.parse_args(
-        ["sft", "--config", str(CONFIG),  "--run-dir", str(run_dir), "--device", "cpu", "--quiet",
-         "num_demonstrations=64", "num_eval_demonstrations=32", "eval_episodes=64", "batch_size=16"]
+        ["sft", "--config", str(config),  "--run-dir", str(run_dir), "--device", "cpu", "--quiet",
+         "num_eval_demonstrations=32", "eval_episodes=64"]
     )  # fmt: skip
     assert args.handler(args) == 0
     out = capsys.readouterr().out

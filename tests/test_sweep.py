@@ -42,9 +42,9 @@ TINY = {
     "env": {"max_new_tokens": 8, "num_envs": 8},
     "overrides": [
         "reinforce.iterations=2",
-        "reinforce.k=2",
+        "reinforce.samples_per_prompt=2",
         "best_of_n.iterations=1",
-        "best_of_n.n=2",
+        "best_of_n.samples_per_prompt=2",
         "best_of_n.prompts_per_iteration=4",
     ],
     "eval_episodes": 8,
@@ -68,14 +68,14 @@ def test_grid_expansion_routes_keys_to_the_right_config():
         agents=["ppo", "best_of_n"],
         betas=[0.05, 0.1],
         seeds=[0, 1, 2],
-        grid={"best_of_n.n": [4, 16, 64], "env.max_new_tokens": [16]},
+        grid={"best_of_n.samples_per_prompt": [4, 16, 64], "env.max_new_tokens": [16]},
         overrides=["agent.seed=5"],
     )
     cells = expand_cells(config)
     assert len(cells) == 2 * 3 * 1 + 2 * 3 * 3 * 1  # n multiplies best-of-n's cells only
     bon = [c for c in cells if c.agent == "best_of_n"]
-    assert {dict(c.swept)["n"] for c in bon} == {4, 16, 64}
-    assert all("n=" + str(dict(c.swept)["n"]) in c.agent_overrides for c in bon)
+    assert {dict(c.swept)["samples_per_prompt"] for c in bon} == {4, 16, 64}
+    assert all(f"samples_per_prompt={dict(c.swept)['samples_per_prompt']}" in c.agent_overrides for c in bon)
     assert all(c.env_overrides == ("max_new_tokens=16",) for c in cells)
     assert len({c.id for c in cells}) == len(cells), "cell ids are unique"
     with pytest.raises(ValueError, match="needs a prefix"):

@@ -78,10 +78,12 @@ def _n_from_kl(kl: float) -> float:
 def _sample_labels(rows: pd.DataFrame) -> list[str]:
     """Labels "n=4" per configuration of a sampling agent.
 
-    `n` is the agent's config field when the sweep swept it (an `n` / `*.n` column), else it is read back
+    `n` is the agent's `samples_per_prompt` when the sweep swept it (a `samples_per_prompt` /
+    `*.samples_per_prompt` column, or `n` in run folders written before the rename), else it is read back
     from the KL by inverting best-of-n's analytic one.
     """
-    column = next((c for c in rows.columns if c.split(".")[-1] == "n" and rows[c].notna().all()), None)
+    names = ("samples_per_prompt", "n")
+    column = next((c for c in rows.columns if c.split(".")[-1] in names and rows[c].notna().all()), None)
     values = rows[column] if column else rows["kl_mean"].map(_n_from_kl)
     return [f"n={v:.0f}" if math.isfinite(v) else "" for v in values.astype(float)]
 
