@@ -3,7 +3,9 @@
 No base class holds control flow: each algorithm reads top to bottom in its own file (cleanrl-style) and
 meets this protocol structurally. Shared here are only the things that must be identical across agents
 for a comparison to be fair: the metric names and how they are computed, how a policy acts on an
-observation, and how it is saved.
+observation, and how it is saved. The bookkeeping around an agent's iterations (budget, numbering, clock,
+tokens, metrics stream, callback) is one function, `agents.loop.run_iterations`, that each built-in
+agent's `learn` calls with its own iteration.
 """
 
 from __future__ import annotations
@@ -55,7 +57,14 @@ Callback = Callable[[Any, dict[str, float]], bool | None]
 
 @runtime_checkable
 class Agent(Protocol):
-    """The small interface every agent meets (native, SB3-backed, or a user's own)."""
+    """The small interface every agent meets (native, SB3-backed, or a user's own).
+
+    `learn` semantics every built-in agent shares (through `agents.loop.run_iterations`, which a user's
+    agent may call too): iterations are numbered from 1 and continue across calls; each iteration's
+    metrics (at least `METRIC_KEYS`) are appended to `history` and then passed to `callback(agent,
+    metrics)`, and a callback returning False stops after that iteration; a NaN/inf loss raises
+    `NonFiniteLossError` before the update, with nothing of that iteration recorded.
+    """
 
     name: str  # registry name, e.g. "ppo"
     envs: text_env.TextGenVectorEnv  # the env it acts on; `envs.policy` is the model it trains
@@ -64,7 +73,8 @@ class Agent(Protocol):
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
-        """Train for `iterations` (default: the config's budget); return this call's metrics per iteration."""
+        """Train for `iterations` (default: the config's budget, an int >= 0); return this call's metrics
+        per iteration."""
         ...
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
