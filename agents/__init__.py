@@ -6,12 +6,14 @@ history = agent.learn()
 """
 
 from agents.base import METRIC_KEYS, Agent, NonFiniteLossError, evaluate_policy, rollout_metrics
+from agents.loop import Iteration, run_iterations
 from agents.registry import ENTRY_POINT_GROUP, available, get_agent_class, make_agent, register_agent
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "METRIC_KEYS",
     "Agent",
+    "Iteration",
     "NonFiniteLossError",
     "available",
     "evaluate_policy",
@@ -19,4 +21,5 @@ __all__ = [
     "make_agent",
     "register_agent",
     "rollout_metrics",
+    "run_iterations",
 ]

@@ -3,7 +3,9 @@
 No base class holds control flow: each algorithm reads top to bottom in its own file (cleanrl-style) and
 meets this protocol structurally. Shared here are only the things that must be identical across agents
 for a comparison to be fair: the metric names (`METRIC_KEYS`, defined once in `rlhf_base.metrics`) and
-how they are computed, how a policy acts on an observation, and how it is saved.
+how they are computed, how a policy acts on an observation, and how it is saved. The bookkeeping around
+an agent's iterations (budget, numbering, clock, tokens, metrics stream, callback) is one function,
+`agents.loop.run_iterations`, that each built-in agent's `learn` calls with its own iteration.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class Agent(Protocol):
     `learns` column, and the report then labels the agent's points with its `n` and fits Gao et al.'s
     best-of-n form to them, whatever the agent is called. It is not a protocol member, so agents written
     before it still pass `isinstance(agent, Agent)`.
+    `learn` semantics every built-in agent shares (through `agents.loop.run_iterations`, which a user's
+    agent may call too): iterations are numbered from 1 and continue across calls; each iteration's
+    metrics (at least `METRIC_KEYS`) are appended to `history` and then passed to `callback(agent,
+    metrics)`, and a callback returning False stops after that iteration; a NaN/inf loss raises
+    `NonFiniteLossError` before the update, with nothing of that iteration recorded.
     """
 
     name: str  # registry name, e.g. "ppo"
@@ -62,7 +69,8 @@ class Agent(Protocol):
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
-        """Train for `iterations` (default: the config's budget); return this call's metrics per iteration."""
+        """Train for `iterations` (default: the config's budget, an int >= 0); return this call's metrics
+        per iteration."""
         ...
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:

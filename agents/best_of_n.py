@@ -29,6 +29,7 @@ import torch
 
 import text_env
 from agents.base import Callback, act_with_policy, load_policy, rollout_metrics, save_policy
+from agents.loop import Iteration, run_iterations
 from rlhf_base.maths import best_of_n_kl
 from text_env.sampler import Rollout
 
@@ -124,8 +125,6 @@ class BestOfNAgent:
         device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)  # prompt draws
-        self.iteration = 0  # evaluation rounds so far, across learn() calls
-        self.tokens = 0  # response tokens generated so far (all n samples count: that is the cost)
 
     def best_of(
         self, prompt_indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
@@ -168,34 +167,28 @@ class BestOfNAgent:
         total = len(self.envs.core.task.prompts)
         return rng.choice(total, size=m, replace=m > total)
 
-    def metrics(self, result: BestOfN, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
-        """Shared metrics of the selected responses, with the analytic best-of-n KL (see the docstring)."""
-        metrics = rollout_metrics(result.best, iteration, wall_time, tokens)
+    def selection_metrics(self, result: BestOfN) -> dict[str, float]:
+        """What best-of-n reports on top of the chosen responses' shared metrics: the analytic KL and the
+        `reward` with it (they replace the env's), the env's measured KL, and the samples' mean score."""
         kl = best_of_n_kl(self.config.samples_per_prompt)
-        metrics.update(
-            kl=kl,
-            reward=metrics["rm_score"] - self.envs.core.judge.beta * kl,
-            kl_measured_env=metrics["kl"],
-            rm_score_all=result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
-            n=float(self.config.samples_per_prompt),
-        )
-        return metrics
+        return {
+            "kl": kl,
+            "reward": result.best.rm_scores.mean().item() - self.envs.core.judge.beta * kl,
+            "kl_measured_env": result.best.kl.mean().item(),  # the shared `kl` of the chosen responses
+            "rm_score_all": result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
+            "n": float(self.config.samples_per_prompt),
+        }
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
         """Run `iterations` rounds of best-of-n on `prompts_per_iteration` fresh prompts; nothing is trained."""
-        start, metrics_out = time.perf_counter(), []
-        for _ in range(self.config.iterations if iterations is None else iterations):
-            self.iteration += 1
-            result = self.best_of(self._draw_prompts(self.config.prompts_per_iteration, self.rng))
-            self.tokens += result.samples.num_tokens
-            metrics = self.metrics(result, self.iteration, time.perf_counter() - start, self.tokens)
-            self.history.append(metrics)
-            metrics_out.append(metrics)
-            if callback is not None and callback(self, metrics) is False:
-                break
-        return metrics_out
+        return run_iterations(self, self._iteration, iterations, callback)
+
+    def _iteration(self, iteration: int) -> Iteration:
+        """One round: fresh prompts, n samples each, the reward model's best; every sample's tokens count."""
+        result = self.best_of(self._draw_prompts(self.config.prompts_per_iteration, self.rng))
+        return Iteration(result.best, result.samples.num_tokens, self.selection_metrics(result))
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """A token from the sampling policy: best-of-n is a policy over whole responses, not tokens."""
@@ -207,9 +200,8 @@ class BestOfNAgent:
         device = next(self.envs.policy.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         result = self.best_of(self._draw_prompts(num_episodes, np.random.default_rng(seed)), generator)
-        metrics = self.metrics(result, 0, time.perf_counter() - start, result.samples.num_tokens)
-        metrics["episodes"] = float(num_episodes)
-        return metrics
+        metrics = rollout_metrics(result.best, 0, time.perf_counter() - start, result.samples.num_tokens)
+        return metrics | self.selection_metrics(result) | {"episodes": float(num_episodes)}
 
     def save(self, path: str | Path) -> None:
         save_policy(self.envs.policy, self.envs.tokenizer, path)

@@ -38,7 +38,6 @@ reproduction of OpenAI's lm-human-preferences:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -54,9 +53,9 @@ from agents.base import (
     check_finite,
     evaluate_policy,
     load_policy,
-    rollout_metrics,
     save_policy,
 )
+from agents.loop import Iteration, run_iterations
 from rlhf_base.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.maths import (
@@ -220,7 +219,6 @@ class PPOAgent:
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order
-        self._tokens = 0
 
     @property
     def minibatch_size(self) -> int:
@@ -245,79 +243,70 @@ class PPOAgent:
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
+        """Collect, update, repeat `iterations` times (default: the config's); bookkeeping in `run_iterations`."""
+        return run_iterations(self, self._iteration, iterations, callback)
+
+    def _iteration(self, iteration: int) -> Iteration:
+        """One PPO iteration: a rollout of B responses, then `epochs` passes of minibatch updates."""
         cfg, envs = self.config, self.envs
-        iterations = cfg.iterations if iterations is None else iterations
-        num_prompts, num_rows = len(envs.core.task.prompts), envs.num_envs
+        num_rows = envs.num_envs
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        start, first, rows = time.perf_counter(), len(self.history) + 1, []
-        for it in range(first, first + iterations):
-            # 1. Collect B responses (KV-cached), then score them teacher-forced: old log pi and V.
-            prompt_indices = self.np_random.integers(num_prompts, size=num_rows)
-            batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
-            self._tokens += batch.num_tokens
-            p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
-            b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
-            b_mask = batch.response_mask[:, :n]  # (B, N)
-            with torch.no_grad():
-                b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
-                kl = kl_per_token(
-                    batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.core.judge.kl_estimator
+        # 1. Collect B responses (KV-cached), then score them teacher-forced: old log pi and V.
+        prompt_indices = self.np_random.integers(len(envs.core.task.prompts), size=num_rows)
+        batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
+        p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
+        b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
+        b_mask = batch.response_mask[:, :n]  # (B, N)
+        with torch.no_grad():
+            b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
+            kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.core.judge.kl_estimator)
+            rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, b_mask, shift_mean=False)
+            b_advantages, b_returns = gae(rewards, b_values, b_mask, cfg.gamma, cfg.gae_lambda)  # (B, N) each
+            ev = explained_variance(b_values, b_returns, b_mask)
+            if cfg.whiten_advantages:
+                b_advantages = masked_whiten(b_advantages, b_mask)
+
+        # 2. PPO epochs over shuffled minibatches of rows.
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")
+        }
+        epochs_done = 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(num_rows, generator=self.shuffle_generator).to(b_ids.device)
+            epoch_kl = []
+            for lo in range(0, num_rows, self.minibatch_size):
+                mb = order[lo : lo + self.minibatch_size]
+                mb_mask = b_mask[mb]
+                logprobs, values = self._forward(b_ids[mb], b_attention[mb], p)
+                pg_loss, pg_stats = ppo_policy_loss(
+                    logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.clip_range
                 )
-                rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
-                if cfg.whiten_rewards:
-                    rewards = masked_whiten(rewards, b_mask, shift_mean=False)
-                b_advantages, b_returns = gae(
-                    rewards, b_values, b_mask, cfg.gamma, cfg.gae_lambda
-                )  # (B, N) each
-                ev = explained_variance(b_values, b_returns, b_mask)
-                if cfg.whiten_advantages:
-                    b_advantages = masked_whiten(b_advantages, b_mask)
+                v_loss = ppo_value_loss(values, b_values[mb], b_returns[mb], mb_mask, cfg.clip_range_value)
+                loss = pg_loss + cfg.vf_coef * v_loss
+                check_finite(loss, "PPO loss", iteration)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                check_finite(grad_norm, "PPO gradient norm", iteration)
+                self.optimizer.step()
+                stats["policy_loss"].append(pg_loss.item())
+                stats["value_loss"].append(v_loss.item())
+                stats["approx_kl"].append(pg_stats["approx_kl"])
+                stats["clip_fraction"].append(pg_stats["clip_fraction"])
+                epoch_kl.append(pg_stats["approx_kl"])
+            epochs_done += 1
+            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
+                break  # the policy moved far from the one that collected the batch
 
-            # 2. PPO epochs over shuffled minibatches of rows.
-            stats: dict[str, list[float]] = {
-                k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction")
-            }
-            epochs_done = 0
-            for _ in range(cfg.epochs):
-                order = torch.randperm(num_rows, generator=self.shuffle_generator).to(b_ids.device)
-                epoch_kl = []
-                for lo in range(0, num_rows, self.minibatch_size):
-                    mb = order[lo : lo + self.minibatch_size]
-                    mb_mask = b_mask[mb]
-                    logprobs, values = self._forward(b_ids[mb], b_attention[mb], p)
-                    pg_loss, pg_stats = ppo_policy_loss(
-                        logprobs, b_logprobs[mb], b_advantages[mb], mb_mask, cfg.clip_range
-                    )
-                    v_loss = ppo_value_loss(
-                        values, b_values[mb], b_returns[mb], mb_mask, cfg.clip_range_value
-                    )
-                    loss = pg_loss + cfg.vf_coef * v_loss
-                    check_finite(loss, "PPO loss", it)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    check_finite(grad_norm, "PPO gradient norm", it)
-                    self.optimizer.step()
-                    stats["policy_loss"].append(pg_loss.item())
-                    stats["value_loss"].append(v_loss.item())
-                    stats["approx_kl"].append(pg_stats["approx_kl"])
-                    stats["clip_fraction"].append(pg_stats["clip_fraction"])
-                    epoch_kl.append(pg_stats["approx_kl"])
-                epochs_done += 1
-                if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
-                    break  # the policy moved far from the one that collected the batch
-
-            # 3. Metrics (with the beta these rewards used), then the KL controller's step.
-            metrics = rollout_metrics(batch, it, time.perf_counter() - start, self._tokens)
-            metrics.update({k: float(np.mean(v)) for k, v in stats.items()})
-            metrics.update(beta=self.beta, explained_variance=ev, ppo_epochs=float(epochs_done))
-            if cfg.adaptive_kl:
-                self.beta = adaptive_beta(self.beta, metrics["kl"], cfg.kl_target, cfg.kl_horizon, num_rows)
-            self.history.append(metrics)
-            rows.append(metrics)
-            if callback is not None and callback(self, metrics) is False:
-                break
-        return rows
+        # 3. Metrics (with the beta these rewards used), then the KL controller's step.
+        metrics = {k: float(np.mean(v)) for k, v in stats.items()}
+        metrics.update(beta=self.beta, explained_variance=ev, ppo_epochs=float(epochs_done))
+        if cfg.adaptive_kl:
+            mean_kl = batch.kl.mean().item()  # the shared `kl` metric
+            self.beta = adaptive_beta(self.beta, mean_kl, cfg.kl_target, cfg.kl_horizon, num_rows)
+        return Iteration(batch, batch.num_tokens, metrics)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return act_with_policy(self.envs.policy, obs, generator=self.generator)

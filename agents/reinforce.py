@@ -22,7 +22,6 @@ steps are off-policy, so the loss becomes PPO's clipped surrogate with sequence 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -38,9 +37,9 @@ from agents.base import (
     check_finite,
     evaluate_policy,
     load_policy,
-    rollout_metrics,
     save_policy,
 )
+from agents.loop import Iteration, run_iterations
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.maths import (
     entropy_from_logits,
@@ -164,7 +163,7 @@ def clipped_reinforce_loss(
     clip_range: float,
     token_mean: bool = False,
 ) -> torch.Tensor:
-    """PPO's clipped surrogate with the sequence advantage on every token, for `updates_per_batch > 1`.
+    """PPO's clipped surrogate with the sequence advantage on every token, for `epochs > 1`.
 
     Scaled like `reinforce_loss`, so that at the rollout policy (ratio 1) both have the same gradient: the
     first step is plain REINFORCE, and the clip only acts on the later, off-policy steps.
@@ -244,8 +243,6 @@ class ReinforceAgent:
             eps=config.adam_eps,
         )
         self.ema_state: float | None = None  # the moving-average baseline so far
-        self.iteration = 0  # learning iterations done so far, across learn() calls
-        self.tokens = 0  # response tokens generated so far
 
     @property
     def samples_per_prompt(self) -> int:
@@ -260,49 +257,42 @@ class ReinforceAgent:
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
-        """Roll out, compute advantages, take `epochs` full-batch gradient steps; repeat `iterations` times."""
+        """Roll out, compute advantages, take `epochs` gradient steps; repeat `iterations` times."""
+        return run_iterations(self, self._iteration, iterations, callback)
+
+    def _iteration(self, iteration: int) -> Iteration:
+        """One rollout of B responses, their advantages, then `epochs` gradient steps."""
         cfg, policy = self.config, self.envs.policy
-        start, metrics_out = time.perf_counter(), []
-        for _ in range(cfg.iterations if iterations is None else iterations):
-            self.iteration += 1
-            policy.eval()  # no dropout: the sampled and the trained policy must be the same function
-            batch = text_env.rollout(
-                self.envs, prompt_indices=self._prompt_indices(), generator=self.generator
-            )
-            self.tokens += batch.num_tokens
-            b_advantages, b_baselines, self.ema_state = advantages(
-                batch.rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
-            )  # (B,), (B,)
-            mask = batch.response_mask  # (B, N)
+        policy.eval()  # no dropout: the sampled and the trained policy must be the same function
+        batch = text_env.rollout(self.envs, prompt_indices=self._prompt_indices(), generator=self.generator)
+        b_advantages, b_baselines, self.ema_state = advantages(
+            batch.rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
+        )  # (B,), (B,)
+        mask = batch.response_mask  # (B, N)
 
-            for _ in range(cfg.epochs):
-                logprobs, entropy = policy_logprobs(policy, batch, with_entropy=cfg.ent_coef > 0)
-                if cfg.epochs == 1:
-                    loss = reinforce_loss(logprobs, b_advantages, mask, cfg.token_mean)
-                else:  # off-policy after the first step: clip the ratio to the rollout policy (PPO)
-                    loss = clipped_reinforce_loss(
-                        logprobs, batch.logprobs, b_advantages, mask, cfg.clip_range, cfg.token_mean
-                    )
-                if entropy is not None:
-                    loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
-                check_finite(loss, "policy loss", self.iteration)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+        for _ in range(cfg.epochs):
+            logprobs, entropy = policy_logprobs(policy, batch, with_entropy=cfg.ent_coef > 0)
+            if cfg.epochs == 1:
+                loss = reinforce_loss(logprobs, b_advantages, mask, cfg.token_mean)
+            else:  # off-policy after the first step: clip the ratio to the rollout policy (PPO)
+                loss = clipped_reinforce_loss(
+                    logprobs, batch.logprobs, b_advantages, mask, cfg.clip_range, cfg.token_mean
+                )
+            if entropy is not None:
+                loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
+            check_finite(loss, "policy loss", iteration)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
 
-            metrics = rollout_metrics(batch, self.iteration, time.perf_counter() - start, self.tokens)
-            metrics.update(
-                loss=loss.item(),
-                advantage_std=b_advantages.std().item() if len(b_advantages) > 1 else 0.0,
-                baseline=b_baselines.mean().item(),
-                grad_norm=grad_norm.item(),
-            )
-            self.history.append(metrics)
-            metrics_out.append(metrics)
-            if callback is not None and callback(self, metrics) is False:
-                break
-        return metrics_out
+        metrics = {
+            "loss": loss.item(),
+            "advantage_std": b_advantages.std().item() if len(b_advantages) > 1 else 0.0,
+            "baseline": b_baselines.mean().item(),
+            "grad_norm": grad_norm.item(),
+        }
+        return Iteration(batch, batch.num_tokens, metrics)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return act_with_policy(self.envs.policy, obs)

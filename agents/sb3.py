@@ -43,9 +43,9 @@ from agents.base import (
     check_finite,
     evaluate_policy,
     load_policy,
-    rollout_metrics,
     save_policy,
 )
+from agents.loop import Iteration, run_iterations
 from rlhf_base.io import load_tensors, save_tensors
 from rlhf_base.lm import position_ids_from_mask
 
@@ -272,7 +272,7 @@ class _SB3Agent:
         )
         self.policy: LMActorCriticPolicy = self.model.policy
         envs.set_policy(self.policy.lm)  # already the same object; explicit, as the protocol asks
-        self._iteration = 0
+        self._iteration_number = 0  # the iteration in progress, for the NaN guard's message
         # SB3 owns backward() and step(); a hook stops a NaN/inf loss (hence gradient) before the weights move.
         self.policy.optimizer.register_step_pre_hook(self._check_gradients)
 
@@ -280,7 +280,7 @@ class _SB3Agent:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             norm = torch.stack([g.norm() for g in grads]).norm()
-            check_finite(norm, "SB3 loss (its gradient norm)", self._iteration)
+            check_finite(norm, "SB3 loss (its gradient norm)", self._iteration_number)
 
     @property
     def value_head(self) -> nn.Linear:
@@ -290,27 +290,22 @@ class _SB3Agent:
         self, iterations: int | None = None, callback: Callback | None = None
     ) -> list[dict[str, float]]:
         """Per iteration: `model.learn(timesteps_per_iteration)`, then one KV-cached evaluation batch."""
-        iterations = self.config.iterations if iterations is None else iterations
-        start, rows = time.perf_counter(), []
-        for _ in range(iterations):
-            self._iteration += 1
-            stats = EpisodeStatsCallback()
-            self.model.learn(
-                total_timesteps=self.config.timesteps_per_iteration,
-                callback=stats,
-                reset_num_timesteps=self._iteration == 1,
-                progress_bar=False,
-            )
-            batch = text_env.rollout(self.envs, generator=self.generator)  # B = envs.num_envs fresh episodes
-            metrics = rollout_metrics(
-                batch, self._iteration, time.perf_counter() - start, self.model.num_timesteps
-            )
-            metrics.update(self._train_metrics(stats), eval_tokens=float(batch.num_tokens))
-            rows.append(metrics)
-            self.history.append(metrics)
-            if callback is not None and callback(self, metrics) is False:
-                break
-        return rows
+        return run_iterations(self, self._iteration, iterations, callback)
+
+    def _iteration(self, iteration: int) -> Iteration:
+        """SB3 collects and updates (its tokens are the cost); fresh episodes then measure the policy."""
+        self._iteration_number = iteration  # for the NaN guard in `_check_gradients`
+        stats, reset = EpisodeStatsCallback(), iteration == 1
+        timesteps_before = 0 if reset else self.model.num_timesteps  # SB3 counts from 0 after a reset
+        self.model.learn(
+            total_timesteps=self.config.timesteps_per_iteration,
+            callback=stats,
+            reset_num_timesteps=reset,
+            progress_bar=False,
+        )
+        batch = text_env.rollout(self.envs, generator=self.generator)  # B = envs.num_envs fresh episodes
+        metrics = self._train_metrics(stats) | {"eval_tokens": float(batch.num_tokens)}
+        return Iteration(batch, self.model.num_timesteps - timesteps_before, metrics)
 
     def _train_metrics(self, stats: EpisodeStatsCallback) -> dict[str, float]:
         """SB3's collection episodes and its last update's losses (`train/...` in SB3's logger)."""

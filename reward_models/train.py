@@ -9,8 +9,6 @@ of a batch in one forward pass, as TRL's `RewardTrainer` does.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -29,6 +27,7 @@ from reward_models.loading import build_reward_model
 from reward_models.model import RewardModel
 from rlhf_base.io import atomic_write
 from rlhf_base.optim import adam
+from rlhf_base.runlog import RunLog
 
 __all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
 
@@ -173,42 +172,6 @@ def evaluate_reward_model(
     return metrics
 
 
-class _RunLog:
-    """Per-epoch rows for metrics.csv, final metrics.json and TensorBoard scalars, all in `run_dir`."""
-
-    def __init__(self, run_dir: str | Path | None) -> None:
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        self.rows: list[dict[str, Any]] = []
-        self.writer = None
-        if self.run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run folder is asked for
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-
-    def row(self, values: dict[str, Any], step: int) -> None:
-        self.rows.append(values)
-        self.scalars({k: v for k, v in values.items() if k not in ("epoch", "step")}, step)
-
-    def close(self, metrics: dict[str, Any]) -> None:
-        if self.run_dir is None:
-            return
-        self.writer.flush()
-        self.writer.close()
-        buffer = io.StringIO()
-        fields = list(dict.fromkeys(k for row in self.rows for k in row))
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(self.run_dir / "metrics.csv", buffer.getvalue())
-        atomic_write(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-
 # --------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------
@@ -284,7 +247,7 @@ def train_reward_model(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    log = _RunLog(run_dir)
+    log = RunLog(run_dir)  # metrics.csv (a row per epoch, flushed as it goes) and tensorboard/
     metrics: dict[str, Any] = {}
     step = 0
     model.train()
@@ -299,6 +262,7 @@ def train_reward_model(
             loss = bradley_terry_loss(r_w, r_l, margin)
             if not torch.isfinite(loss):
                 bar.close()
+                log.close()
                 raise FloatingPointError(
                     f"reward model loss became {loss.item()} at epoch {epoch}, step {step + 1}: training "
                     f"diverged. Lower the learning rate (learning_rate={config.learning_rate:g}), keep gradient clipping on "
@@ -328,9 +292,10 @@ def train_reward_model(
                 model, eval_pairs, batch_size=config.eval_batch_size, margin_field=config.margin_field
             )
             row.update({f"eval_{k}": v for k, v in held_out.items() if k != "num_pairs"})
-        log.row(row, step)
+        log.log(row, step, scalars=[k for k in row if k not in ("epoch", "step")])
         metrics.update(row)
     bar.close()
+    log.close()
 
     if normalise_on is None:
         responses = [(p["prompt"], p[side]) for p in train_pairs for side in ("chosen", "rejected")]
@@ -343,5 +308,6 @@ def train_reward_model(
         steps=step,
         seconds=time.perf_counter() - start,
     )
-    log.close(metrics)
+    if run_dir is not None:
+        atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics

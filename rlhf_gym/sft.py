@@ -12,7 +12,6 @@ around them (warm-up and cosine schedule, checkpoints, logs) and the command.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -38,6 +37,7 @@ from rlhf_base.io import atomic_dir, atomic_write
 from rlhf_base.lm import context_length
 from rlhf_base.models import resolve_device
 from rlhf_base.optim import adam
+from rlhf_base.runlog import RunLog
 from rlhf_gym.commands import add_config_argument
 
 __all__ = ["SFTConfig", "add_sft_command", "grammatical_fraction", "run_sft", "train_sft"]
@@ -90,38 +90,8 @@ class SFTConfig:
 # --------------------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------------------
-class _Log:
-    """The loss curve, a line per step: CSV (flushed as it goes) and TensorBoard under `run_dir`."""
-
-    FIELDS = ("step", "epoch", "loss", "grad_norm", "lr", "tokens", "wall_time")
-
-    def __init__(self, run_dir: Path | None) -> None:
-        self.file = self.csv = self.tb = None
-        if run_dir is None:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (run_dir / "sft_log.csv").open("w", newline="", encoding="utf-8")
-        self.csv = csv.DictWriter(self.file, fieldnames=self.FIELDS)
-        self.csv.writeheader()
-        from torch.utils.tensorboard import SummaryWriter  # heavy import, paid only by runs that log
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard" / "sft"))
-
-    def write(self, row: dict[str, float]) -> None:
-        if self.csv is not None:
-            self.csv.writerow(row)
-            self.file.flush()
-            for key in ("loss", "grad_norm", "lr"):
-                self.tb.add_scalar(f"sft/{key}", row[key], int(row["step"]))
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.tb.close()
+#: The columns of `sft_log.csv`, one row per optimiser step; loss, grad_norm and lr also go to TensorBoard.
+LOG_FIELDS = ("step", "epoch", "loss", "grad_norm", "lr", "tokens", "wall_time")
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path, state: dict) -> None:
@@ -188,9 +158,10 @@ def train_sft(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     run_dir = Path(run_dir) if run_dir is not None else None
-    log, rng = _Log(run_dir), np.random.default_rng(config.seed)
+    log = RunLog(run_dir, csv="sft_log.csv", fields=LOG_FIELDS, tensorboard="tensorboard/sft", prefix="sft/")
+    rng = np.random.default_rng(config.seed)
     if held_out:
-        log.scalar("sft/eval_nll", nll_before, 0)
+        log.scalar("eval_nll", nll_before, 0)
     bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not progress, dynamic_ncols=True)
     step, tokens, epoch_losses = 0, 0, []
     model.train()
@@ -207,8 +178,9 @@ def train_sft(
                 step, tokens = step + 1, tokens + int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 epoch_losses.append(loss)
                 wall_time = time.perf_counter() - start
-                log.write(dict(step=step, epoch=epoch + 1, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens,
-                               wall_time=wall_time))  # fmt: skip
+                row = {"step": step, "epoch": epoch + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr}
+                row.update(tokens=tokens, wall_time=wall_time)
+                log.log(row, step, scalars=("loss", "grad_norm", "lr"))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
                 checkpoint = run_dir is not None and config.save_every and step % config.save_every == 0
@@ -219,7 +191,7 @@ def train_sft(
         model.eval()
         nll_after = response_nll(model, tokenizer, held_out) if held_out else math.nan
         if held_out:
-            log.scalar("sft/eval_nll", nll_after, step)
+            log.scalar("eval_nll", nll_after, step)
     finally:
         bar.close()
         log.close()

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from rlhf_base.runlog import RunLog
 from rlhf_gym.commands import add_config_argument
 from rlhf_gym.report.schema import (
     CURVE_METRICS,
@@ -239,15 +239,9 @@ def _reference_metrics(config: SweepConfig, run_dir: Path) -> dict[str, float]:
 
 def _write_tensorboard(path: Path, curves: list[dict[str, Any]]) -> None:
     """One TensorBoard run per cell: its learning curve, by iteration."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(path))
-    for row in curves:
-        for key in CURVE_METRICS:
-            value = row.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(key, value, int(row["iteration"]))
-    writer.close()
+    with RunLog(path, csv=None, tensorboard=".") as log:
+        for row in curves:
+            log.log(row, int(row["iteration"]), scalars=CURVE_METRICS)
 
 
 def finished_cells(run_dir: Path) -> set[str]:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import time
 from pathlib import Path
 
 from agents.registry import available, get_agent_class, resolve_config
 from rlhf_base.config import load_config, save_config
-from rlhf_base.io import append_jsonl, atomic_write
+from rlhf_base.io import atomic_write
+from rlhf_base.runlog import RunLog
 from rlhf_gym.commands import add_config_argument
 from text_env.config import EnvConfig
 
@@ -50,19 +49,13 @@ def train(
     envs = env_cfg.make()
     agent = agent_cls(envs, cfg)
     baseline = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    # A row per iteration as it comes: metrics.csv, metrics.jsonl, and tensorboard/ under "AGENT/".
+    run_log = RunLog(run_dir, csv="metrics.csv", jsonl="metrics.jsonl", prefix=f"{agent_name}/")
     start = time.perf_counter()
 
     def log(agent_, metrics: dict[str, float]) -> None:
-        append_jsonl({"agent": agent_name, **metrics}, metrics_path)
         step = int(metrics["iteration"])
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(f"{agent_name}/{key}", value, step)
+        run_log.log({"agent": agent_name, **metrics}, step)
         if progress:
             print(
                 f"[{agent_name}] it {step:3d}  rm {metrics['rm_score']:+.3f}  gold {metrics['gold_score']:+.3f}  "
@@ -70,17 +63,10 @@ def train(
                 flush=True,
             )
 
-    history = agent.learn(callback=log)
-    writer.close()
+    with run_log:
+        history = agent.learn(callback=log)
     final = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
     agent.save(run_dir / "policy")
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        rows = [{"agent": agent_name, **m} for m in history]
-        if rows:
-            fields = list(dict.fromkeys(k for row in rows for k in row))
-            out = csv.DictWriter(f, fieldnames=fields)
-            out.writeheader()
-            out.writerows(rows)
     summary = {
         "agent": agent_name,
         "reference": baseline,

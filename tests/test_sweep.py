@@ -153,7 +153,11 @@ def test_a_registered_sampling_agent_is_written_and_reported_as_best_of_n_is(tmp
     )
     run_dir = run_sweep(config, progress=False)
     rows = _rows(run_dir / "results.csv")
-    assert [(r["samples_per_prompt"], r["learns"]) for r in rows] == [("2", "False"), ("4", "False"), ("8", "False")]
+    assert [(r["samples_per_prompt"], r["learns"]) for r in rows] == [
+        ("2", "False"),
+        ("4", "False"),
+        ("8", "False"),
+    ]
     fit = gao_fits(read_results(run_dir / "results.csv"), read_curves(run_dir / "curves.csv"))["my_sampler"]
     assert (fit.kind, fit.source) == ("bon", "results.csv")  # one point per n, best-of-n's form
     assert "| my_sampler | d (a - b d) |" in make_report(run_dir)["report"].read_text()
