@@ -225,7 +225,7 @@ class RAFTAgent:
         """
         cfg = self.config
         iterations = cfg.iterations if iterations is None else int(iterations)
-        num_prompts = len(self.envs.core.task.prompts)
+        num_prompts = len(self.envs.prompts)
         if self._start is None:
             self._start = time.perf_counter()
         out = []

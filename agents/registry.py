@@ -16,6 +16,7 @@ from typing import Any
 import gymnasium as gym
 
 from rlhf_base.config import config_from_dict, load_config
+from text_env.env import TextGenEnv
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = [
@@ -106,10 +107,9 @@ def make_agent(name: str, env: Any, config: Any = None) -> Any:
     agent_cls = get_agent_class(name)
     cfg = resolve_config(agent_cls, config)
     if not isinstance(env, TextGenVectorEnv):
-        base = env.unwrapped if isinstance(env, gym.Env) else env
-        if not hasattr(base, "core"):
+        if not isinstance(env, gym.Env) or not isinstance(env.unwrapped, TextGenEnv):
             raise TypeError(
                 f"env must be a text_env TextGenVectorEnv or TextGenEnv, got {type(env).__name__}"
             )
-        env = TextGenVectorEnv(num_envs=getattr(cfg, "num_envs", 64), core=base.core)
+        env = TextGenVectorEnv.sharing(env, num_envs=getattr(cfg, "num_envs", 64))
     return agent_cls(env, cfg)

@@ -238,7 +238,7 @@ class ReinforceAgent:
     def _prompt_indices(self) -> np.ndarray:
         """(B,) prompts of the next rollout: num_envs / k distinct prompts, k consecutive copies each."""
         num_prompts, k = self.envs.num_envs // self.samples_per_prompt, self.samples_per_prompt
-        total = len(self.envs.core.task.prompts)
+        total = len(self.envs.prompts)
         return np.repeat(self.rng.choice(total, size=num_prompts, replace=num_prompts > total), k)
 
     def learn(

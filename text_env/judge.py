@@ -19,7 +19,7 @@ from rlhf_base.lm import by_response_length, last_token_index, response_logprobs
 from rlhf_base.maths import KL_ESTIMATORS, kl_per_token
 from text_env.tasks import RewardFn
 
-__all__ = ["Judge", "as_reward_fn"]
+__all__ = ["Judge", "as_reward_fn", "check_beta"]
 
 
 def as_reward_fn(reward_model: Any) -> RewardFn:
@@ -32,6 +32,15 @@ def as_reward_fn(reward_model: Any) -> RewardFn:
         f"reward_model must be a callable (prompts, responses) -> scores, or an object with .score(...); "
         f"got {type(reward_model).__name__}"
     )
+
+
+def check_beta(beta: Any) -> float:
+    """`beta` as a float if it is a finite number >= 0 (a KL coefficient); a ValueError if not."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    return float(beta)
 
 
 def _as_scores(values: Any, expected: int, what: str) -> np.ndarray:
@@ -61,8 +70,7 @@ class Judge:
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
-        if not np.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        self.beta = check_beta(self.beta)
         self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
 
     def shared_reward_model(self) -> Any:

@@ -206,12 +206,12 @@ def _rollout(
     device = next(policy.parameters()).device
     options = None if prompt_indices is None else {"prompt_indices": prompt_indices}
     obs, reset_info = envs.reset(seed=seed, options=options)
-    p, n, num_rows = envs.response_start, envs.core.max_new_tokens, envs.num_envs
+    p, n, num_rows = envs.response_start, envs.max_new_tokens, envs.num_envs
     eos_id, pad_id = envs.tokenizer.eos_token_id, envs.tokenizer.pad_token_id
     if min_new_tokens is None:
-        min_new_tokens = envs.core.min_new_tokens
+        min_new_tokens = envs.min_new_tokens
     cache_kw = _cache_keyword(policy)
-    out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, n, cache_kw, device)
+    out, cache = _prefill(policy, obs, reset_info["prompt_index"], p, n, cache_kw, device)
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
     position = mask.sum(-1, keepdim=True) - 1  # (b, 1) each row's last real token (a prompt has one)
@@ -219,8 +219,9 @@ def _rollout(
     steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
     # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
     actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
+    done = np.zeros(num_rows, dtype=bool)  # (B,) the env's `terminated` of each row: all start together
     for t in range(n):
-        ended = envs.episodes.done[rows]  # (b,) host-side: ended, not yet dropped from the batch
+        ended = done[rows]  # (b,) host-side: ended, not yet dropped from the batch
         policy_logprobs = torch.log_softmax(logits, dim=-1)
         policy_probs = policy_logprobs.exp()
         sampling_logits = logits
@@ -245,8 +246,8 @@ def _rollout(
         else:
             host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
             actions[rows], action_logprobs[rows] = host[0], host[1]
-        envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
-        if envs.all_done:
+        obs, _, done, _, _ = envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
+        if done.all():
             break
         # (b, 1) the new token is real unless its row had ended
         real = (
@@ -256,7 +257,7 @@ def _rollout(
         )
         mask = torch.cat([mask, real], dim=1)  # (b, L + 1)
         position = position + real  # (b, 1) the new token's position; an ended row's stays where it was
-        live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
+        live = ~done[rows]  # (b,) host-side: no sync
         ended_rows = len(rows) - int(live.sum())
         if cache is not None and ended_rows >= max(COMPACT_MIN_ROWS, (1 - COMPACT_BELOW) * len(rows)):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
@@ -272,27 +273,28 @@ def _rollout(
         )
         cache = _cache_of(out, cache_kw) if cache is not None else None
         logits = out.logits[:, -1].float()
-    # Views of the env's buffers here; `rollout` returns copies (its next reset overwrites them).
-    ids = torch.as_tensor(envs.episodes.input_ids, device=device)
-    full_mask = torch.as_tensor(envs.episodes.attention_mask, device=device)
+    # The last observation holds every row's whole episode (it is a copy: the next reset cannot touch it).
+    ids = torch.as_tensor(obs["input_ids"], device=device)
+    full_mask = torch.as_tensor(obs["attention_mask"], device=device)
     response_mask = full_mask[:, p:].float()  # (B, N)
     logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
     logprobs, entropy = logprobs * response_mask, entropy * response_mask  # 0 after each row's end
     # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
-    rewards, info = envs.score_pending()
+    scores = envs.score_pending()
+    rewards = np.zeros(num_rows, dtype=np.float32)
     results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
     ref_logprobs = np.zeros((num_rows, n), dtype=np.float32)
     responses = [""] * num_rows
-    if info:
-        rows = np.flatnonzero(info["_rm_score"])
-        for key in ("rm_score", "kl", "gold_score"):
-            results[key] = info[key]
-        ref_logprobs[rows] = info["ref_logprobs"][rows]
-        responses = [str(r) if r is not None else "" for r in info["response"]]
+    rewards[scores.rows] = scores.reward
+    for key in results:
+        results[key][scores.rows] = getattr(scores, key)
+    ref_logprobs[scores.rows] = scores.ref_logprobs
+    for row, text in zip(scores.rows, scores.response, strict=True):
+        responses[row] = text
     return Rollout(
         prompts=[str(x) for x in reset_info["prompt"]],
         responses=responses,
-        prompt_indices=envs.episodes.prompt_index.copy(),
+        prompt_indices=reset_info["prompt_index"],
         input_ids=ids,
         attention_mask=full_mask,
         response_start=p,
