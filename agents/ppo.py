@@ -10,10 +10,11 @@ reproduction of OpenAI's lm-human-preferences:
   score at the last one (EOS); `"terminal"` pays the whole `rm_score - beta * kl` at the last token, as the
   env does. Either way the return of a whole response is the same; per-token placement gives the critic
   and GAE a denser, better-assigned signal. See `token_rewards`.
-* **The KL coefficient is the agent's own.** `beta` starts at the config's value (the env's when None) and
-  is fixed, or follows Ziegler et al.'s adaptive controller (`adaptive_beta`). The rewards are always
-  rebuilt from the rollout's `rm_scores` and per-token log-ratios, never taken from the env's `rewards`,
-  whose fixed env beta is only used for the shared `reward` metric.
+* **The KL coefficient is the env's.** `beta` is `envs.beta` (set it with `env.beta` in the env config): one
+  value, which the env's reward and the agent's token rewards both use. It is fixed, or follows Ziegler et
+  al.'s adaptive controller (`adaptive_beta`), which writes each new value to `envs.beta`, so the next
+  rollout's env reward already pays it. The token rewards are rebuilt from the rollout's `rm_scores` and
+  per-token log-ratios (to place the KL per token), with the beta that rollout was scored with.
 * **Value head**: a `Linear(hidden, 1)` on the policy's last hidden state (the trunk is shared, as in
   lm-human-preferences and TRL's `AutoModelForCausalLMWithValueHead`), trained with the policy by one Adam
   optimiser weighting the value loss by `vf_coef`. It starts at **zero** (weight and bias), as in
@@ -41,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from torch import nn
 
 import text_env
 from agents.base import (
+    ENV_SETTINGS,
     Callback,
     act_with_policy,
     check_finite,
@@ -79,7 +81,13 @@ PPO_METRIC_KEYS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "b
 
 @dataclass
 class PPOConfig:
-    """PPO's settings; the defaults suit the default task (tiny-reviews, responses <= 32 tokens, B = 64)."""
+    """PPO's settings; the defaults suit the default task (tiny-reviews, responses <= 32 tokens, B = 64).
+
+    The KL coefficient and the batch size are the env's settings (`env.beta`, `env.num_envs`): naming them
+    here is an error that says so.
+    """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"beta": ENV_SETTINGS["beta"]}
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
@@ -98,7 +106,6 @@ class PPOConfig:
     whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
     whiten_rewards: bool = False  # rescale token rewards to unit variance (sign kept), as TRL's option
     kl_placement: Literal["per_token", "terminal"] = "per_token"  # where -beta * KL is paid (module doc)
-    beta: float | None = None  # initial KL coefficient; None: the env's (envs.core.judge.beta)
     adaptive_kl: bool = False  # adapt beta towards kl_target with Ziegler et al.'s controller
     kl_target: float = 6.0  # target mean KL per response (nats) of the adaptive controller
     kl_horizon: int = 10_000  # horizon (episodes) of the adaptive controller
@@ -115,8 +122,6 @@ class PPOConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
             raise ValueError(f"minibatch_size must be >= 1 or None, got {self.minibatch_size}")
-        if self.beta is not None and not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0 or None (the env's), got {self.beta}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError(f"gamma and lam must lie in [0, 1], got {self.gamma} and {self.lam}")
 
@@ -206,11 +211,19 @@ class PPOAgent:
         nn.init.zeros_(self.value_head.bias)
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = adam(params, lr=cfg.lr, eps=cfg.adam_eps, decoupled=False)
-        self.beta = float(envs.core.judge.beta if cfg.beta is None else cfg.beta)
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order
         self._tokens = 0
+
+    @property
+    def beta(self) -> float:
+        """The KL coefficient: the env's one value (`envs.beta`), which the adaptive controller sets."""
+        return self.envs.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.envs.beta = value
 
     @property
     def minibatch_size(self) -> int:
@@ -237,7 +250,7 @@ class PPOAgent:
     ) -> list[dict[str, float]]:
         cfg, envs = self.config, self.envs
         iterations = cfg.iterations if iterations is None else iterations
-        num_prompts, num_rows = len(envs.core.task.prompts), envs.num_envs
+        num_prompts, num_rows = len(envs.prompts), envs.num_envs
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         start, first, rows = time.perf_counter(), len(self.history) + 1, []
         for it in range(first, first + iterations):
@@ -250,9 +263,7 @@ class PPOAgent:
             b_mask = batch.response_mask[:, :n]  # (B, N)
             with torch.no_grad():
                 b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
-                kl = kl_per_token(
-                    batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.core.judge.kl_estimator
-                )
+                kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.kl_estimator)
                 rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
                 if cfg.whiten_rewards:
                     rewards = masked_whiten(rewards, b_mask, shift_mean=False)
@@ -322,7 +333,8 @@ class PPOAgent:
             )
 
     def load(self, path: str | Path) -> None:
-        """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved."""
+        """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved
+        (beta into `envs.beta`, where the env and the controller read it)."""
         path = Path(path)
         policy = self.envs.policy
         load_policy(policy, path)  # in place: the optimiser keeps its parameters
