@@ -87,11 +87,10 @@ class PPOConfig:
     here is an error that says so.
     """
 
-    MOVED_KEYS: ClassVar[dict[str, str]] = {"beta": ENV_SETTINGS["beta"]}
+    MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
-    num_envs: int = 64  # B, when make_agent batches a single env; a vector env passed in keeps its own
     lr: float = 3e-4  # Adam learning rate, for the policy and the value head alike
     adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
     ppo_epochs: int = 4  # passes over each rollout batch

@@ -23,13 +23,21 @@ import math
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 import text_env
-from agents.base import Callback, act_with_policy, evaluate_policy, load_policy, rollout_metrics, save_policy
+from agents.base import (
+    ENV_SETTINGS,
+    Callback,
+    act_with_policy,
+    evaluate_policy,
+    load_policy,
+    rollout_metrics,
+    save_policy,
+)
 from agents.sft import IGNORE_INDEX, sft_step
 from rlhf_base.optim import adam
 from text_env.sampler import Rollout
@@ -39,7 +47,12 @@ __all__ = ["RAFTAgent", "RAFTConfig", "rollout_batch", "select_best"]
 
 @dataclass
 class RAFTConfig:
-    """One RAFT run; the defaults raise the reward on the default task within a few CPU-seconds per round."""
+    """One RAFT run; the defaults raise the reward on the default task within a few CPU-seconds per round.
+
+    Samples are drawn `envs.num_envs` rows at a time: the batch size is the env's setting (`env.num_envs`).
+    """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"num_envs": ENV_SETTINGS["num_envs"]}
 
     iterations: int = 10  # rounds of sample -> rank -> fine-tune that learn() runs by default
     k: int = 4  # responses sampled per prompt (the paper's K)
@@ -51,7 +64,6 @@ class RAFTConfig:
     batch_size: int = 16  # kept samples per SFT step
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     temperature: float = 1.0  # sampling temperature (1 = the policy; otherwise the logged KL is biased)
-    num_envs: int = 64  # rows of the vector env that make_agent builds (sampling batch size)
     seed: int = 0  # prompt choice and sampling RNG
 
     def __post_init__(self) -> None:
@@ -61,7 +73,7 @@ class RAFTConfig:
             raise ValueError(
                 f"keep must be in [1, k) = [1, {self.k}), got {self.keep}: keeping all k ranks nothing"
             )
-        for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size", "num_envs"):
+        for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.rank_by not in ("rm_score", "reward"):
