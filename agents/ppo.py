@@ -242,7 +242,7 @@ class PPOAgent:
             hidden = out.hidden_states[-1][:, start - 1 : -1].float()  # (b, n, H): state before each token
             return logprobs, self.value_head(hidden).squeeze(-1)  # (b, n) each
 
-        return by_response_length(forward, ids, attention_mask, p)
+        return by_response_length(forward, ids, attention_mask, p, self.envs.speed.overhead_tokens)
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None

@@ -142,14 +142,16 @@ def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core, prompts, mo
     """k rows of one prompt share one prefill, and ended rows leave the batch: neither may change a log-prob."""
     from text_env.kv_cache import PreallocatedLayer
 
-    monkeypatch.setattr(text_env.sampler, "COMPACT_MIN_ROWS", 1)  # drop rows as soon as a quarter ended
     selects = []
     select = PreallocatedLayer.batch_select_indices
     monkeypatch.setattr(
         PreallocatedLayer, "batch_select_indices", lambda self, i: selects.append(len(i)) or select(self, i)
     )
     envs = text_env.TextGenVectorEnv(num_envs=16, core=core)
-    batch = text_env.rollout(envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2))
+    eager = text_env.SpeedOptions(compact_min_rows=1)  # drop rows as soon as a quarter ended
+    batch = text_env.rollout(
+        envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2), speed=eager
+    )
     lengths = batch.lengths
     assert lengths.min() < lengths.max(), "rows must end at different steps for rows to be dropped"
     layers = core.reference.config.n_layer

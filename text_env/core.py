@@ -18,6 +18,7 @@ from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, traina
 from text_env.episodes import EpisodeBatch
 from text_env.judge import Judge, as_reward_fn, check_beta
 from text_env.scores import Scores
+from text_env.speed import SpeedOptions
 from text_env.tasks import Task, get_task
 
 __all__ = ["EnvCore"]
@@ -53,6 +54,8 @@ class EnvCore:
         min_new_tokens: the sampler masks EOS before this many tokens (as `generate`'s min_new_tokens), e.g.
             for fixed-length runs such as the scaling benchmark; 0 lets a response end at any step.
         device: "cpu", "cuda", or None/"auto".
+        speed: the speed fixes the judge and the sampler use (`SpeedOptions`; the defaults are the fast
+            path, and no option changes a result beyond float tolerance).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class EnvCore:
         max_prompt_tokens: int | None = None,
         min_new_tokens: int = 0,
         device: str | None = "cpu",
+        speed: SpeedOptions | None = None,
     ) -> None:
         self.task = get_task(task, prompts)
         self.device = resolve_device(device)
@@ -96,6 +100,9 @@ class EnvCore:
             )
         self.tokenizer, self.reference = tokenizer, reference
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
+        self.speed = SpeedOptions() if speed is None else speed
+        if not isinstance(self.speed, SpeedOptions):
+            raise TypeError(f"speed must be a text_env.SpeedOptions, got {type(self.speed).__name__}")
         self.vocab_size = int(reference.config.vocab_size)
         self.prompt_ids, self.prompt_mask = self._tokenise_prompts(max_prompt_tokens)
         if reward_model is None and self.task.gold_reward is None:
@@ -113,6 +120,7 @@ class EnvCore:
             beta=beta,
             kl_estimator=kl_estimator,
             tokenizer=tokenizer,
+            speed=self.speed,
         )
         width = self.prompt_width + self.max_new_tokens
         self.observation_space = spaces.Dict(

@@ -48,15 +48,15 @@ class TextGenEnv(EnvSurface, gym.Env):
 
     ## Arguments
     See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
-    kl_estimator, max_new_tokens, max_prompt_tokens, device), plus `render_mode` ("ansi") and `core` to
-    share an existing core (or `TextGenEnv.sharing(envs)`).
+    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, device, speed), plus `render_mode`
+    ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
 
     ## Attributes
     Shared with `TextGenVectorEnv` (`text_env.surface.EnvSurface`): `beta` (settable: the env owns the one
     KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`, `reward_model`,
-    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `response_start`. Through
-    Gymnasium's wrappers, reach them with `env.unwrapped`, e.g. `env.unwrapped.beta = 0.1`. `core` is the
-    shared implementation behind them, not part of the contract.
+    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `response_start`, `speed`.
+    Through Gymnasium's wrappers, reach them with `env.unwrapped`, e.g. `env.unwrapped.beta = 0.1`. `core` is
+    the shared implementation behind them, not part of the contract.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}  # fps only matters to human-mode viewers

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text_env.core import EnvCore
+from text_env.speed import SpeedOptions
 from text_env.tasks import Task
 
 __all__ = ["EnvSurface"]
@@ -87,6 +88,11 @@ class EnvSurface:
     def min_new_tokens(self) -> int:
         """Samplers mask EOS before this many response tokens (0: a response may end at any step)."""
         return self.core.min_new_tokens
+
+    @property
+    def speed(self) -> SpeedOptions:
+        """The speed fixes this env's scoring and `text_env.rollout` use (read-only: set at construction)."""
+        return self.core.speed
 
     @property
     def response_start(self) -> int:
