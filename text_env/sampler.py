@@ -4,6 +4,9 @@ The prompt is prefilled once; each step then feeds one token per row through the
 B sampled ids (with their log-probs) to the env. Rows end at their own EOS; the env holds them pending and
 scores the whole batch at the end, in one reference and one reward-model forward. Nothing re-runs the prefix,
 and the only host round trip per token is one small copy of the ids and log-probs.
+
+It reads the env only through its public surface: the prompts of `reset`'s info, the row flags and
+observations `step` returns, and the `Scores` of `score_pending()`; its speed fixes are `SpeedOptions`.
 """
 
 from __future__ import annotations
