@@ -27,6 +27,7 @@ from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the
 from text_env.sampler import Rollout
 
 __all__ = [
+    "ENV_SETTINGS",
     "METRIC_KEYS",
     "Agent",
     "NonFiniteLossError",
@@ -39,6 +40,14 @@ __all__ = [
     "rollout_metrics",
     "save_policy",
 ]
+
+#: Settings the env owns, one owner each (issue 11): an agent config that names one is an error that says
+#: where it lives (a config dataclass lists these as `MOVED_KEYS`, which `rlhf_base.config` reads).
+ENV_SETTINGS = {
+    "beta": "the env owns the KL coefficient: set env.beta (EnvConfig.beta), or envs.beta on a built env",
+    "num_envs": "the env owns the batch size: set env.num_envs (EnvConfig.num_envs), or pass "
+    "make_agent(name, env, config, num_envs=B) when batching a single env",
+}
 
 #: Called after every iteration with the agent and that iteration's metrics; return False to stop early.
 Callback = Callable[[Any, dict[str, float]], bool | None]

@@ -149,7 +149,7 @@ class BestOfNAgent:
     def _indices(self, prompts: Sequence[str] | Sequence[int] | np.ndarray) -> np.ndarray:
         """Prompt indices from indices or from prompt strings of the env's task."""
         if len(prompts) and all(isinstance(p, str) for p in prompts):
-            lookup = {p: i for i, p in enumerate(self.envs.core.task.prompts)}
+            lookup = {p: i for i, p in enumerate(self.envs.prompts)}
             missing = [p for p in prompts if p not in lookup]
             if missing:
                 raise ValueError(
@@ -157,14 +157,14 @@ class BestOfNAgent:
                     "prompts, so build the env with prompts=[...] that include it"
                 )
             return np.array([lookup[p] for p in prompts], dtype=np.int64)
-        return np.asarray([self.envs.core.check_prompt_index(i) for i in prompts], dtype=np.int64)
+        return np.asarray([self.envs.check_prompt_index(i) for i in prompts], dtype=np.int64)
 
     def select(self, prompts: Sequence[str] | Sequence[int] | np.ndarray) -> list[str]:
         """The best of n responses for each prompt (given as task prompt strings or prompt indices)."""
         return self.best_of(self._indices(prompts)).best.responses
 
     def _draw_prompts(self, m: int, rng: np.random.Generator) -> np.ndarray:
-        total = len(self.envs.core.task.prompts)
+        total = len(self.envs.prompts)
         return rng.choice(total, size=m, replace=m > total)
 
     def selection_metrics(self, result: BestOfN) -> dict[str, float]:
@@ -173,7 +173,7 @@ class BestOfNAgent:
         kl = best_of_n_kl(self.config.samples_per_prompt)
         return {
             "kl": kl,
-            "reward": result.best.rm_scores.mean().item() - self.envs.core.judge.beta * kl,
+            "reward": result.best.rm_scores.mean().item() - self.envs.beta * kl,
             "kl_measured_env": result.best.kl.mean().item(),  # the shared `kl` of the chosen responses
             "rm_score_all": result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
             "n": float(self.config.samples_per_prompt),

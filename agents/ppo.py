@@ -10,10 +10,11 @@ reproduction of OpenAI's lm-human-preferences:
   score at the last one (EOS); `"terminal"` pays the whole `rm_score - beta * kl` at the last token, as the
   env does. Either way the return of a whole response is the same; per-token placement gives the critic
   and GAE a denser, better-assigned signal. See `token_rewards`.
-* **The KL coefficient is the agent's own.** `beta` starts at the config's value (the env's when None) and
-  is fixed, or follows Ziegler et al.'s adaptive controller (`adaptive_beta`). The rewards are always
-  rebuilt from the rollout's `rm_scores` and per-token log-ratios, never taken from the env's `rewards`,
-  whose fixed env beta is only used for the shared `reward` metric.
+* **The KL coefficient is the env's.** `beta` is `envs.beta` (set it with `env.beta` in the env config): one
+  value, which the env's reward and the agent's token rewards both use. It is fixed, or follows Ziegler et
+  al.'s adaptive controller (`adaptive_beta`), which writes each new value to `envs.beta`, so the next
+  rollout's env reward already pays it. The token rewards are rebuilt from the rollout's `rm_scores` and
+  per-token log-ratios (to place the KL per token), with the beta that rollout was scored with.
 * **Value head**: a `Linear(hidden, 1)` on the policy's last hidden state (the trunk is shared, as in
   lm-human-preferences and TRL's `AutoModelForCausalLMWithValueHead`), trained with the policy by one Adam
   optimiser weighting the value loss by `vf_coef`. It starts at **zero** (weight and bias), as in
@@ -48,6 +49,7 @@ from torch import nn
 
 import text_env
 from agents.base import (
+    ENV_SETTINGS,
     Callback,
     act_with_policy,
     check_finite,
@@ -83,13 +85,15 @@ class PPOConfig:
 
     Knobs several configs share have one name in all of them, SB3's where SB3 has one (`learning_rate`,
     `gae_lambda`, `epochs`); a YAML file or override with an old name fails naming the new one (`RENAMED`).
+    The KL coefficient and the batch size are the env's settings (`env.beta`, `env.num_envs`): naming them
+    here is an error that says so (`MOVED_KEYS`).
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "lam": "gae_lambda", "ppo_epochs": "epochs"}
+    MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
-    num_envs: int = 64  # B, when make_agent batches a single env; a vector env passed in keeps its own
     learning_rate: float = 3e-4  # Adam learning rate, for the policy and the value head alike
     adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
     epochs: int = 4  # passes over each rollout batch (TRL's num_ppo_epochs, SB3's n_epochs)
@@ -104,7 +108,6 @@ class PPOConfig:
     whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
     whiten_rewards: bool = False  # rescale token rewards to unit variance (sign kept), as TRL's option
     kl_placement: Literal["per_token", "terminal"] = "per_token"  # where -beta * KL is paid (module doc)
-    beta: float | None = None  # initial KL coefficient; None: the env's (envs.core.judge.beta)
     adaptive_kl: bool = False  # adapt beta towards kl_target with Ziegler et al.'s controller
     kl_target: float = 6.0  # target mean KL per response (nats) of the adaptive controller
     kl_horizon: int = 10_000  # horizon (episodes) of the adaptive controller
@@ -122,8 +125,6 @@ class PPOConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
             raise ValueError(f"minibatch_size must be >= 1 or None, got {self.minibatch_size}")
-        if self.beta is not None and not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0 or None (the env's), got {self.beta}")
         if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
             raise ValueError(
                 f"gamma and gae_lambda must lie in [0, 1], got {self.gamma} and {self.gae_lambda}"
@@ -215,10 +216,18 @@ class PPOAgent:
         nn.init.zeros_(self.value_head.bias)
         params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, decoupled=False)
-        self.beta = float(envs.core.judge.beta if cfg.beta is None else cfg.beta)
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
         self.shuffle_generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order
+
+    @property
+    def beta(self) -> float:
+        """The KL coefficient: the env's one value (`envs.beta`), which the adaptive controller sets."""
+        return self.envs.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.envs.beta = value
 
     @property
     def minibatch_size(self) -> int:
@@ -238,7 +247,7 @@ class PPOAgent:
             hidden = out.hidden_states[-1][:, start - 1 : -1].float()  # (b, n, H): state before each token
             return logprobs, self.value_head(hidden).squeeze(-1)  # (b, n) each
 
-        return by_response_length(forward, ids, attention_mask, p)
+        return by_response_length(forward, ids, attention_mask, p, self.envs.speed.overhead_tokens)
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
@@ -252,14 +261,14 @@ class PPOAgent:
         num_rows = envs.num_envs
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # 1. Collect B responses (KV-cached), then score them teacher-forced: old log pi and V.
-        prompt_indices = self.np_random.integers(len(envs.core.task.prompts), size=num_rows)
+        prompt_indices = self.np_random.integers(len(envs.prompts), size=num_rows)
         batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
         p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
         b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
         b_mask = batch.response_mask[:, :n]  # (B, N)
         with torch.no_grad():
             b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
-            kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.core.judge.kl_estimator)
+            kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.kl_estimator)
             rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, b_mask, shift_mean=False)
@@ -323,7 +332,8 @@ class PPOAgent:
             )
 
     def load(self, path: str | Path) -> None:
-        """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved."""
+        """Load policy weights (safetensors only) into the env's policy, and the value head and beta if saved
+        (beta into `envs.beta`, where the env and the controller read it)."""
         path = Path(path)
         policy = self.envs.policy
         load_policy(policy, path)  # in place: the optimiser keeps its parameters

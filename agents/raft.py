@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 import text_env
-from agents.base import Callback, act_with_policy, evaluate_policy, load_policy, rollout_metrics, save_policy
+from agents.base import (
+    ENV_SETTINGS,
+    Callback,
+    act_with_policy,
+    evaluate_policy,
+    load_policy,
+    rollout_metrics,
+    save_policy,
+)
 from agents.loop import Iteration, run_iterations
 from agents.sft import IGNORE_INDEX, sft_step
 from rlhf_base.optim import adam
@@ -43,10 +51,12 @@ class RAFTConfig:
     """One RAFT run; the defaults raise the reward on the default task within a few CPU-seconds per round.
 
     Knobs several configs share have one name in all of them (`learning_rate`, `samples_per_prompt`); a YAML
-    file or override with an old name fails naming the new one (`RENAMED`).
+    file or override with an old name fails naming the new one (`RENAMED`). Samples are drawn
+    `envs.num_envs` rows at a time: the batch size is the env's setting (`env.num_envs`).
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "k": "samples_per_prompt"}
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"num_envs": ENV_SETTINGS["num_envs"]}
 
     iterations: int = 10  # rounds of sample -> rank -> fine-tune that learn() runs by default
     samples_per_prompt: int = 4  # responses sampled per prompt (the paper's K)
@@ -60,7 +70,6 @@ class RAFTConfig:
     batch_size: int = 16  # kept samples per SFT step
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     temperature: float = 1.0  # sampling temperature (1 = the policy; otherwise the logged KL is biased)
-    num_envs: int = 64  # rows of the vector env that make_agent builds (sampling batch size)
     seed: int = 0  # prompt choice and sampling RNG
 
     def __post_init__(self) -> None:
@@ -71,7 +80,7 @@ class RAFTConfig:
             raise ValueError(
                 f"keep must be in [1, samples_per_prompt) = [1, {k}), got {self.keep}: keeping all ranks nothing"
             )
-        for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size", "num_envs"):
+        for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.rank_by not in ("rm_score", "reward"):
@@ -235,7 +244,7 @@ class RAFTAgent:
 
     def _iteration(self, iteration: int) -> Iteration:
         """One round: sample k per prompt, keep the best `keep` by `rank_by`, fine-tune on them."""
-        cfg, num_prompts = self.config, len(self.envs.core.task.prompts)
+        cfg, num_prompts = self.config, len(self.envs.prompts)
         prompts = self.rng.choice(
             num_prompts, size=cfg.prompts_per_iteration, replace=cfg.prompts_per_iteration > num_prompts
         )

@@ -16,6 +16,8 @@ from typing import Any
 import gymnasium as gym
 
 from rlhf_base.config import config_from_dict, load_config
+from text_env.config import EnvConfig
+from text_env.env import TextGenEnv
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = [
@@ -94,22 +96,29 @@ def resolve_config(agent_cls: type, config: Any = None, overrides: list[str] | t
     return cfg
 
 
-def make_agent(name: str, env: Any, config: Any = None) -> Any:
-    """Build agent `name` on `env` (a `TextGenVectorEnv`, or a single env whose core it shares).
+def make_agent(name: str, env: Any, config: Any = None, *, num_envs: int | None = None) -> Any:
+    """Build agent `name` on `env` (a `TextGenVectorEnv`, or a single env whose models it shares).
 
     Args:
         name: one of `available()`.
-        env: the vector env to act on; a single `TextGenEnv` is batched into a vector env of
-            `config.num_envs` rows (default 64) sharing its models.
+        env: the vector env to act on, whose `num_envs` is the agent's batch size; a single `TextGenEnv`
+            (wrapped or not) is batched into a vector env of `num_envs` rows sharing its models.
         config: None (defaults), a YAML path, a dict, or the agent's `Config` instance.
+        num_envs: the rows of the vector env built around a single env; default `EnvConfig.num_envs`
+            (64). The env owns the batch size: agent configs take no `num_envs`, and a vector env keeps its
+            own (passing a different one here is an error).
     """
     agent_cls = get_agent_class(name)
     cfg = resolve_config(agent_cls, config)
-    if not isinstance(env, TextGenVectorEnv):
-        base = env.unwrapped if isinstance(env, gym.Env) else env
-        if not hasattr(base, "core"):
-            raise TypeError(
-                f"env must be a text_env TextGenVectorEnv or TextGenEnv, got {type(env).__name__}"
+    if isinstance(env, TextGenVectorEnv):
+        if num_envs is not None and num_envs != env.num_envs:
+            raise ValueError(
+                f"num_envs={num_envs} given for a vector env of {env.num_envs} rows: a vector env keeps its "
+                "own batch size; build it with the rows you want (EnvConfig.num_envs, gym.make_vec(num_envs=...))"
             )
-        env = TextGenVectorEnv(num_envs=getattr(cfg, "num_envs", 64), core=base.core)
+    elif isinstance(env, gym.Env) and isinstance(env.unwrapped, TextGenEnv):
+        env = TextGenVectorEnv.sharing(env, num_envs=EnvConfig.num_envs if num_envs is None else num_envs)
+    else:
+        kind = type(getattr(env, "unwrapped", env)).__name__
+        raise TypeError(f"env must be a text_env TextGenVectorEnv or TextGenEnv, got {kind}")
     return agent_cls(env, cfg)

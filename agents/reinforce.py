@@ -182,12 +182,13 @@ def clipped_reinforce_loss(
 
 
 def policy_logprobs(
-    policy: PreTrainedModel, batch: Rollout, with_entropy: bool = False
+    policy: PreTrainedModel, batch: Rollout, with_entropy: bool = False, overhead_tokens: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One teacher-forced forward over the rollout: log pi of the response tokens (B, N), and the entropy.
 
     As `rlhf_base.lm.response_logprobs`, plus the per-token entropy from the same logits when asked.
-    Rows run in length groups (`by_response_length`), so the update computes little padding.
+    Rows run in length groups (`by_response_length`, with `overhead_tokens`: the env's
+    `speed.overhead_tokens`), so the update computes little padding.
     """
 
     def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
@@ -195,7 +196,9 @@ def policy_logprobs(
         logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
         return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs,)
 
-    parts = by_response_length(forward, batch.input_ids, batch.attention_mask, batch.response_start)
+    parts = by_response_length(
+        forward, batch.input_ids, batch.attention_mask, batch.response_start, overhead_tokens
+    )
     return parts[0], parts[1] if with_entropy else None
 
 
@@ -251,7 +254,7 @@ class ReinforceAgent:
     def _prompt_indices(self) -> np.ndarray:
         """(B,) prompts of the next rollout: num_envs / k distinct prompts, k consecutive copies each."""
         num_prompts, k = self.envs.num_envs // self.samples_per_prompt, self.samples_per_prompt
-        total = len(self.envs.core.task.prompts)
+        total = len(self.envs.prompts)
         return np.repeat(self.rng.choice(total, size=num_prompts, replace=num_prompts > total), k)
 
     def learn(
@@ -271,7 +274,9 @@ class ReinforceAgent:
         mask = batch.response_mask  # (B, N)
 
         for _ in range(cfg.epochs):
-            logprobs, entropy = policy_logprobs(policy, batch, with_entropy=cfg.ent_coef > 0)
+            logprobs, entropy = policy_logprobs(
+                policy, batch, cfg.ent_coef > 0, self.envs.speed.overhead_tokens
+            )
             if cfg.epochs == 1:
                 loss = reinforce_loss(logprobs, b_advantages, mask, cfg.token_mean)
             else:  # off-policy after the first step: clip the ratio to the rollout policy (PPO)

@@ -202,12 +202,12 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
 
 def make_sb3_vec_env(envs: text_env.TextGenVectorEnv, n_envs: int) -> DummyVecEnv:
-    """`n_envs` single `TextGenEnv`s sharing `envs`' core (models, prompts, judge) in SB3's `DummyVecEnv`.
+    """`n_envs` single `TextGenEnv`s sharing `envs`' models, prompts and judge in SB3's `DummyVecEnv`.
 
     `DummyVecEnv` resets an env as soon as its episode ends (SB3's autoreset), so `TextGenEnv`'s refusal to
     step a finished episode never fires; the finished episode's info (rm_score, kl, ...) comes with that step.
     """
-    return DummyVecEnv([lambda: text_env.TextGenEnv(core=envs.core) for _ in range(n_envs)])
+    return DummyVecEnv([lambda: text_env.TextGenEnv.sharing(envs) for _ in range(n_envs)])
 
 
 class EpisodeStatsCallback(BaseCallback):

@@ -3,18 +3,21 @@
 The workload is the TRL comparison's: pi_ref and the learned reward model of the default pipeline, 16
 prompts x 4 samples, up to 32 new tokens, rows ending at their own EOS. Each variant trains its own agent
 from the same seed; the variants take turns, one iteration each per round (after a warm-up round), and
-the median per variant is reported. The fixes, and the switch that turns each off here:
+the median per variant is reported. The fixes, and the `text_env.SpeedOptions` of the variant's env that
+turns each off (`VARIANTS`):
 
 * **drop ended rows**: the sampler removes finished rows from the KV cache once a quarter of the batch
-  has ended (`text_env.sampler.COMPACT_BELOW`; off: 0, every row decodes to the end);
+  has ended (off: `compact_below=0`, every row decodes to the end);
 * **length groups**: teacher-forced forwards (reference, reward model, update) run rows of similar length
-  together, each group cut to its own width (`rlhf_base.lm.CALL_OVERHEAD_TOKENS`; off: one group);
-* **fused GELU**: GPT-2's eight-op `gelu_new` replaced by torch's one-kernel tanh GELU (off: swapped back);
-* **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off: multinomial);
-* **preallocated KV cache**: written in place (`text_env.kv_cache`; off: transformers' `DynamicCache`,
-  which copies the whole cache with `torch.cat` every step);
+  together, each group cut to its own width (off: `group_by_length=False`, one group);
+* **fused GELU**: GPT-2's eight-op `gelu_new` replaced by torch's one-kernel tanh GELU (off: swapped back
+  in that variant's models, `unfused_gelu`; not a speed option: it is the models' own code);
+* **inverse-CDF sampling**: one uniform per row instead of `torch.multinomial`'s V (off:
+  `sampler="multinomial"`);
+* **preallocated KV cache**: written in place (`text_env.kv_cache`; off: `preallocate_cache=False`,
+  transformers' `DynamicCache`, which copies the whole cache with `torch.cat` every step);
 * **shared reference forward**: the reward model's head reads pi_ref's log-prob statistics, which the
-  env's reference forward (for the KL) already computes (`Judge.shared_reward_model`; off: the reward
+  env's reference forward (for the KL) already computes (off: `share_reference_forward=False`, the reward
   model re-tokenises the text and runs its own copy of pi_ref).
 
 Not switchable here, so not in the table: deferred scoring (one reference and reward-model forward per
@@ -32,15 +35,24 @@ import time
 from collections.abc import Iterator
 from statistics import median
 from typing import Any
-from unittest import mock
 
-import torch
 from torch import nn
 
-import rlhf_base.lm
-import text_env.judge
-import text_env.sampler
 from benchmarks.common import OUT, describe, machine_info, markdown_table, pipeline_outputs
+from text_env.speed import SpeedOptions
+
+UNFUSED = "unfused gelu_new"
+
+#: Variant -> the speed options of its env: each turns one fix off (the unfused variant swaps its models').
+VARIANTS: dict[str, SpeedOptions] = {
+    "all fixes": SpeedOptions(),
+    "rows kept to the end": SpeedOptions(compact_below=0.0),
+    "one padded forward": SpeedOptions(group_by_length=False),
+    UNFUSED: SpeedOptions(),
+    "torch.multinomial": SpeedOptions(sampler="multinomial"),
+    "KV cache grown by torch.cat": SpeedOptions(preallocate_cache=False),
+    "reward model runs its own pi_ref": SpeedOptions(share_reference_forward=False),
+}
 
 
 @contextlib.contextmanager
@@ -62,35 +74,20 @@ def unfused_gelu(models: list[nn.Module]) -> Iterator[None]:
             setattr(module, name, child)
 
 
-def _multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def variants(models: list[nn.Module]) -> dict[str, Any]:
-    """Name -> a context manager factory that turns one fix off."""
-    return {
-        "all fixes": contextlib.nullcontext,
-        "rows kept to the end": lambda: mock.patch.object(text_env.sampler, "COMPACT_BELOW", 0.0),
-        "one padded forward": lambda: mock.patch.dict(
-            rlhf_base.lm.CALL_OVERHEAD_TOKENS, {"cpu": 10**12, "cuda": 10**12, "mps": 10**12}
-        ),
-        "unfused gelu_new": lambda: unfused_gelu(models),
-        "torch.multinomial": lambda: mock.patch.object(text_env.sampler, "sample_categorical", _multinomial),
-        "KV cache grown by torch.cat": lambda: mock.patch.object(text_env.sampler, "PREALLOCATE", False),
-        "reward model runs its own pi_ref": lambda: mock.patch.object(
-            text_env.judge.Judge, "shared_reward_model", lambda self: None
-        ),
-    }
-
-
-def make_agent(policy: str, reward_model: str, device: str) -> Any:
+def make_agent(policy: str, reward_model: str, device: str, speed: SpeedOptions) -> Any:
     from agents.reinforce import ReinforceAgent, ReinforceConfig
     from text_env.config import EnvConfig
 
-    envs = EnvConfig(model=policy, reward_model=reward_model, num_envs=64, device=device).make()
+    envs = EnvConfig(model=policy, reward_model=reward_model, num_envs=64, device=device, speed=speed).make()
     return ReinforceAgent(
         envs, ReinforceConfig()
     )  # the defaults: what `rlhf-gym train --agent reinforce` runs
+
+
+def models_of(envs: Any) -> list[nn.Module]:
+    """The models a variant's iteration runs: policy, reference, and the reward model when it is one."""
+    reward_model = envs.reward_model
+    return [envs.policy, envs.reference, *([reward_model] if isinstance(reward_model, nn.Module) else [])]
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
@@ -98,18 +95,13 @@ def run(quick: bool = False, device: str = "cpu") -> dict[str, Any]:
     so that a change in the machine's load falls on all of them alike."""
     policy, reward_model = pipeline_outputs()
     rounds = 2 if quick else 8
-    names = list(variants([]))
-    agents = {name: make_agent(policy, reward_model, device) for name in names}
+    names = list(VARIANTS)
+    agents = {name: make_agent(policy, reward_model, device, VARIANTS[name]) for name in names}
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds + 1):  # round 0 warms every agent up and is not counted
         for name, agent in agents.items():
-            envs = agent.envs
-            models = [
-                envs.policy,
-                envs.core.reference,
-                getattr(envs.core.judge.reward_fn, "__self__", envs.policy),
-            ]
-            with variants(models)[name]():
+            unfused = unfused_gelu(models_of(agent.envs)) if name == UNFUSED else contextlib.nullcontext()
+            with unfused:
                 start = time.perf_counter()
                 agent.learn(iterations=1)
                 if round_:

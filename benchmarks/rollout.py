@@ -45,7 +45,7 @@ def naive_episode(env: text_env.TextGenEnv, generator: torch.Generator, new_toke
         logits = env.policy(
             input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
         ).logits
-        last = logits[0, env.core.prompt_width + t - 1].float()
+        last = logits[0, env.response_start + t - 1].float()
         if t < new_tokens - 1:
             last[eos] = float("-inf")
         token = int(torch.multinomial(last.softmax(-1), 1, generator=generator))
@@ -62,10 +62,10 @@ def batched_rate(core: EnvCore, batch: int, min_seconds: float) -> dict[str, Any
     device = next(envs.policy.parameters()).device
     gen = torch.Generator(device=device).manual_seed(0)
     text_env.rollout(envs, generator=gen)  # warm-up
-    models = {"policy": envs.policy, "reference": core.reference}
-    reward_model = getattr(core.judge.reward_fn, "__self__", None)  # a bound RewardModel.score
-    if isinstance(reward_model, torch.nn.Module):
-        models["reward_model"] = reward_model
+    models = {"policy": envs.policy, "reference": envs.reference}
+    if isinstance(envs.reward_model, torch.nn.Module):
+        models["reward_model"] = envs.reward_model
+    # Profiling reaches into the judge on purpose: its gold call is timed alone (no public hook for that).
     gold_fn, parts = core.judge.gold_fn, {"gold": 0.0}
     time_gold = (  # not when the gold reward is the reward model: the judge then scores once
         mock.patch.object(core.judge, "gold_fn", timed_calls(gold_fn, parts, "gold"))

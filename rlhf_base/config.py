@@ -21,6 +21,9 @@ Checked types: ``int``, ``float`` (ints accepted), ``bool`` (only YAML booleans,
 strings), ``str``, ``Path``, enums, ``Literal[...]``, ``X | None`` and other unions, ``list[...]``,
 ``tuple[...]``, ``dict[..., ...]`` and nested dataclasses. ``Any`` or unannotated fields take any value.
 Unlike PyYAML's YAML 1.1 default, ``1e-4`` reads as a float rather than the string ``"1e-4"``.
+
+A setting that moved to another component stays named in its old config as a ``MOVED_KEYS`` class
+variable (``{"beta": "set env.beta instead"}``): setting it is an error that says where it lives now.
 """
 
 from __future__ import annotations
@@ -259,7 +262,13 @@ def _build(cls: type[T], node: _Node, path: str, base: T | None) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     section = f"'{path}' ({cls.__name__})" if path else cls.__name__
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
+    moved = getattr(cls, "MOVED_KEYS", {})  # key -> where that setting lives now (a ClassVar of `cls`)
     for key in node:
+        if key in moved and key not in types_:
+            dotted = f"{path}.{key}" if path else str(key)
+            raise ConfigError(
+                f"key '{dotted}' {node.where[key]} is not a {cls.__name__} setting: {moved[key]}"
+            )
         if key not in types_:
             dotted = f"{path}.{key}" if path else str(key)
             if key in renamed:

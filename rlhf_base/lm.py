@@ -7,6 +7,7 @@ positions that predict response tokens, and rows grouped by response length so p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def length_groups(lengths: np.ndarray, width_offset: int = 0, overhead_tokens: int = 48) -> list[np.ndarray]:
+def length_groups(
+    lengths: np.ndarray, width_offset: int = 0, overhead_tokens: float = 48
+) -> list[np.ndarray]:
     """Split rows into groups of similar length, minimising the padded positions the forwards compute.
 
     Rows end at their own EOS, so a batch padded to its longest response computes mostly padding (a
@@ -58,13 +61,16 @@ def length_groups(lengths: np.ndarray, width_offset: int = 0, overhead_tokens: i
     Args:
         lengths: (B,) response lengths.
         width_offset: positions every row computes besides its response (the prompt width).
-        overhead_tokens: the cost of one more forward call, in positions (`CALL_OVERHEAD_TOKENS`).
+        overhead_tokens: the cost of one more forward call, in positions (`CALL_OVERHEAD_TOKENS`);
+            `math.inf` makes one group (grouping switched off).
 
     Returns:
         Groups of row indices (longest rows first); together they hold every row exactly once.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")  # longest first: a group's width is its first row's
+    if overhead_tokens == math.inf:
+        return [order]
     width = lengths[order] + width_offset  # (B,)
     best, cut = np.zeros(len(order) + 1), np.zeros(len(order) + 1, dtype=np.int64)
     for end in range(1, len(order) + 1):  # best[end]: cheapest split of the `end` longest rows
@@ -84,7 +90,7 @@ def by_response_length(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_start: int,
-    overhead_tokens: int | None = None,
+    overhead_tokens: float | None = None,
     calls: int = 1,
 ) -> tuple[torch.Tensor, ...]:
     """Run a teacher-forced `fn` on length groups of rows, each cut to its own width; reassemble (B, N, ...).
@@ -94,7 +100,8 @@ def by_response_length(
     padding for all of its rows and the response columns past its longest response, which changes no real
     position's result (positions count real tokens; attention is causal). Past a row's end results are junk or 0: mask them, as with one padded
     forward. Gradients flow through. `calls`: the model calls `fn` makes (the group count trades them
-    against padding; default `overhead_tokens`: `call_overhead_tokens(device, calls)`).
+    against padding; default `overhead_tokens`: `call_overhead_tokens(device, calls)`; `math.inf`: one
+    group, i.e. grouping off).
     """
     num_rows, n = input_ids.shape[0], input_ids.shape[1] - response_start
     host_mask = attention_mask.detach().cpu().numpy()
@@ -150,6 +157,7 @@ def response_logprobs(
     attention_mask: torch.Tensor,
     response_start: int,
     group_by_length: bool = False,
+    overhead_tokens: float | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log-probabilities of the tokens at `response_start:` under `model`.
 
@@ -157,6 +165,7 @@ def response_logprobs(
         input_ids: (B, L) prompt left-padded into `[:response_start]`, response right-padded after it.
         attention_mask: (B, L) 1 for real tokens.
         group_by_length: run rows in length groups (`by_response_length`): the same log-probs, less padding.
+        overhead_tokens: the call cost that sets the groups (`by_response_length`'s; None: per device).
 
     Returns:
         (B, L - response_start) float32 log-probabilities (padding positions hold junk; mask them).
@@ -167,6 +176,7 @@ def response_logprobs(
             input_ids,
             attention_mask,
             response_start,
+            overhead_tokens,
         )[0]
     _, logits = teacher_forced(model, input_ids, attention_mask, response_start)
     return logprobs_from_logits(logits, input_ids[:, response_start:])

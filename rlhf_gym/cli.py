@@ -30,7 +30,7 @@ def _rollout(args: argparse.Namespace) -> int:
         num_envs=args.num_envs, max_new_tokens=args.max_new_tokens, device=args.device
     )
     print(
-        f"env: {args.num_envs} x text_env/TextGen-v0 (task {envs.core.task.name!r}, {len(envs.core.task.prompts)} prompts)"
+        f"env: {args.num_envs} x text_env/TextGen-v0 (task {envs.task.name!r}, {len(envs.prompts)} prompts)"
     )
     print(
         f"  policy/reference: tiny-reviews GPT-2, {sum(p.numel() for p in envs.reference.parameters()):,} parameters"

@@ -240,7 +240,7 @@ def grammatical_fraction(
         tokenizer=tokenizer,
         device=str(next(model.parameters()).device),
     )
-    generator = torch.Generator(device=envs.core.device).manual_seed(seed)
+    generator = torch.Generator(device=next(envs.policy.parameters()).device).manual_seed(seed)
     hits, total = 0, 0
     for i in range(math.ceil(num_episodes / envs.num_envs)):
         batch = text_env.rollout(envs, seed=seed + i, generator=generator)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from agents.base import ENV_SETTINGS
 from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from rlhf_base.runlog import RunLog
 from rlhf_gym.commands import add_config_argument
@@ -104,9 +105,15 @@ def _route(key: str, agent: str) -> tuple[str | None, str]:
     head, _, rest = key.partition(".")
     if not rest:
         raise ValueError(f"sweep key {key!r} needs a prefix: 'env.X', 'agent.X' or 'AGENT_NAME.X'")
+    if rest == "beta" and head in ("env", "agent", agent):  # one owner: the sweep's `betas` axis
+        raise ValueError(
+            f"sweep key {key!r}: a sweep sets the env's beta per cell from `betas`; list them there"
+        )
     if head == "env":
         return "env", rest
     if head in ("agent", agent):
+        if rest in ENV_SETTINGS:
+            raise ValueError(f"sweep key {key!r}: {ENV_SETTINGS[rest]}; in a sweep, use 'env.{rest}'")
         return "agent", rest
     return None, rest  # another agent's key
 
@@ -117,6 +124,11 @@ def _override(key: str, value: Any) -> str:
 
 def expand_cells(config: SweepConfig) -> list[Cell]:
     """Every cell of the grid, in a stable order; an axis of another agent does not multiply this one's cells."""
+    if config.env.beta != EnvConfig.beta and config.env.beta not in config.betas:
+        raise ValueError(
+            f"the sweep's env.beta={config.env.beta} would be ignored: each cell's beta comes from "
+            f"`betas` ({config.betas}); list the value there"
+        )
     fixed = [text.partition("=")[::2] for text in config.overrides]
     bad = [text for text in config.overrides if "=" not in text]
     if bad:

@@ -11,8 +11,8 @@ import torch
 import agents
 import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
-from agents.ppo import PPO_METRIC_KEYS, PPOAgent, adaptive_beta, token_rewards
-from rlhf_base.config import ConfigError
+from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
+from rlhf_base.config import ConfigError, load_config
 from rlhf_base.maths import gae, kl_per_token
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
@@ -24,6 +24,14 @@ JUNK = 9.0  # at padding: would change any result it leaked into
 def core16() -> EnvCore:
     """Our own core (responses of at most 16 tokens): training here never touches the session's policy."""
     return EnvCore(max_new_tokens=16)
+
+
+@pytest.fixture(autouse=True)
+def _restore_beta(core16):
+    """PPO's adaptive controller sets the env's beta, which lives on the shared core: put it back."""
+    beta = core16.beta
+    yield
+    core16.beta = beta
 
 
 def same(a: list[torch.Tensor], module) -> bool:
@@ -72,7 +80,7 @@ def test_token_rewards_of_a_rollout_sum_to_the_env_reward(estimator):
     batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
     kl = kl_per_token(batch.logprobs, batch.ref_logprobs, estimator)
     for placement in ("per_token", "terminal"):
-        rewards = token_rewards(batch.rm_scores, kl, batch.response_mask, envs.core.judge.beta, placement)
+        rewards = token_rewards(batch.rm_scores, kl, batch.response_mask, envs.beta, placement)
         torch.testing.assert_close(rewards.sum(-1), batch.rewards, atol=1e-5, rtol=1e-5)
     assert batch.kl.abs().mean() > 0.1
 
@@ -109,6 +117,18 @@ def test_bad_values_name_the_key(core16):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"learning_rate": 0.0})
 
 
+def test_beta_in_the_agent_config_is_an_error_that_names_the_envs_setting(core16):
+    """One owner: the env's config holds beta; PPO's config no longer takes one (it used to: "None: the env's")."""
+    envs = text_env.TextGenVectorEnv(num_envs=4, core=core16)
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'beta' in the config given for PPOAgent is not a PPOConfig setting: .*set env\.beta",
+    ):
+        agents.make_agent("ppo", envs, {"beta": 0.1})
+    with pytest.raises(ConfigError, match=r"key 'beta' in override 'beta=0\.1' is not a PPOConfig setting"):
+        load_config(PPOConfig, overrides=["beta=0.1"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # An update trains; metrics; early stops; save/load; NaN
 # ---------------------------------------------------------------------------------------------------------
@@ -141,7 +161,28 @@ def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, o
         m = history[0]
         assert history[1]["beta"] == pytest.approx(adaptive_beta(m["beta"], m["kl"], 6.0, 10_000, 8))
     else:
-        assert history[0]["beta"] == history[1]["beta"] == core16.judge.beta
+        assert history[0]["beta"] == history[1]["beta"] == envs.beta
+
+
+def test_the_adaptive_controller_sets_the_envs_beta_so_env_and_agent_pay_the_same_reward(core16):
+    """PPO's KL controller owns the env's one beta: after each adaptive step the env pays
+    rm_score - beta * kl with PPO's new beta, and every iteration's reward metric used that iteration's beta."""
+    envs = fresh_envs(core16, 8)
+    envs.beta = 0.2
+    config = {"adaptive_kl": True, "kl_target": 0.05, "kl_horizon": 8, "ppo_epochs": 1, "lr": 1e-3}
+    agent = agents.make_agent("ppo", envs, config)
+    history = agent.learn(3)
+    betas = [m["beta"] for m in history] + [envs.beta]
+    assert betas[0] == 0.2 and agent.beta == envs.beta
+    for m, new in zip(history, betas[1:], strict=True):  # each step moves beta by up to 20 % (horizon = B)
+        assert new == pytest.approx(adaptive_beta(m["beta"], m["kl"], 0.05, 8, 8)) and new != m["beta"]
+    for m in history:  # means: reward = rm_score - beta * kl holds for the batch means too
+        assert m["reward"] == pytest.approx(m["rm_score"] - m["beta"] * m["kl"], abs=1e-5)
+    batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch.rewards, batch.rm_scores - agent.beta * batch.kl, atol=1e-6, rtol=0)
+    kl = kl_per_token(batch.logprobs, batch.ref_logprobs, envs.kl_estimator)
+    ppo_rewards = token_rewards(batch.rm_scores, kl, batch.response_mask, agent.beta, "per_token")
+    torch.testing.assert_close(ppo_rewards.sum(-1), batch.rewards, atol=1e-5, rtol=1e-5)
 
 
 def test_first_minibatch_is_on_policy_and_target_kl_stops_the_epochs(core16):
@@ -172,6 +213,7 @@ def test_save_then_load_restores_policy_value_head_and_beta(core16, tmp_path):
     assert not same(saved_policy, envs.policy) and agent.beta != saved_beta
     agent.load(tmp_path / "ppo")
     assert same(saved_policy, envs.policy) and same(saved_head, agent.value_head) and agent.beta == saved_beta
+    assert envs.beta == saved_beta, "a checkpoint's beta goes back into the env, which scores with it"
 
 
 def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core16, tmp_path, monkeypatch):

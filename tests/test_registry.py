@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 import agents
 import text_env
 from agents.base import METRIC_KEYS, act_with_policy, evaluate_policy, rollout_metrics
+from agents.registry import resolve_config
 from rlhf_base.config import ConfigError
 
 
@@ -92,6 +94,29 @@ def test_a_single_env_is_batched_for_the_agent(core):
     agents.register_agent("sample_only", SampleOnlyAgent, overwrite=True)
     agent = agents.make_agent("sample_only", text_env.TextGenEnv(core=core))
     assert isinstance(agent.envs, text_env.TextGenVectorEnv) and agent.envs.core is core
+    assert agent.envs.num_envs == 64, "the env config's default batch size"
+    wrapped = gym.make("text_env/TextGen-v0", core=core)
+    assert agents.make_agent("sample_only", wrapped, num_envs=6).envs.num_envs == 6
+    with pytest.raises(TypeError, match="TextGenVectorEnv or TextGenEnv, got CartPoleEnv"):
+        agents.make_agent("sample_only", gym.make("CartPole-v1"))
+
+
+def test_the_batch_size_is_the_envs_a_vector_env_keeps_its_own(envs):
+    agents.register_agent("sample_only", SampleOnlyAgent, overwrite=True)
+    assert agents.make_agent("sample_only", envs, num_envs=8).envs is envs
+    with pytest.raises(
+        ValueError, match="num_envs=4 given for a vector env of 8 rows: a vector env keeps its own"
+    ):
+        agents.make_agent("sample_only", envs, num_envs=4)
+
+
+@pytest.mark.parametrize("agent", ["ppo", "raft"])
+def test_num_envs_in_an_agent_config_is_an_error_that_names_the_envs_setting(envs, agent):
+    """Agent configs used to take num_envs (used only when batching a single env): the env owns it now."""
+    with pytest.raises(ConfigError, match=r"key 'num_envs' .* not a \w+Config setting: .*set env\.num_envs"):
+        agents.make_agent(agent, envs, {"num_envs": 8})
+    with pytest.raises(ConfigError, match=r"make_agent\(name, env, config, num_envs=B\)"):
+        resolve_config(agents.get_agent_class(agent), None, ["num_envs=8"])
 
 
 def test_agent_from_an_entry_point_of_an_installed_package(tmp_path, monkeypatch, envs):

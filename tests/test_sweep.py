@@ -32,6 +32,7 @@ from rlhf_gym.sweep import (
     finished_cells,
     run_sweep,
 )
+from text_env.config import EnvConfig
 
 DATA = Path(__file__).parent / "data"
 
@@ -80,6 +81,31 @@ def test_grid_expansion_routes_keys_to_the_right_config():
     assert len({c.id for c in cells}) == len(cells), "cell ids are unique"
     with pytest.raises(ValueError, match="needs a prefix"):
         expand_cells(SweepConfig(grid={"lr": [1]}))
+
+
+@pytest.mark.parametrize("key", ["ppo.beta", "agent.beta", "env.beta"])
+def test_beta_has_one_owner_in_a_sweep_its_betas(key):
+    with pytest.raises(
+        ValueError, match=rf"sweep key '{key}': a sweep sets the env's beta per cell from `betas`"
+    ):
+        expand_cells(SweepConfig(agents=["ppo"], grid={key: [0.1]}))
+    with pytest.raises(ValueError, match=rf"sweep key '{key}': .*from `betas`"):
+        expand_cells(SweepConfig(agents=["ppo"], overrides=[f"{key}=0.1"]))
+    with pytest.raises(
+        ValueError, match=r"env\.beta=0\.1 would be ignored: each cell's beta comes from `betas`"
+    ):
+        expand_cells(SweepConfig(agents=["ppo"], env=EnvConfig(beta=0.1)))
+    cells = expand_cells(SweepConfig(agents=["ppo"], seeds=[0], betas=[0.1, 0.2], env=EnvConfig(beta=0.1)))
+    assert [c.beta for c in cells] == [0.1, 0.2]
+
+
+def test_the_batch_size_is_the_envs_in_a_sweep_too():
+    with pytest.raises(
+        ValueError, match=r"sweep key 'ppo.num_envs': the env owns the batch size.*use 'env.num_envs'"
+    ):
+        expand_cells(SweepConfig(agents=["ppo"], overrides=["ppo.num_envs=8"]))
+    (cell,) = expand_cells(SweepConfig(agents=["ppo"], seeds=[0], overrides=["env.num_envs=8"]))
+    assert cell.env_overrides == ("num_envs=8",)
 
 
 def test_tiny_sweep_writes_the_csv_table_and_plots(tmp_path):

@@ -42,7 +42,8 @@ def test_finished_rows_are_absorbing_until_reset(core):
     assert info["_rm_score"].tolist() == [False, True, False]
     assert not envs.all_done
     obs, _ = envs.reset(options={"reset_mask": [True, False, False]})
-    assert envs.episodes.done.tolist() == [False, True, False]
+    _, _, terminated, _, _ = envs.step(np.array([word, word, word]))
+    assert terminated.tolist() == [False, True, False], "only the masked row restarted"
 
 
 def test_vector_env_errors(core):
@@ -113,7 +114,7 @@ def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
         num_envs=8, core=EnvCore(reference=core.reference, tokenizer=core.tokenizer, policy=policy)
     )
     batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
-    assert envs.episodes.has_logprobs.all()
+    assert envs._episodes.has_logprobs.all()  # white-box: scoring skipped the policy
     # Replay the same tokens without log-probs: the env runs the policy forward itself.
     envs.reset(options={"prompt_indices": batch.prompt_indices})
     kl = np.zeros(8, dtype=np.float32)
@@ -123,7 +124,7 @@ def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
         _, _, _, _, info = envs.step(batch.response_ids[:, t].numpy())
         if info:
             kl[info["_kl"]] = info["kl"][info["_kl"]]
-    assert not envs.episodes.has_logprobs.any()
+    assert not envs._episodes.has_logprobs.any()
     assert np.abs(kl).max() > 1e-2
     np.testing.assert_allclose(batch.kl.numpy(), kl, atol=5e-4)
 
@@ -141,14 +142,16 @@ def test_shared_prefill_and_dropped_rows_match_teacher_forcing(core, prompts, mo
     """k rows of one prompt share one prefill, and ended rows leave the batch: neither may change a log-prob."""
     from text_env.kv_cache import PreallocatedLayer
 
-    monkeypatch.setattr(text_env.sampler, "COMPACT_MIN_ROWS", 1)  # drop rows as soon as a quarter ended
     selects = []
     select = PreallocatedLayer.batch_select_indices
     monkeypatch.setattr(
         PreallocatedLayer, "batch_select_indices", lambda self, i: selects.append(len(i)) or select(self, i)
     )
     envs = text_env.TextGenVectorEnv(num_envs=16, core=core)
-    batch = text_env.rollout(envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2))
+    eager = text_env.SpeedOptions(compact_min_rows=1)  # drop rows as soon as a quarter ended
+    batch = text_env.rollout(
+        envs, prompt_indices=prompts, generator=torch.Generator().manual_seed(2), speed=eager
+    )
     lengths = batch.lengths
     assert lengths.min() < lengths.max(), "rows must end at different steps for rows to be dropped"
     layers = core.reference.config.n_layer
@@ -203,13 +206,29 @@ def test_deferred_scoring_pays_later_exactly_what_the_terminal_step_would_have(c
                 infos.setdefault(key, []).append(info[key])
         return paid, infos
 
-    paid_now, _ = replay(defer=False)
+    paid_now, infos = replay(defer=False)
     _, nothing = replay(defer=True)
     assert not nothing and envs.pending.all()
-    later, info = envs.score_pending()
-    np.testing.assert_allclose(later, paid_now, atol=1e-5)
-    assert info["_rm_score"].all() and list(info["response"]) == batch.responses
-    assert not envs.pending.any() and envs.score_pending()[1] == {}, "scored once, then nothing is pending"
+    scores = envs.score_pending()
+    assert scores.rows.tolist() == list(range(6)) and len(scores) == 6
+    np.testing.assert_allclose(scores.padded_rewards(6), paid_now, atol=1e-5)
+    assert scores.response == batch.responses
+    np.testing.assert_array_equal(scores.response_length, batch.lengths.numpy())
+    # The step-time info (Gymnasium's layout) and the compact record say the same for every row.
+    layout, checked = scores.vector_info(6), 0
+    for key, parts in infos.items():
+        if key.startswith("_"):
+            continue
+        for part, mask in zip(parts, infos[f"_{key}"], strict=True):
+            for row in np.flatnonzero(mask):
+                checked += 1
+                got, want = layout[key][row], part[row]
+                if isinstance(want, (np.ndarray, np.floating, float)):
+                    np.testing.assert_allclose(got, want, atol=1e-5)
+                else:
+                    assert got == want, (key, row)
+    assert checked == 6 * 8, "every row's 8 info keys were compared"
+    assert not envs.pending.any() and len(envs.score_pending()) == 0, "scored once, then nothing is pending"
     envs.reset()
     assert not envs.pending.any()
 

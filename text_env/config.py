@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from text_env.core import EnvCore
+from text_env.speed import SpeedOptions
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["EnvConfig"]
@@ -25,6 +26,7 @@ class EnvConfig:
     min_new_tokens: int = 0  # the sampler masks EOS before this many tokens (fixed-length runs)
     num_envs: int = 64  # rows per batch of episodes
     device: str = "cpu"  # "cpu", "cuda", "auto"
+    speed: SpeedOptions = field(default_factory=SpeedOptions)  # speed fixes only (e.g. speed.sampler)
 
     def make(self) -> TextGenVectorEnv:
         core = EnvCore(
@@ -37,5 +39,6 @@ class EnvConfig:
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
             device=self.device,
+            speed=self.speed,
         )
         return TextGenVectorEnv(num_envs=self.num_envs, core=core)

@@ -16,7 +16,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_base.lm import context_length
 from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
-from text_env.judge import Judge, as_reward_fn
+from text_env.judge import Judge, as_reward_fn, check_beta
+from text_env.scores import Scores
+from text_env.speed import SpeedOptions
 from text_env.tasks import Task, get_task
 
 __all__ = ["EnvCore"]
@@ -52,6 +54,8 @@ class EnvCore:
         min_new_tokens: the sampler masks EOS before this many tokens (as `generate`'s min_new_tokens), e.g.
             for fixed-length runs such as the scaling benchmark; 0 lets a response end at any step.
         device: "cpu", "cuda", or None/"auto".
+        speed: the speed fixes the judge and the sampler use (`SpeedOptions`; the defaults are the fast
+            path, and no option changes a result beyond float tolerance).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class EnvCore:
         max_prompt_tokens: int | None = None,
         min_new_tokens: int = 0,
         device: str | None = "cpu",
+        speed: SpeedOptions | None = None,
     ) -> None:
         self.task = get_task(task, prompts)
         self.device = resolve_device(device)
@@ -95,23 +100,28 @@ class EnvCore:
             )
         self.tokenizer, self.reference = tokenizer, reference
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
+        self.speed = SpeedOptions() if speed is None else speed
+        if not isinstance(self.speed, SpeedOptions):
+            raise TypeError(f"speed must be a text_env.SpeedOptions, got {type(self.speed).__name__}")
         self.vocab_size = int(reference.config.vocab_size)
         self.prompt_ids, self.prompt_mask = self._tokenise_prompts(max_prompt_tokens)
+        if reward_model is None and self.task.gold_reward is None:
+            raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")
+        # The object the env scores with (a loaded path becomes its reward model), for callers that need
+        # the model itself (e.g. a benchmark timing its forwards); the judge calls its `.score`.
+        self.reward_model = (
+            self.task.gold_reward if reward_model is None else _load_reward_model(reward_model, self.device)
+        )
         self.judge = Judge(
             reference=reference,
             policy=policy if policy is not None else trainable_copy(reference),
-            reward_fn=as_reward_fn(
-                self.task.gold_reward
-                if reward_model is None
-                else _load_reward_model(reward_model, self.device)
-            ),
+            reward_fn=as_reward_fn(self.reward_model),
             gold_fn=self.task.gold_reward,
-            beta=float(beta),
+            beta=beta,
             kl_estimator=kl_estimator,
             tokenizer=tokenizer,
+            speed=self.speed,
         )
-        if reward_model is None and self.task.gold_reward is None:
-            raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")
         width = self.prompt_width + self.max_new_tokens
         self.observation_space = spaces.Dict(
             {
@@ -120,6 +130,16 @@ class EnvCore:
             }
         )
         self.action_space = spaces.Discrete(self.vocab_size)
+
+    @property
+    def beta(self) -> float:
+        """The KL coefficient of `reward = rm_score - beta * kl`: the judge's, the one value every env on
+        this core scores with."""
+        return self.judge.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.judge.beta = check_beta(value)
 
     @property
     def prompt_width(self) -> int:
@@ -159,8 +179,8 @@ class EnvCore:
             self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
         )  # fmt: skip
 
-    def score_rows(self, episodes: EpisodeBatch, rows: np.ndarray) -> dict[str, Any]:
-        """Score finished `rows` of `episodes` in one batched forward per model."""
+    def score_rows(self, episodes: EpisodeBatch, rows: np.ndarray) -> Scores:
+        """Score finished `rows` (ascending) of `episodes` in one batched forward per model."""
         prompts = [self.task.prompts[i] for i in episodes.prompt_index[rows]]
         responses = self.tokenizer.batch_decode(
             [episodes.response_ids(r) for r in rows], skip_special_tokens=True
@@ -174,9 +194,13 @@ class EnvCore:
             responses,
             known,
         )
-        scores["prompt"], scores["response"] = prompts, responses
-        scores["response_length"] = episodes.num_generated[rows].copy()
-        return scores
+        return Scores(
+            rows=np.asarray(rows, dtype=np.int64),
+            prompt=prompts,
+            response=responses,
+            response_length=episodes.num_generated[rows].copy(),
+            **scores,
+        )
 
     def check_action(self, action: Any) -> int:
         if isinstance(action, np.ndarray) and action.shape == ():
@@ -190,6 +214,7 @@ class EnvCore:
         return int(action)
 
     def check_prompt_index(self, index: Any) -> int:
+        """`index` as an int if it names one of the task's prompts; a ValueError saying the range if not."""
         if not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.task.prompts):
             raise ValueError(
                 f"prompt_index {index!r} is invalid: valid indices are 0..{len(self.task.prompts) - 1}"

@@ -8,11 +8,12 @@ import gymnasium as gym
 import numpy as np
 
 from text_env.core import EnvCore
+from text_env.surface import EnvSurface
 
 __all__ = ["TextGenEnv"]
 
 
-class TextGenEnv(gym.Env):
+class TextGenEnv(EnvSurface, gym.Env):
     """Token-level text generation scored by a reward model minus a KL penalty to the reference.
 
     ## Description
@@ -47,8 +48,15 @@ class TextGenEnv(gym.Env):
 
     ## Arguments
     See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
-    kl_estimator, max_new_tokens, max_prompt_tokens, device), plus `render_mode` ("ansi") and `core` to
-    share an existing core.
+    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, device, speed), plus `render_mode`
+    ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
+
+    ## Attributes
+    Shared with `TextGenVectorEnv` (`text_env.surface.EnvSurface`): `beta` (settable: the env owns the one
+    KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`, `reward_model`,
+    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `response_start`, `speed`.
+    Through Gymnasium's wrappers, reach them with `env.unwrapped`, e.g. `env.unwrapped.beta = 0.1`. `core` is
+    the shared implementation behind them, not part of the contract.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}  # fps only matters to human-mode viewers
@@ -67,22 +75,11 @@ class TextGenEnv(gym.Env):
         self._episodes = self.core.new_episodes(1)
         self._last_info: dict[str, Any] = {}
 
-    @property
-    def policy(self):
-        """The model pi whose log-probs enter the KL term."""
-        return self.core.judge.policy
-
-    def set_policy(self, policy) -> None:
-        """Hand the env the agent's policy model, so the KL is taken against the model being trained."""
-        self.core.judge.policy = policy
-
-    @property
-    def reference(self):
-        return self.core.reference
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
+    @classmethod
+    def sharing(cls, env: Any, render_mode: str | None = None) -> TextGenEnv:
+        """A single env on the same models, prompts and judge as `env` (a `TextGenEnv` or a
+        `TextGenVectorEnv`, wrapped or not): nothing is copied or loaded again."""
+        return cls(render_mode=render_mode, core=env.unwrapped.core)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -110,18 +107,7 @@ class TextGenEnv(gym.Env):
         reward, info = 0.0, {}
         if finished[0]:
             scores = self.core.score_rows(self._episodes, np.array([0]))
-            n = int(scores["response_length"][0])
-            info = {
-                "rm_score": float(scores["rm_score"][0]),
-                "kl": float(scores["kl"][0]),
-                "gold_score": float(scores["gold_score"][0]),
-                "prompt": scores["prompt"][0],
-                "response": scores["response"][0],
-                "response_length": n,
-                "logprobs": scores["logprobs"][0, :n],
-                "ref_logprobs": scores["ref_logprobs"][0, :n],
-            }
-            reward = float(scores["reward"][0])
+            info, reward = scores.episode_info(0), float(scores.reward[0])
             self._last_info = {**self._last_info, **info}
         return self._episodes.observation(0), reward, bool(finished[0]), False, info
 

@@ -8,7 +8,7 @@ al. 2020). Scoring happens once per finished batch of rows, never per token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,9 +17,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_base.lm import by_response_length, last_token_index, response_logprobs, token_logprobs
 from rlhf_base.maths import KL_ESTIMATORS, kl_per_token
+from text_env.speed import SpeedOptions
 from text_env.tasks import RewardFn
 
-__all__ = ["Judge", "as_reward_fn"]
+__all__ = ["Judge", "as_reward_fn", "check_beta"]
 
 
 def as_reward_fn(reward_model: Any) -> RewardFn:
@@ -32,6 +33,15 @@ def as_reward_fn(reward_model: Any) -> RewardFn:
         f"reward_model must be a callable (prompts, responses) -> scores, or an object with .score(...); "
         f"got {type(reward_model).__name__}"
     )
+
+
+def check_beta(beta: Any) -> float:
+    """`beta` as a float if it is a finite number >= 0 (a KL coefficient); a ValueError if not."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    return float(beta)
 
 
 def _as_scores(values: Any, expected: int, what: str) -> np.ndarray:
@@ -57,12 +67,12 @@ class Judge:
     kl_estimator: str  # "k1" (log-ratio), "k2" or "k3"; the same estimator is logged and optimised
     tokenizer: PreTrainedTokenizerBase | None = None  # the env's; lets a reward model that reads pi_ref's
     # log-probs share the reference forward (`shared_reward_model`)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)  # group_by_length, share_reference_forward
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
-        if not np.isfinite(self.beta) or self.beta < 0:
-            raise ValueError(f"beta must be a finite number >= 0, got {self.beta}")
+        self.beta = check_beta(self.beta)
         self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
 
     def shared_reward_model(self) -> Any:
@@ -101,12 +111,13 @@ class Judge:
         ids = torch.as_tensor(input_ids, device=device)
         mask = torch.as_tensor(attention_mask, device=device)
         response_mask = mask[:, response_start:].float()  # (k, N)
+        overhead = self.speed.overhead_tokens  # None: length groups by the device's call cost; inf: one
         if logprobs is None:
-            logprobs = response_logprobs(self.policy, ids, mask, response_start, group_by_length=True)
+            logprobs = response_logprobs(self.policy, ids, mask, response_start, True, overhead)
         else:
             logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
         logprobs = logprobs * response_mask
-        shared = self.shared_reward_model()
+        shared = self.shared_reward_model() if self.speed.share_reference_forward else None
         # Both checks read the host arrays the env passed in: no device round trip.
         if shared is not None and int(np.asarray(attention_mask).sum(-1).max()) + 1 <= shared.max_length:
             ref_logprobs, rm_score = self._reference_and_reward(shared, ids, mask, response_start)
@@ -117,7 +128,7 @@ class Judge:
                 rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
                                                         [responses[i] for i in text_rows])  # fmt: skip
         else:
-            ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, group_by_length=True)
+            ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, True, overhead)
             rm_score = self._text_scores(prompts, responses)
         ref_logprobs = ref_logprobs * response_mask
         kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
@@ -171,5 +182,7 @@ class Judge:
             logprobs = token_logprobs(self.reference, g_ids, g_mask)  # (rows, T-1)
             return logprobs[:, start - 1 :], reward_model.score_tokens(g_ids, g_mask, logprobs)
 
-        ref_logprobs, scores = by_response_length(forward, ids, mask, response_start, calls=2)
+        ref_logprobs, scores = by_response_length(
+            forward, ids, mask, response_start, self.speed.overhead_tokens, calls=2
+        )
         return ref_logprobs[:, :n], _as_scores(scores, k, "reward_model")

@@ -4,12 +4,16 @@ The prompt is prefilled once; each step then feeds one token per row through the
 B sampled ids (with their log-probs) to the env. Rows end at their own EOS; the env holds them pending and
 scores the whole batch at the end, in one reference and one reward-model forward. Nothing re-runs the prefix,
 and the only host round trip per token is one small copy of the ids and log-probs.
+
+It reads the env only through its public surface: the prompts of `reset`'s info, the row flags and
+observations `step` returns, and the `Scores` of `score_pending()`; its speed fixes are `SpeedOptions`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +21,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_base.deprecation import REMOVED_IN
 from rlhf_base.lm import position_ids_from_mask
 from text_env.kv_cache import preallocated_cache
+from text_env.speed import SpeedOptions
 from text_env.vector_env import TextGenVectorEnv
 
-__all__ = ["Rollout", "rollout", "sample_categorical"]
+__all__ = ["Rollout", "rollout", "sample_categorical", "sample_multinomial"]
 
 
 @dataclass
@@ -63,10 +69,27 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-COMPACT_BELOW = 0.75  # drop ended rows once at most this share of the batch is still generating
-COMPACT_MIN_ROWS = 8  # ... and at least this many ended: a step of a few rows costs about the same
-SHARE_PREFILL_BELOW = 0.5  # prefill each distinct prompt once if they are at most this share of the rows
-PREALLOCATE = True  # decode into a KV cache allocated once (text_env.kv_cache), not one grown by torch.cat
+# The speed switches that were module globals (patched by the ablation) live in `SpeedOptions` now.
+_MOVED_SWITCHES = {
+    "COMPACT_BELOW": "compact_below",
+    "COMPACT_MIN_ROWS": "compact_min_rows",
+    "SHARE_PREFILL_BELOW": "share_prefill_below",
+    "PREALLOCATE": "preallocate_cache",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The old globals still read (their default), with a warning: setting them no longer does anything."""
+    if name not in _MOVED_SWITCHES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    field = _MOVED_SWITCHES[name]
+    warnings.warn(
+        f"text_env.sampler.{name} is no longer read: pass SpeedOptions({field}=...) to the env (speed=...) "
+        f"or to rollout(..., speed=...); the name will be removed in rlhf-gym {REMOVED_IN}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(SpeedOptions(), field)
 
 
 def _cache_of(out: Any, cache_kw: str) -> Any:
@@ -81,6 +104,7 @@ def _prefill(
     n: int,
     cache_kw: str,
     device: torch.device,
+    speed: SpeedOptions,
 ) -> tuple[Any, Any]:
     """Run the prompts through the policy into a KV cache preallocated for the P + N positions of a rollout
     (`text_env.kv_cache`). When prompts repeat (RLOO's k copies), each distinct prompt runs once and its
@@ -92,13 +116,13 @@ def _prefill(
         the sampler then keeps every row to the end).
     """
     _, first, inverse = np.unique(prompt_index, return_index=True, return_inverse=True)
-    shared = len(first) <= SHARE_PREFILL_BELOW * len(prompt_index)
+    shared = len(first) <= speed.share_prefill_below * len(prompt_index)
     if not shared:  # (nearly) all prompts distinct: copying the cache to the repeats would cost more
         first = np.arange(len(prompt_index))
     ids = torch.as_tensor(obs["input_ids"][first, :p], device=device)
     mask = torch.as_tensor(obs["attention_mask"][first, :p], device=device)
     kwargs = dict(position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
-    cache = preallocated_cache(policy, p + n) if PREALLOCATE else None
+    cache = preallocated_cache(policy, p + n) if speed.preallocate_cache else None
     out = policy(
         input_ids=ids, attention_mask=mask, **kwargs, **({cache_kw: cache} if cache is not None else {})
     )
@@ -141,6 +165,14 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)  # (b,)
 
 
+def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from `probs` (b, V) with `torch.multinomial` (`SpeedOptions(sampler="multinomial")`)."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+_SAMPLERS = {"inverse_cdf": sample_categorical, "multinomial": sample_multinomial}
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -164,6 +196,7 @@ def rollout(
     prompt_indices: np.ndarray | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Rollout:
     """Generate one batch of B complete episodes through `envs`, KV-cached.
 
@@ -175,13 +208,17 @@ def rollout(
         prompt_indices: (B,) prompts to answer, e.g. `np.repeat(ids, k)` for k samples per prompt.
         seed: seeds the env's prompt draw (reset) when given.
         generator: the torch RNG for sampling, for reproducible rollouts.
+        speed: the sampler's speed fixes (`SpeedOptions`: compact_below, compact_min_rows,
+            share_prefill_below, preallocate_cache, sampler); default: the env's `envs.speed`. The env's
+            scoring always follows the env's own.
     """
+    speed = envs.speed if speed is None else speed
     # Inference mode skips autograd's view and version tracking on every small op of the decode loop (an
     # iteration of 16 x 4 rollouts measured ~6-14% faster than under no_grad). Its tensors cannot enter a
     # graph later, so the batch leaves as ordinary copies: agents train on it.
     with torch.inference_mode():
         batch = _rollout(
-            envs, policy, temperature, top_k, top_p, min_new_tokens, prompt_indices, seed, generator
+            envs, policy, temperature, top_k, top_p, min_new_tokens, prompt_indices, seed, generator, speed
         )
     return dataclasses.replace(
         batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
@@ -199,6 +236,7 @@ def _rollout(
     prompt_indices: np.ndarray | None,
     seed: int | None,
     generator: torch.Generator | None,
+    speed: SpeedOptions,
 ) -> Rollout:
     if policy is not None:
         envs.set_policy(policy)
@@ -206,12 +244,13 @@ def _rollout(
     device = next(policy.parameters()).device
     options = None if prompt_indices is None else {"prompt_indices": prompt_indices}
     obs, reset_info = envs.reset(seed=seed, options=options)
-    p, n, num_rows = envs.response_start, envs.core.max_new_tokens, envs.num_envs
+    p, n, num_rows = envs.response_start, envs.max_new_tokens, envs.num_envs
     eos_id, pad_id = envs.tokenizer.eos_token_id, envs.tokenizer.pad_token_id
     if min_new_tokens is None:
-        min_new_tokens = envs.core.min_new_tokens
+        min_new_tokens = envs.min_new_tokens
     cache_kw = _cache_keyword(policy)
-    out, cache = _prefill(policy, obs, envs.episodes.prompt_index, p, n, cache_kw, device)
+    out, cache = _prefill(policy, obs, reset_info["prompt_index"], p, n, cache_kw, device, speed)
+    sample = _SAMPLERS[speed.sampler]
     logits = out.logits[:, -1].float()  # (b, V): b live rows, all B at first
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
     position = mask.sum(-1, keepdim=True) - 1  # (b, 1) each row's last real token (a prompt has one)
@@ -219,8 +258,9 @@ def _rollout(
     steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
     # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
     actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
+    done = np.zeros(num_rows, dtype=bool)  # (B,) the env's `terminated` of each row: all start together
     for t in range(n):
-        ended = envs.episodes.done[rows]  # (b,) host-side: ended, not yet dropped from the batch
+        ended = done[rows]  # (b,) host-side: ended, not yet dropped from the batch
         policy_logprobs = torch.log_softmax(logits, dim=-1)
         policy_probs = policy_logprobs.exp()
         sampling_logits = logits
@@ -230,7 +270,7 @@ def _rollout(
         if temperature != 1.0 or top_k > 0 or top_p < 1.0:
             sampling_logits = _filter_logits(sampling_logits / temperature, top_k, top_p)
         probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_probs
-        tokens = sample_categorical(probs, generator)  # (b,)
+        tokens = sample(probs, generator)  # (b,)
         step_logprobs = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
         # (b,) -sum p log p; -inf log-probs clamped so p = 0 gives 0 * finite (as `entropy_from_logits`),
         # ~6x faster than torch.special.entr's where-based kernel
@@ -245,8 +285,8 @@ def _rollout(
         else:
             host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
             actions[rows], action_logprobs[rows] = host[0], host[1]
-        envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
-        if envs.all_done:
+        obs, _, done, _, _ = envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
+        if done.all():
             break
         # (b, 1) the new token is real unless its row had ended
         real = (
@@ -256,9 +296,11 @@ def _rollout(
         )
         mask = torch.cat([mask, real], dim=1)  # (b, L + 1)
         position = position + real  # (b, 1) the new token's position; an ended row's stays where it was
-        live = ~envs.episodes.done[rows]  # (b,) host-side: no sync
+        live = ~done[rows]  # (b,) host-side: no sync
         ended_rows = len(rows) - int(live.sum())
-        if cache is not None and ended_rows >= max(COMPACT_MIN_ROWS, (1 - COMPACT_BELOW) * len(rows)):
+        if cache is not None and ended_rows >= max(
+            speed.compact_min_rows, (1 - speed.compact_below) * len(rows)
+        ):
             # Drop ended rows from the batch: the rest of the rollout stops paying for them.
             keep = torch.as_tensor(np.flatnonzero(live), device=device)
             cache.batch_select_indices(keep)
@@ -272,27 +314,28 @@ def _rollout(
         )
         cache = _cache_of(out, cache_kw) if cache is not None else None
         logits = out.logits[:, -1].float()
-    # Views of the env's buffers here; `rollout` returns copies (its next reset overwrites them).
-    ids = torch.as_tensor(envs.episodes.input_ids, device=device)
-    full_mask = torch.as_tensor(envs.episodes.attention_mask, device=device)
+    # The last observation holds every row's whole episode (it is a copy: the next reset cannot touch it).
+    ids = torch.as_tensor(obs["input_ids"], device=device)
+    full_mask = torch.as_tensor(obs["attention_mask"], device=device)
     response_mask = full_mask[:, p:].float()  # (B, N)
     logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
     logprobs, entropy = logprobs * response_mask, entropy * response_mask  # 0 after each row's end
     # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
-    rewards, info = envs.score_pending()
+    scores = envs.score_pending()
+    rewards = np.zeros(num_rows, dtype=np.float32)
     results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
     ref_logprobs = np.zeros((num_rows, n), dtype=np.float32)
     responses = [""] * num_rows
-    if info:
-        rows = np.flatnonzero(info["_rm_score"])
-        for key in ("rm_score", "kl", "gold_score"):
-            results[key] = info[key]
-        ref_logprobs[rows] = info["ref_logprobs"][rows]
-        responses = [str(r) if r is not None else "" for r in info["response"]]
+    rewards[scores.rows] = scores.reward
+    for key in results:
+        results[key][scores.rows] = getattr(scores, key)
+    ref_logprobs[scores.rows] = scores.ref_logprobs
+    for row, text in zip(scores.rows, scores.response, strict=True):
+        responses[row] = text
     return Rollout(
         prompts=[str(x) for x in reset_info["prompt"]],
         responses=responses,
-        prompt_indices=envs.episodes.prompt_index.copy(),
+        prompt_indices=reset_info["prompt_index"],
         input_ids=ids,
         attention_mask=full_mask,
         response_start=p,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -9,23 +10,16 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from rlhf_base.deprecation import REMOVED_IN
 from text_env.core import EnvCore
+from text_env.episodes import EpisodeBatch
+from text_env.scores import Scores
+from text_env.surface import EnvSurface
 
 __all__ = ["TextGenVectorEnv"]
 
-_INFO_KEYS = (
-    "rm_score",
-    "kl",
-    "gold_score",
-    "prompt",
-    "response",
-    "response_length",
-    "logprobs",
-    "ref_logprobs",
-)
 
-
-class TextGenVectorEnv(VectorEnv):
+class TextGenVectorEnv(EnvSurface, VectorEnv):
     """B copies of `TextGenEnv` sharing one policy, one reference and one reward model.
 
     ## Autoreset mode: DISABLED, on purpose
@@ -49,17 +43,27 @@ class TextGenVectorEnv(VectorEnv):
     `step(actions, logprobs=...)` takes log pi(action) per row from a sampler that computed them with the
     env's policy; rows with every step so supplied are scored without re-running the policy.
 
-    ## Deferred scoring
+    ## Deferred scoring: the batch API
     `step(actions, defer_scoring=True)` ends rows as usual (`terminated` True) but pays them 0 for now and
-    leaves them pending; `score_pending()` then scores every pending row in one batched forward per model and
-    returns their rewards and info. A sampler that learns only from whole batches uses it: one reference and
+    leaves them `pending`; `score_pending()` then scores every pending row in one batched forward per model
+    and returns a compact `Scores` record (`rows`, and per row `reward`, `rm_score`, `kl`, `gold_score`,
+    `logprobs`, `ref_logprobs`, `prompt`, `response`, `response_length`), not Gymnasium's padded info. A
+    sampler that learns only from whole batches uses it: one reference and
     one reward-model forward per batch instead of one per distinct finishing step (rows end at their own EOS,
     so a batch of 64 finishes on ~20 different steps). An agent that acts step by step keeps the default,
     where the terminal reward arrives on the terminal step.
 
     ## Reset options
     `prompt_indices`: (B,) prompts for the reset rows (e.g. k consecutive copies of a prompt for RLOO);
-    `reset_mask`: (B,) bool, restart only those rows.
+    `reset_mask`: (B,) bool, restart only those rows. Reset info: `prompt_index` (B,) and `prompt` (B,) of
+    every row.
+
+    ## Attributes
+    `num_envs`, and what `TextGenEnv` shares (`text_env.surface.EnvSurface`): `beta` (settable: the env owns
+    the one KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`,
+    `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`,
+    `response_start`, `speed`. Per row, read-only: `pending` and `all_done`. The row flags and prompts otherwise come
+    from what `reset` and `step` return; `core` and the episode buffers are not part of the contract.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
@@ -73,29 +77,31 @@ class TextGenVectorEnv(VectorEnv):
         self.single_action_space = self.core.action_space
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = spaces.MultiDiscrete(np.full(self.num_envs, self.core.vocab_size))
-        self.episodes = self.core.new_episodes(self.num_envs)
-        self.pending = np.zeros(self.num_envs, dtype=bool)  # (B,) finished, not yet scored (deferred)
+        self._episodes = self.core.new_episodes(self.num_envs)
+        self._pending = np.zeros(self.num_envs, dtype=bool)  # (B,) finished, not yet scored (deferred)
 
-    # The same handles as TextGenEnv, so agents work with either.
-    @property
-    def policy(self):
-        return self.core.judge.policy
-
-    def set_policy(self, policy) -> None:
-        self.core.judge.policy = policy
+    @classmethod
+    def sharing(cls, env: Any, num_envs: int) -> TextGenVectorEnv:
+        """A vector env of `num_envs` rows on the same models, prompts and judge as `env` (a `TextGenEnv`
+        or a `TextGenVectorEnv`, wrapped or not): nothing is copied or loaded again."""
+        return cls(num_envs=num_envs, core=env.unwrapped.core)
 
     @property
-    def reference(self):
-        return self.core.reference
+    def pending(self) -> np.ndarray:
+        """(B,) bool: rows that ended under `defer_scoring` and await `score_pending()` (a copy)."""
+        return self._pending.copy()
 
     @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def response_start(self) -> int:
-        """Column of the first response token (P)."""
-        return self.core.prompt_width
+    def episodes(self) -> EpisodeBatch:
+        """Deprecated: the env's internal episode buffers. Use what `reset`/`step`/`score_pending` return."""
+        warnings.warn(
+            "TextGenVectorEnv.episodes is internal and will be removed in rlhf-gym "
+            f"{REMOVED_IN}: read the row flags from step()'s `terminated`, the prompts from reset()'s "
+            "info['prompt_index'], and the scores from score_pending()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._episodes
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         if isinstance(seed, (list, tuple)):
@@ -121,14 +127,14 @@ class TextGenVectorEnv(VectorEnv):
                 self.core.check_prompt_index(i)
             indices = indices[rows]
         else:
-            indices = self.np_random.integers(len(self.core.task.prompts), size=len(rows))
-        self.episodes.reset(rows, indices)
-        self.pending[rows] = False
+            indices = self.np_random.integers(len(self.prompts), size=len(rows))
+        self._episodes.reset(rows, indices)
+        self._pending[rows] = False
         info = {
-            "prompt_index": self.episodes.prompt_index.copy(),
-            "prompt": np.array([self.core.task.prompts[i] for i in self.episodes.prompt_index], dtype=object),
+            "prompt_index": self._episodes.prompt_index.copy(),
+            "prompt": np.array([self.prompts[i] for i in self._episodes.prompt_index], dtype=object),
         }
-        return self.episodes.observation(), info
+        return self._episodes.observation(), info
 
     def step(self, actions, logprobs: np.ndarray | None = None, *, defer_scoring: bool = False):
         """Step all rows.
@@ -139,7 +145,7 @@ class TextGenVectorEnv(VectorEnv):
                 skip the policy's forward pass (the reference's always runs).
             defer_scoring: leave rows that finish now pending (reward 0, no info) for `score_pending()`.
         """
-        if not self.episodes.started.all():
+        if not self._episodes.started.all():
             raise RuntimeError("step() called before reset(): call envs.reset() first")
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,) or actions.dtype.kind not in "iu":  # signed or unsigned ints
@@ -147,7 +153,7 @@ class TextGenVectorEnv(VectorEnv):
                 f"actions must be an int array of shape ({self.num_envs},), one token id per env; "
                 f"got shape {actions.shape} dtype {actions.dtype}"
             )
-        active = ~self.episodes.done
+        active = ~self._episodes.done
         bad = active & ((actions < 0) | (actions >= self.core.vocab_size))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -159,54 +165,36 @@ class TextGenVectorEnv(VectorEnv):
             logprobs = np.asarray(logprobs, dtype=np.float32)
             if logprobs.shape != (self.num_envs,):
                 raise ValueError(f"logprobs has shape {logprobs.shape}; expected ({self.num_envs},)")
-        finished = self.episodes.append(actions.astype(np.int64, copy=False), logprobs)
+        finished = self._episodes.append(actions.astype(np.int64, copy=False), logprobs)
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         info: dict[str, Any] = {}
         rows = np.flatnonzero(finished)
         if defer_scoring:
-            self.pending[rows] = True
+            self._pending[rows] = True
         elif len(rows):
-            scores = self.core.score_rows(self.episodes, rows)
-            rewards[rows] = scores["reward"]
-            info = self._final_info(rows, scores)
-        terminated = self.episodes.done.copy()
+            scores = self.core.score_rows(self._episodes, rows)
+            rewards, info = scores.padded_rewards(self.num_envs), scores.vector_info(self.num_envs)
+        terminated = self._episodes.done.copy()
         truncated = np.zeros(self.num_envs, dtype=bool)
-        return self.episodes.observation(), rewards, terminated, truncated, info
+        return self._episodes.observation(), rewards, terminated, truncated, info
 
-    def score_pending(self) -> tuple[np.ndarray, dict[str, Any]]:
+    def score_pending(self) -> Scores:
         """Score every row left pending by `step(..., defer_scoring=True)`, in one batched forward per model.
 
         Returns:
-            `(rewards (B,), info)` laid out as `step` would have returned them on the rows' terminal steps
-            (0 and masked out for rows that were not pending). The rows are no longer pending afterwards.
+            The `Scores` of the pending rows (`scores.rows`, ascending; none if nothing was pending): what
+            `step` would have paid and reported on their terminal steps, one entry per row.
+            `scores.vector_info(num_envs)` and `scores.padded_rewards(num_envs)` give Gymnasium's layout.
+            The rows are no longer pending afterwards.
         """
-        rows = np.flatnonzero(self.pending)
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        rows = np.flatnonzero(self._pending)
         if not len(rows):
-            return rewards, {}
-        scores = self.core.score_rows(self.episodes, rows)
-        rewards[rows] = scores["reward"]
-        self.pending[rows] = False
-        return rewards, self._final_info(rows, scores)
-
-    def _final_info(self, rows: np.ndarray, scores: dict[str, Any]) -> dict[str, Any]:
-        """Gymnasium's vector info layout: a (B, ...) array per key and a `_key` row mask."""
-        n = self.num_envs
-        mask = np.zeros(n, dtype=bool)
-        mask[rows] = True
-        info: dict[str, Any] = {}
-        for key in _INFO_KEYS:
-            value = scores[key]
-            if isinstance(value, list):
-                full = np.full(n, None, dtype=object)
-                full[rows] = value
-            else:
-                full = np.zeros((n, *np.shape(value)[1:]), dtype=np.asarray(value).dtype)
-                full[rows] = value
-            info[key], info[f"_{key}"] = full, mask
-        return info
+            return Scores.empty(self.max_new_tokens)
+        scores = self.core.score_rows(self._episodes, rows)
+        self._pending[rows] = False
+        return scores
 
     @property
     def all_done(self) -> bool:
         """True once every row's episode has ended (the batch is ready to learn from)."""
-        return bool(self.episodes.done.all())
+        return bool(self._episodes.done.all())
