@@ -1,5 +1,5 @@
-"""Deprecated alias of `rlhf_gym.train`: the `train` command is a stage, so it moved to the top floor."""
+"""Deprecated: the `train` stage moved to `rlhf_gym.train`, its command to `rlhf_gym.cli`."""
 
-from rlhf_base.deprecation import alias_module
+from rlhf_base.deprecation import moved_names
 
-alias_module(__name__, "rlhf_gym.train")
+__getattr__ = moved_names(__name__, {"train": "rlhf_gym.train", "add_train_command": "rlhf_gym.cli"})

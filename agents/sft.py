@@ -223,6 +223,9 @@ def response_nll(
     return total / max(count, 1)
 
 
-# The training loop and the `sft` command are a stage (rlhf_gym.sft); the old names work, with a warning.
-_STAGE = ("SFTConfig", "train_sft", "run_sft", "grammatical_fraction", "add_sft_command", "EVAL_SEED_OFFSET")
-__getattr__ = moved_names(__name__, dict.fromkeys(_STAGE, "rlhf_gym.sft"))
+# The training loop is a stage (rlhf_gym.sft), the `sft` command is rlhf_gym.cli's; the old names work, with a
+# warning.
+_STAGE = ("SFTConfig", "train_sft", "run_sft", "grammatical_fraction", "EVAL_SEED_OFFSET")
+__getattr__ = moved_names(
+    __name__, {**dict.fromkeys(_STAGE, "rlhf_gym.sft"), "add_sft_command": "rlhf_gym.cli"}
+)

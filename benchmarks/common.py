@@ -27,7 +27,7 @@ def pipeline_outputs() -> tuple[str, str]:
     policy, reward_model = RUN_DIR / "sft", RUN_DIR / "reward_model"
     if not ((policy / "config.json").is_file() and (reward_model / "reward_model.json").is_file()):
         from rlhf_base.config import load_config
-        from rlhf_gym.commands import config_file
+        from rlhf_gym.configs import config_file
         from rlhf_gym.pipeline import PipelineConfig, run_pipeline
 
         print("[bench] no pi_ref / reward model yet: running the default pipeline up to the reward model")

@@ -23,9 +23,7 @@ import json
 import time
 from typing import Any
 
-import torch
-
-from benchmarks.common import OUT, describe, machine_info, pipeline_outputs
+# torch and the sections load when a benchmark runs, not when `rlhf-gym --help` lists `bench`'s options.
 
 TRL_PROMPTS = (16, 64)  # prompts per batch in the trl section, k = 4 samples each
 TRL_BUDGET_S = 45.0  # training seconds per side and scale
@@ -34,6 +32,10 @@ SECTIONS = ("rollout", "fixes", "scaling", "trl", "sb3")
 
 def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], str]:
     """One section's result and its markdown."""
+    import torch
+
+    from benchmarks.common import OUT, pipeline_outputs
+
     if name == "rollout":
         from benchmarks import rollout
 
@@ -77,7 +79,9 @@ def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], st
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m benchmarks.run`, shared with `rlhf-gym bench`."""
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, few repeats")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the trl section runs on the CPU)")
 
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen sections one after another, writing the tables and the JSON as each finishes."""
+    import torch
+
+    from benchmarks.common import OUT, describe, machine_info
+
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()

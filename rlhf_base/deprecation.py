@@ -21,7 +21,7 @@ __all__ = ["MOVED", "REMOVED_IN", "alias_module", "moved_names"]
 
 REMOVED_IN = "0.3"
 
-#: old module -> where its contents live now (a module, or "several" for a split module).
+#: old module -> where its contents (or some of its names) live now.
 MOVED: dict[str, str] = {
     "rlhf_gym.maths": "rlhf_base.maths",
     "rlhf_gym.io": "rlhf_base.io",
@@ -30,9 +30,14 @@ MOVED: dict[str, str] = {
     "text_env.models": "rlhf_base.models (tiny_gpt2, TinyConfig: text_env.tasks.reviews.model)",
     "text_env.scoring": "rlhf_base.lm (forward-pass helpers), text_env.judge (Judge, as_reward_fn)",
     "reward_models.labeller": "rlhf_gym.label",
-    "reward_models.commands": "rlhf_gym.train_rm (train-rm), rlhf_gym.label (label)",
-    "agents.commands": "rlhf_gym.train",
-    "agents.sft": "rlhf_gym.sft (SFTConfig, train_sft, run_sft; the loss and step stay in agents.sft)",
+    "reward_models.commands": "rlhf_gym.cli (the label and train-rm commands)",
+    "agents.commands": "rlhf_gym.train (train), rlhf_gym.cli (add_train_command)",
+    "agents.sft": "rlhf_gym.sft (SFTConfig, train_sft, run_sft), rlhf_gym.cli (add_sft_command); the loss and "
+    "step stay in agents.sft",
+    # modules that stay, some of whose names moved to the one CLI module
+    "rlhf_gym.sweep": "rlhf_gym.cli (add_sweep_command)",
+    "rlhf_gym.pipeline": "rlhf_gym.cli (add_pipeline_command, print_summary)",
+    "rlhf_gym.report": "rlhf_gym.cli (add_report_command)",
 }
 
 

@@ -25,11 +25,10 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch and safetensors load when tensors are saved or read: configs and records don't pay
+    import torch
 
 __all__ = [
     "RECORD_SUFFIXES",
@@ -189,6 +188,9 @@ def save_tensors(
     Raises:
         TypeError: A name or metadata entry is not a string, or a value is not a tensor.
     """
+    import torch
+    from safetensors.torch import save_file
+
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(
@@ -215,6 +217,8 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
     """
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}")
@@ -223,6 +227,8 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 def load_tensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored by :func:`save_tensors` (empty if none), without loading any tensor."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}")

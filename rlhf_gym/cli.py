@@ -1,22 +1,402 @@
-"""The `rlhf-gym` command: one subcommand per stage of the pipeline.
+"""`rlhf-gym`: the one command line of the project, a subcommand per stage.
 
-Each subcommand lives in the module that owns the stage and registers itself here through `COMMANDS`, so
-this file stays a table of contents. Heavy imports happen inside the handlers: `rlhf-gym --help` is fast.
+Every subcommand is defined here, so its options, help and errors read in one place; the stages themselves
+are plain functions (`run_sft`, `label_pairs`, `train_reward_model`, `train`, `run_sweep`, `run_pipeline`,
+`make_report`) that Python users call directly. This module imports nothing heavy at the top: each handler
+imports its stage when it runs, so `rlhf-gym --help` does not load torch or transformers.
+
+    rlhf-gym demo                                     # the whole pipeline on the embedded default
+    rlhf-gym pipeline --config default agents.seeds=[0,1,2]
+    rlhf-gym sft      --run-dir runs/sft learning_rate=3e-4
+    rlhf-gym label    --run-dir runs/label num_pairs=2000 tau=0.1
+    rlhf-gym train-rm --run-dir runs/rm pairs=runs/label/pairs.jsonl
+    rlhf-gym train    --agent ppo iterations=10 env.beta=0.1
+    rlhf-gym sweep    --config sweep --report
+    rlhf-gym report   runs/sweep
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from rlhf_gym.commands import add_config_argument
+from rlhf_base.config import ConfigError
+from rlhf_base.io import DataError
+from rlhf_gym.configs import builtin_configs, config_file
 
-__all__ = ["COMMANDS", "main"]
+__all__ = [
+    "COMMANDS",
+    "add_label_command",
+    "add_pipeline_command",
+    "add_report_command",
+    "add_sft_command",
+    "add_sweep_command",
+    "add_train_command",
+    "add_train_rm_command",
+    "main",
+    "print_summary",
+    "run_label",
+    "run_train_rm",
+]
+
+Subparsers = argparse._SubParsersAction
+BUILTIN_AGENTS = "ppo, reinforce, best_of_n, raft, sb3_ppo, sb3_a2c"  # the help's list; the registry decides
 
 
+# --------------------------------------------------------------------------------------------------------
+# Arguments every stage shares
+# --------------------------------------------------------------------------------------------------------
+def _config_argument(value: str) -> str:
+    """argparse `type` for `--config`: the resolved path, or a usage error with `config_file`'s message."""
+    try:
+        return str(config_file(value))
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_config_argument(parser: argparse.ArgumentParser, default: str | None, fields: str) -> None:
+    """`--config NAME_OR_PATH`, resolved by `config_file` when the arguments are parsed (the default too)."""
+    parser.add_argument(
+        "--config",
+        default=default,
+        type=_config_argument,
+        metavar="NAME_OR_PATH",
+        help=f"a built-in config's name ({', '.join(builtin_configs()) or 'none found'}) or a YAML file of "
+        f"{fields} fields overriding their defaults (default: {default or 'none, the defaults'})",
+    )
+
+
+def add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted config overrides, e.g. {example}"
+    )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, fields: str, run_dir: str, example: str) -> None:
+    add_config_argument(parser, None, fields)
+    parser.add_argument("--run-dir", default=run_dir, help=f"output folder (default: {run_dir})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_overrides(parser, example)
+
+
+def fail(command: str, error: Exception) -> int:
+    print(f"rlhf-gym {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 1: sft
+# --------------------------------------------------------------------------------------------------------
+def _sft(args: argparse.Namespace) -> int:
+    """Fine-tune a causal LM on (prompt, response) demonstrations; saves RUN_DIR/sft/ (pi_ref)."""
+    from rlhf_base.config import load_config
+    from rlhf_gym.sft import SFTConfig, run_sft
+
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    try:
+        config = load_config(SFTConfig, args.config, overrides)
+    except ConfigError as e:
+        return fail("sft", e)
+    run_dir = Path(args.run_dir or f"runs/sft-{time.strftime('%Y%m%d-%H%M%S')}")
+    metrics = run_sft(config, run_dir, progress=not args.quiet)
+    print(
+        f"SFT: {int(metrics['steps'])} steps on {int(metrics['num_demonstrations'])} demonstrations "
+        f"in {metrics['wall_time']:.1f}s; final loss {metrics['final_loss']:.3f}"
+    )
+    if not math.isnan(metrics["eval_nll_after"]):
+        print(
+            f"  held-out response NLL {metrics['eval_nll_before']:.4f} -> {metrics['eval_nll_after']:.4f} "
+            "nats/token"
+        )
+    if "grammatical_after" in metrics:
+        print(
+            f"  grammatical reviews {metrics['grammatical_before']:.1%} -> {metrics['grammatical_after']:.1%}"
+        )
+    print(f"  pi_ref saved to {run_dir / 'sft'} (load it with text_env.load_causal_lm or model=...)")
+    return 0
+
+
+def add_sft_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on demonstrations: the reference policy pi_ref",
+        description=_sft.__doc__,
+    )
+    add_config_argument(p, None, "SFTConfig")
+    p.add_argument("--run-dir", default=None, help="output folder (default: runs/sft-TIMESTAMP)")
+    p.add_argument("--device", default=None, help="cpu, cuda, auto (overrides the config's device)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overrides(p, "learning_rate=3e-4")
+    p.set_defaults(handler=_sft)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 2: label, train-rm
+# --------------------------------------------------------------------------------------------------------
+def run_label(args: argparse.Namespace) -> int:
+    """Sample pairs from the policy, label them with the gold reward under Bradley-Terry noise, save them
+    (pairs.jsonl, label_report.json and the resolved label_config.yaml in the run folder)."""
+    from reward_models.data import write_pairs
+    from rlhf_base.config import load_config, save_config
+    from rlhf_base.io import atomic_write
+    from rlhf_gym.label import LabelConfig, label_pairs
+
+    try:
+        config = load_config(LabelConfig, args.config, args.overrides)
+    except ConfigError as e:
+        return fail("label", e)
+    run_dir = Path(args.run_dir)
+    try:
+        pairs, report = label_pairs(config, device=args.device, progress=not args.no_progress)
+    except (DataError, ValueError) as e:
+        return fail("label", e)
+    write_pairs(pairs, run_dir / "pairs.jsonl")
+    atomic_write(run_dir / "label_report.json", json.dumps(report, indent=2) + "\n")
+    save_config(config, run_dir / "label_config.yaml")
+    print(
+        f"labelled {report['num_pairs']} pairs in {report['seconds']:.1f}s (tau={config.tau}): label ceiling "
+        f"{report['ceiling']:.3f} (expected {report['expected_ceiling']:.3f}), {report['num_ties']} gold ties, "
+        f"{report['num_identical_resampled']} identical pairs resampled\n  -> {run_dir / 'pairs.jsonl'}"
+    )
+    return 0
+
+
+def add_label_command(sub: Subparsers) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "label",
+        help="sample response pairs from pi_ref and label them with the gold reward under Bradley-Terry noise",
+        description=run_label.__doc__,
+    )
+    add_common_arguments(parser, "LabelConfig", "runs/label", "tau=0.1 num_pairs=2000")
+    parser.set_defaults(handler=run_label)
+    return parser
+
+
+def run_train_rm(args: argparse.Namespace) -> int:
+    """Train a Bradley-Terry reward model on the pairs named by the config's `pairs`; writes reward_model/
+    (load it with `load_reward_model`, or hand its path to the env as `reward_model=...`), metrics.csv,
+    metrics.json, tensorboard/ and the resolved train_rm_config.yaml."""
+    from reward_models.data import load_pairs
+    from reward_models.train import RewardTrainConfig, train_reward_model
+    from rlhf_base.config import load_config, save_config
+
+    try:
+        config = load_config(RewardTrainConfig, args.config, args.overrides)
+        pairs = load_pairs(config.pairs)
+    except (ConfigError, DataError) as e:
+        return fail("train-rm", e)
+    run_dir = Path(args.run_dir)
+    model, metrics = train_reward_model(
+        pairs, config, run_dir=run_dir, device=args.device, progress=not args.no_progress
+    )
+    model.save(run_dir / "reward_model")
+    save_config(config, run_dir / "train_rm_config.yaml")
+    held_out = (
+        f"held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['num_eval']} pairs, mean margin "
+        f"{metrics['eval_margin']:.3f}"
+        if metrics["num_eval"]
+        else "no held-out pairs"
+    )
+    print(
+        f"trained on {metrics['num_train']} pairs in {metrics['seconds']:.1f}s: train loss "
+        f"{metrics['train_loss']:.3f}, {held_out}\n  -> {run_dir / 'reward_model'}"
+    )
+    return 0
+
+
+def add_train_rm_command(sub: Subparsers) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "train-rm",
+        help="train a Bradley-Terry reward model on preference pairs",
+        description=run_train_rm.__doc__,
+    )
+    add_common_arguments(
+        parser, "RewardTrainConfig", "runs/reward_model", "pairs=runs/label/pairs.jsonl learning_rate=3e-4"
+    )
+    parser.set_defaults(handler=run_train_rm)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 3: train one agent; sweeps of many; their report
+# --------------------------------------------------------------------------------------------------------
+def _train(args: argparse.Namespace) -> int:
+    """Train one agent on the env: builds the env and agent from their configs, learns, evaluates and saves
+    (policy/, metrics.csv/jsonl, tensorboard/, summary.json, env.yaml, agent.yaml)."""
+    from agents.registry import available
+    from rlhf_gym.train import train
+
+    if args.agent not in available():
+        return fail("train", ValueError(f"unknown agent {args.agent!r}; available: {available()}"))
+    overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
+    try:
+        train(args.agent, args.run_dir or f"runs/train-{args.agent}", args.config, args.env_config, overrides)
+    except ConfigError as e:
+        return fail("train", e)
+    return 0
+
+
+def add_train_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one agent on the env (PPO, REINFORCE, best-of-n, RAFT, SB3, yours)",
+        description=_train.__doc__,
+    )
+    p.add_argument(
+        "--agent", required=True, help=f"a registered agent: {BUILTIN_AGENTS}, or one added by entry point"
+    )
+    add_config_argument(p, None, "the agent's Config")
+    p.add_argument("--env-config", default=None, type=_config_argument, help="env YAML (EnvConfig fields)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
+    p.add_argument("--device", default=None, help="overrides env.device")
+    add_overrides(p, "iterations=10 env.beta=0.1 (env.* keys go to the env config)")
+    p.set_defaults(handler=_train)
+
+
+def _print_report(run_dir: Path) -> None:
+    from rlhf_gym.report import make_report, markdown_table, read_results, summarise
+
+    paths = make_report(run_dir)
+    print(markdown_table(summarise(read_results(run_dir / "results.csv"))))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Run a grid of agents x betas x seeds (x any config field) in worker processes; finished cells are
+    kept, so a rerun resumes (results.csv, curves.csv, tensorboard/ under runs/NAME)."""
+    import dataclasses
+
+    from rlhf_base.config import load_config
+    from rlhf_gym.sweep import SweepConfig, run_sweep
+
+    try:
+        config = load_config(SweepConfig, args.config, args.overrides)
+    except ConfigError as e:
+        return fail("sweep", e)
+    if args.workers is not None:
+        config = dataclasses.replace(config, workers=args.workers)
+    run_dir = run_sweep(config)
+    print(f"results: {run_dir / 'results.csv'}")
+    if args.report:
+        _print_report(run_dir)
+    return 0
+
+
+def add_sweep_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of agents x beta x seeds (x any field) in worker processes",
+        description=_sweep.__doc__,
+    )
+    add_config_argument(p, "sweep", "SweepConfig")
+    p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
+    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    add_overrides(p, "'seeds=[0,1]' 'betas=[0.05]' ppo.iterations=20")
+    p.set_defaults(handler=_sweep)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the report of a finished sweep (report.md, frontier, learning curves, over-optimisation plots)
+    from its results.csv and curves.csv, and print the table."""
+    from rlhf_gym.report import (
+        OldColumnsWarning,
+        make_report,
+        markdown_table,
+        old_names_message,
+        read_table,
+        summarise,
+    )
+
+    results = Path(args.run_dir) / "results.csv"
+    try:
+        paths = make_report(args.run_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OldColumnsWarning)  # said once, as a note, below
+            rows, renamed = read_table(results, "results")
+    except (FileNotFoundError, DataError) as e:
+        print(f"rlhf-gym report: error: {e}", file=sys.stderr)
+        return 1
+    if renamed:
+        print(f"rlhf-gym report: note: {old_names_message(results, renamed)}", file=sys.stderr)
+    print(markdown_table(summarise(rows)))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def add_report_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "report",
+        help="tables and plots of a finished sweep (reads runs/NAME/results.csv)",
+        description=_report.__doc__,
+    )
+    p.add_argument("run_dir", help="the sweep's folder, e.g. runs/NAME")
+    p.set_defaults(handler=_report)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole pipeline
+# --------------------------------------------------------------------------------------------------------
+def print_summary(paths: dict[str, Any]) -> int:
+    """Print a pipeline's comparison table and where its plots are."""
+    print("\n" + Path(paths["report"]).read_text().split("\n## ", 1)[0].strip())
+    print("\nplots:")
+    for key in ("frontier", "learning_curves", "overoptimisation"):
+        if key in paths:
+            print(f"  {key}: {paths[key]}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    """pretrain -> SFT -> label -> reward model -> agents -> report, each stage cached by a fingerprint of
+    its inputs, so a rerun redoes only what changed."""
+    from rlhf_base.config import load_config
+    from rlhf_gym.pipeline import PipelineConfig, run_pipeline
+
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    try:
+        config = load_config(PipelineConfig, args.config, overrides)
+    except ConfigError as e:
+        return fail(args.command, e)
+    return print_summary(run_pipeline(config))
+
+
+def add_pipeline_command(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="pretrain -> SFT -> label -> reward model -> agents -> report",
+        description=_pipeline.__doc__,
+    )
+    add_config_argument(p, "default", "PipelineConfig")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (overrides the config)")
+    add_overrides(p, "'agents.seeds=[0]' sft.epochs=2")
+    p.set_defaults(handler=_pipeline)
+
+
+def _add_demo(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded default; prints the comparison table",
+        description="`rlhf-gym pipeline --config default --device cpu`: what `make demo` runs. "
+        + (_pipeline.__doc__ or ""),
+    )
+    add_config_argument(p, "default", "PipelineConfig")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    add_overrides(p, "'agents.seeds=[0,1,2]'")
+    p.set_defaults(handler=_pipeline)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Looking around: rollout, bench
+# --------------------------------------------------------------------------------------------------------
 def _rollout(args: argparse.Namespace) -> int:
     """Build the embedded default, roll the policy out in the batched env, print a summary."""
     import numpy as np
@@ -33,7 +413,8 @@ def _rollout(args: argparse.Namespace) -> int:
         f"env: {args.num_envs} x text_env/TextGen-v0 (task {envs.task.name!r}, {len(envs.prompts)} prompts)"
     )
     print(
-        f"  policy/reference: tiny-reviews GPT-2, {sum(p.numel() for p in envs.reference.parameters()):,} parameters"
+        f"  policy/reference: tiny-reviews GPT-2, {sum(p.numel() for p in envs.reference.parameters()):,} "
+        "parameters"
     )
     print(f"  spaces: obs {envs.single_observation_space}, action {envs.single_action_space}")
     built = time.perf_counter() - start
@@ -54,76 +435,64 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default; prints the comparison table")
-    add_config_argument(p, "default", "PipelineConfig")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the pipeline config")
-
-    def run(args: argparse.Namespace) -> int:
-        from rlhf_base.config import load_config
-        from rlhf_gym.pipeline import PipelineConfig, print_summary, run_pipeline
-
-        config = load_config(PipelineConfig, args.config, [*args.overrides, f"device={args.device}"])
-        return print_summary(run_pipeline(config))
-
-    p.set_defaults(handler=run)
-
-
-def _add_rollout(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("rollout", help="roll the policy out in the batched env and print a summary")
-    p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=8, help="episodes to print")
+def _add_rollout(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "rollout",
+        help="roll the policy out in the batched env and print a summary",
+        description=_rollout.__doc__,
+    )
+    p.add_argument("--num-envs", type=int, default=64, help="rows of the batched env (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (default: 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="prompt draws and sampling (default: 0)")
+    p.add_argument("--show", type=int, default=8, help="episodes to print (default: 8)")
     p.set_defaults(handler=_rollout)
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import run_all
+
+    run_all(args)
+    return 0
+
+
+def _add_bench(sub: Subparsers) -> None:
+    from benchmarks.run import add_arguments  # argparse only: the sections import their work when they run
+
     p = sub.add_parser(
-        "bench", help="the performance benchmarks (rollout, scaling, TRL, SB3) in one run: markdown + JSON"
+        "bench",
+        help="the performance benchmarks (rollout, scaling, TRL, SB3) in one run: markdown + JSON",
+        description="Every performance figure of the README, measured side by side in one run.",
     )
-    from benchmarks.run import add_arguments
-
     add_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from benchmarks.run import run_all
-
-        run_all(args)
-        return 0
-
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=_bench)
 
 
-#: Subcommand installers ("module:function"), in the order `--help` lists them; each stage owns its command.
-COMMANDS: list[str | Callable[[argparse._SubParsersAction], None]] = [
+#: The subcommands, in the order `--help` lists them.
+COMMANDS: tuple[Callable[[Subparsers], Any], ...] = (
     _add_demo,
-    "rlhf_gym.pipeline:add_pipeline_command",
-    "rlhf_gym.sft:add_sft_command",
-    "rlhf_gym.label:add_label_command",
-    "rlhf_gym.train_rm:add_train_rm_command",
-    "rlhf_gym.train:add_train_command",
-    "rlhf_gym.sweep:add_sweep_command",
-    "rlhf_gym.report:add_report_command",
+    add_pipeline_command,
+    add_sft_command,
+    add_label_command,
+    add_train_rm_command,
+    add_train_command,
+    add_sweep_command,
+    add_report_command,
     _add_rollout,
     _add_bench,
-]
+)
 
 
-def _installer(entry: str | Callable) -> Callable:
-    if callable(entry):
-        return entry
-    module, _, name = entry.partition(":")
-    return getattr(importlib.import_module(module), name)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-gym", description="RLHF as reinforcement learning proper.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for install in COMMANDS:
+        install(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf-gym", description="RLHF as reinforcement learning proper.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for entry in COMMANDS:
-        _installer(entry)(sub)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()

@@ -24,19 +24,15 @@ held-out accuracy to compare a trained reward model against. `expected_ceiling` 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_gym.commands import add_common_arguments, fail
 from text_env.core import EnvCore
 from text_env.judge import as_reward_fn
 from text_env.sampler import rollout
@@ -45,10 +41,8 @@ from text_env.vector_env import TextGenVectorEnv
 
 __all__ = [
     "LabelConfig",
-    "add_label_command",
     "label_pairs",
     "preference_probability",
-    "run_label",
     "simulate_labels",
 ]
 
@@ -252,41 +246,3 @@ def label_pairs(
         seconds=time.perf_counter() - start,
     )
     return pairs, report
-
-
-def run_label(args: argparse.Namespace) -> int:
-    """Sample pairs from the policy, label them with the gold reward under Bradley-Terry noise, save them."""
-    from reward_models.data import write_pairs
-    from rlhf_base.config import ConfigError, load_config, save_config
-    from rlhf_base.io import DataError, atomic_write
-
-    try:
-        config = load_config(LabelConfig, args.config, args.overrides)
-    except ConfigError as e:
-        return fail("label", e)
-    run_dir = Path(args.run_dir)
-    try:
-        pairs, report = label_pairs(config, device=args.device, progress=not args.no_progress)
-    except (DataError, ValueError) as e:
-        return fail("label", e)
-    write_pairs(pairs, run_dir / "pairs.jsonl")
-    atomic_write(run_dir / "label_report.json", json.dumps(report, indent=2) + "\n")
-    save_config(config, run_dir / "label_config.yaml")
-    print(
-        f"labelled {report['num_pairs']} pairs in {report['seconds']:.1f}s (tau={config.tau}): label ceiling "
-        f"{report['ceiling']:.3f} (expected {report['expected_ceiling']:.3f}), {report['num_ties']} gold ties, "
-        f"{report['num_identical_resampled']} identical pairs resampled\n  -> {run_dir / 'pairs.jsonl'}"
-    )
-    return 0
-
-
-def add_label_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Install `label` on a subparsers object (`rlhf_gym.cli` calls this)."""
-    parser = sub.add_parser(
-        "label",
-        help="sample response pairs from pi_ref and label them with the gold reward under Bradley-Terry noise",
-        description=run_label.__doc__,
-    )
-    add_common_arguments(parser, "LabelConfig", "runs/label", "tau=0.1 num_pairs=2000")
-    parser.set_defaults(handler=run_label)
-    return parser

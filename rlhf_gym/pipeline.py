@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from reward_models.train import RewardTrainConfig, train_reward_model
-from rlhf_base.config import config_to_dict, load_config, save_config
+from rlhf_base.config import config_to_dict, save_config
+from rlhf_base.deprecation import moved_names
 from rlhf_base.io import atomic_write
-from rlhf_gym.commands import add_config_argument
 from rlhf_gym.label import LabelConfig, label_pairs
 from rlhf_gym.sft import SFTConfig, run_sft
 from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
 
-__all__ = ["STAGES", "PipelineConfig", "add_pipeline_command", "run_pipeline"]
+__all__ = ["STAGES", "PipelineConfig", "run_pipeline"]
 
 STAGES = ("pretrain", "sft", "label", "reward_model", "agents", "report")
 
@@ -167,24 +167,5 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
     return {"run_dir": run_dir, **paths}
 
 
-def add_pipeline_command(sub: Any) -> None:
-    p = sub.add_parser("pipeline", help="pretrain -> SFT -> label -> reward model -> agents -> report")
-    add_config_argument(p, "default", "PipelineConfig")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (overrides the config)")
-    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE, e.g. agents.seeds=[0] sft.epochs=2")
-
-    def run(args: Any) -> int:
-        overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-        return print_summary(run_pipeline(load_config(PipelineConfig, args.config, overrides)))
-
-    p.set_defaults(handler=run)
-
-
-def print_summary(paths: dict[str, Any]) -> int:
-    """Print the comparison table and where the plots are."""
-    print("\n" + Path(paths["report"]).read_text().split("\n## ", 1)[0].strip())
-    print("\nplots:")
-    for key in ("frontier", "learning_curves", "overoptimisation"):
-        if key in paths:
-            print(f"  {key}: {paths[key]}")
-    return 0
+# The command line moved to rlhf_gym.cli (one CLI module); the old names work, with a warning.
+__getattr__ = moved_names(__name__, {"add_pipeline_command": "rlhf_gym.cli", "print_summary": "rlhf_gym.cli"})

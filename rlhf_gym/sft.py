@@ -11,7 +11,6 @@ around them (warm-up and cosine schedule, checkpoints, logs) and the command.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -38,9 +37,8 @@ from rlhf_base.lm import context_length
 from rlhf_base.models import resolve_device
 from rlhf_base.optim import adam
 from rlhf_base.runlog import RunLog
-from rlhf_gym.commands import add_config_argument
 
-__all__ = ["SFTConfig", "add_sft_command", "grammatical_fraction", "run_sft", "train_sft"]
+__all__ = ["SFTConfig", "grammatical_fraction", "run_sft", "train_sft"]
 
 
 @dataclass
@@ -283,43 +281,3 @@ def run_sft(config: SFTConfig, run_dir: str | Path, progress: bool = True) -> di
         )
     atomic_write(run_dir / "sft_metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
-
-
-def _sft_command(args: argparse.Namespace) -> int:
-    from rlhf_base.config import load_config
-
-    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    config = load_config(SFTConfig, args.config, overrides)
-    run_dir = Path(args.run_dir or f"runs/sft-{time.strftime('%Y%m%d-%H%M%S')}")
-    metrics = run_sft(config, run_dir, progress=not args.quiet)
-    print(
-        f"SFT: {int(metrics['steps'])} steps on {int(metrics['num_demonstrations'])} demonstrations "
-        f"in {metrics['wall_time']:.1f}s; final loss {metrics['final_loss']:.3f}"
-    )
-    if not math.isnan(metrics["eval_nll_after"]):
-        print(
-            f"  held-out response NLL {metrics['eval_nll_before']:.4f} -> {metrics['eval_nll_after']:.4f} nats/token"
-        )
-    if "grammatical_after" in metrics:
-        print(
-            f"  grammatical reviews {metrics['grammatical_before']:.1%} -> {metrics['grammatical_after']:.1%}"
-        )
-    print(f"  pi_ref saved to {run_dir / 'sft'} (load it with text_env.load_causal_lm or model=...)")
-    return 0
-
-
-def add_sft_command(sub: argparse._SubParsersAction) -> None:
-    """Install `sft` on an argparse subparsers object (`rlhf_gym.cli` lists it in `COMMANDS`)."""
-    p = sub.add_parser(
-        "sft",
-        help="supervised fine-tuning on demonstrations: the reference policy pi_ref",
-        description="Fine-tune a causal LM on (prompt, response) demonstrations; saves RUN_DIR/sft/.",
-    )
-    add_config_argument(p, None, "SFTConfig")
-    p.add_argument("--run-dir", default=None, help="output folder (default: runs/sft-TIMESTAMP)")
-    p.add_argument("--device", default=None, help="cpu, cuda, auto (overrides the config's device)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. learning_rate=3e-4"
-    )
-    p.set_defaults(handler=_sft_command)

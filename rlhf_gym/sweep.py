@@ -23,9 +23,9 @@ from typing import Any
 import yaml
 
 from agents.base import ENV_SETTINGS
-from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, save_config
+from rlhf_base.deprecation import moved_names
 from rlhf_base.runlog import RunLog
-from rlhf_gym.commands import add_config_argument
 from rlhf_gym.report.schema import (
     CURVE_METRICS,
     RESULT_METRICS,
@@ -40,7 +40,6 @@ __all__ = [
     "RESULT_METRICS",
     "Cell",
     "SweepConfig",
-    "add_sweep_command",
     "cell_configs",
     "check_cells",
     "expand_cells",
@@ -309,25 +308,5 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
     return run_dir
 
 
-def add_sweep_command(sub: Any) -> None:
-    p = sub.add_parser("sweep", help="run a grid of agents x beta x seeds (x any field) in worker processes")
-    add_config_argument(p, "sweep", "SweepConfig")
-    p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
-    p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
-    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE overrides of the sweep config")
-
-    def run(args: Any) -> int:
-        config = load_config(SweepConfig, args.config, args.overrides)
-        if args.workers is not None:
-            config = dataclasses.replace(config, workers=args.workers)
-        run_dir = run_sweep(config)
-        print(f"results: {run_dir / 'results.csv'}")
-        if args.report:
-            from rlhf_gym.report import make_report, markdown_table, read_results, summarise
-
-            paths = make_report(run_dir)
-            print(markdown_table(summarise(read_results(run_dir / "results.csv"))))
-            print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-        return 0
-
-    p.set_defaults(handler=run)
+# The command line moved to rlhf_gym.cli (one CLI module); the old names work, with a warning.
+__getattr__ = moved_names(__name__, {"add_sweep_command": "rlhf_gym.cli"})

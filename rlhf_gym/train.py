@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from agents.registry import available, get_agent_class, resolve_config
+from agents.registry import get_agent_class, resolve_config
 from rlhf_base.config import load_config, save_config
 from rlhf_base.io import atomic_write
 from rlhf_base.runlog import RunLog
-from rlhf_gym.commands import add_config_argument
 from text_env.config import EnvConfig
 
-__all__ = ["add_train_command", "train"]
+__all__ = ["train"]
 
 
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -81,22 +79,3 @@ def train(
             f"-> {run_dir}"
         )
     return history
-
-
-def add_train_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train one agent on the env (PPO, REINFORCE, best-of-n, RAFT, SB3, yours)"
-    )
-    p.add_argument("--agent", required=True, help=f"one of {available()}")
-    add_config_argument(p, None, "the agent's Config")
-    p.add_argument("--env-config", default=None, help="env YAML (EnvConfig fields)")
-    p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
-    p.add_argument("--device", default=None, help="overrides env.device")
-    p.add_argument("overrides", nargs="*", help="dotted KEY=VALUE; env.* keys go to the env config")
-
-    def run(args: argparse.Namespace) -> int:
-        overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
-        train(args.agent, args.run_dir or f"runs/train-{args.agent}", args.config, args.env_config, overrides)
-        return 0
-
-    p.set_defaults(handler=run)

@@ -169,7 +169,7 @@ def test_the_adaptive_controller_sets_the_envs_beta_so_env_and_agent_pay_the_sam
     rm_score - beta * kl with PPO's new beta, and every iteration's reward metric used that iteration's beta."""
     envs = fresh_envs(core16, 8)
     envs.beta = 0.2
-    config = {"adaptive_kl": True, "kl_target": 0.05, "kl_horizon": 8, "ppo_epochs": 1, "lr": 1e-3}
+    config = {"adaptive_kl": True, "kl_target": 0.05, "kl_horizon": 8, "epochs": 1, "learning_rate": 1e-3}
     agent = agents.make_agent("ppo", envs, config)
     history = agent.learn(3)
     betas = [m["beta"] for m in history] + [envs.beta]

@@ -12,9 +12,9 @@ import pytest
 
 from reward_models.data import load_pairs, write_pairs
 from rlhf_base.io import DataError
+from rlhf_gym.cli import add_label_command
 from rlhf_gym.label import (
     LabelConfig,
-    add_label_command,
     label_pairs,
     preference_probability,
     simulate_labels,

@@ -20,9 +20,9 @@ import pytest
 
 from rlhf_base.io import DataError
 from rlhf_base.maths import best_of_n_kl
+from rlhf_gym.cli import add_report_command
 from rlhf_gym.report import (
     OldColumnsWarning,
-    add_report_command,
     fit_gao,
     gao_fits,
     make_report,

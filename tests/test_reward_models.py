@@ -35,8 +35,8 @@ from reward_models import (
 from reward_models.data import write_pairs
 from reward_models.model import LOGPROB_FEATURE_SCALE, sequence_logprob_stats
 from rlhf_base.config import ConfigError, load_config
+from rlhf_gym.cli import add_train_rm_command
 from rlhf_gym.label import LabelConfig, label_pairs
-from rlhf_gym.train_rm import add_train_rm_command
 from text_env.tasks.reviews import build_tokenizer
 
 PROMPTS = ["the plot was", "i", "overall , the film", "this movie"]

@@ -24,7 +24,8 @@ from agents.sft import (
 from rlhf_base.config import ConfigError, load_config
 from rlhf_base.io import DataError
 from rlhf_base.models import trainable_copy
-from rlhf_gym.sft import SFTConfig, add_sft_command, train_sft
+from rlhf_gym.cli import add_sft_command
+from rlhf_gym.sft import SFTConfig, train_sft
 from text_env.tasks.reviews import sample_demonstrations
 
 PAIRS = [("the movie was", "great ."), ("i", "loved this film . the cast was dull ."), ("this plot", "")]

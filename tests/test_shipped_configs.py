@@ -26,7 +26,7 @@ from agents.sb3 import SB3A2CConfig, SB3PPOConfig
 from reward_models.train import RewardTrainConfig
 from rlhf_base.config import ConfigError, config_from_dict, load_config
 from rlhf_gym import cli, pipeline, sweep
-from rlhf_gym.commands import CONFIGS_DIR, builtin_configs, config_file
+from rlhf_gym.configs import CONFIGS_DIR, builtin_configs, config_file
 from rlhf_gym.label import LabelConfig
 from rlhf_gym.pipeline import PipelineConfig
 from rlhf_gym.sft import SFTConfig
@@ -138,7 +138,7 @@ def captured(monkeypatch) -> list[Any]:
     seen: list[Any] = []
     monkeypatch.setattr(sweep, "run_sweep", lambda config: seen.append(config) or CONFIGS_DIR)
     monkeypatch.setattr(pipeline, "run_pipeline", lambda config: seen.append(config) or {})
-    monkeypatch.setattr(pipeline, "print_summary", lambda paths: 0)
+    monkeypatch.setattr(cli, "print_summary", lambda paths: 0)
     return seen
 
 

@@ -15,12 +15,10 @@ names, so `from rlhf_gym.report import summarise` works as it did when the repor
 
 from __future__ import annotations
 
-import argparse
-import sys
-import warnings
 from pathlib import Path
 
-from rlhf_base.io import DataError, atomic_write
+from rlhf_base.deprecation import moved_names
+from rlhf_base.io import atomic_write
 from rlhf_gym.report.gao import GaoFit, fit_gao, fits_table, gao_fits, reference_gold
 from rlhf_gym.report.plots import plot_frontier, plot_learning_curves, plot_overoptimisation
 from rlhf_gym.report.schema import (
@@ -46,7 +44,6 @@ __all__ = [
     "RESULT_METRICS",
     "GaoFit",
     "OldColumnsWarning",
-    "add_report_command",
     "config_columns",
     "fit_gao",
     "gao_fits",
@@ -149,26 +146,5 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
     return {"report": report, **paths}
 
 
-def add_report_command(sub: argparse._SubParsersAction) -> None:
-    """Install `rlhf-gym report RUN_DIR`: write the report, print the table and the files written."""
-    p = sub.add_parser("report", help="tables and plots of a finished sweep (reads runs/NAME/results.csv)")
-    p.add_argument("run_dir", help="the sweep's folder, e.g. runs/NAME")
-
-    def run(args: argparse.Namespace) -> int:
-        results = Path(args.run_dir) / "results.csv"
-        try:
-            paths = make_report(args.run_dir)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OldColumnsWarning)  # said once, as a note, below
-                rows, renamed = read_table(results, "results")
-        except (FileNotFoundError, DataError) as e:
-            print(f"rlhf-gym report: error: {e}", file=sys.stderr)
-            return 1
-        if renamed:
-            print(f"rlhf-gym report: note: {old_names_message(results, renamed)}", file=sys.stderr)
-        print(markdown_table(summarise(rows)))
-        for name, path in paths.items():
-            print(f"{name}: {path}")
-        return 0
-
-    p.set_defaults(handler=run)
+# The command line moved to rlhf_gym.cli (one CLI module); the old names work, with a warning.
+__getattr__ = moved_names(__name__, {"add_report_command": "rlhf_gym.cli"})

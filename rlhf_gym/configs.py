@@ -1,4 +1,4 @@
-"""What the stage commands share: their common arguments, their error exit, and `--config`.
+"""The built-in configs, found by name from any directory: what `--config NAME` means.
 
 `--config` takes a built-in config's name or a YAML file's path. The built-in configs are the YAML files
 in the repository's `configs/` (the demo pipeline, the README's sweeps); they are found from this package's
@@ -9,23 +9,14 @@ are tuned for the default task: a YAML file only holds what differs from them.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 from rlhf_base.config import ConfigError
 
-__all__ = [
-    "CONFIGS_DIR",
-    "add_common_arguments",
-    "add_config_argument",
-    "builtin_configs",
-    "config_file",
-    "fail",
-]
+__all__ = ["CONFIGS_DIR", "builtin_configs", "config_file"]
 
-#: The repository's `configs/`, located from this file (rlhf_gym/commands.py -> ../configs), not the cwd.
+#: The repository's `configs/`, located from this file (rlhf_gym/configs.py -> ../configs), not the cwd.
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -62,41 +53,3 @@ def config_file(value: str | Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (relative to {Path.cwd()}); {_known()}")
     return path
-
-
-def _config_argument(value: str) -> str:
-    """argparse `type` for `--config`: the resolved path, or a usage error with `config_file`'s message."""
-    try:
-        return str(config_file(value))
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_config_argument(parser: argparse.ArgumentParser, default: str | None, fields: str) -> None:
-    """`--config NAME_OR_PATH`, resolved by `config_file` when the arguments are parsed (the default too)."""
-    parser.add_argument(
-        "--config",
-        default=default,
-        type=_config_argument,
-        metavar="NAME_OR_PATH",
-        help=f"a built-in config's name ({', '.join(builtin_configs()) or 'none found'}) or a YAML file of "
-        f"{fields} fields overriding their defaults (default: {default or 'none, the defaults'})",
-    )
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, fields: str, run_dir: str, example: str) -> None:
-    add_config_argument(parser, None, fields)
-    parser.add_argument("--run-dir", default=run_dir, help=f"output folder (default: {run_dir})")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help=f"dotted config overrides, e.g. {example}",
-    )
-
-
-def fail(command: str, error: Exception) -> int:
-    print(f"rlhf-gym {command}: error: {error}", file=sys.stderr)
-    return 2
