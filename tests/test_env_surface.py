@@ -92,6 +92,13 @@ def test_score_pending_returns_one_entry_per_row_and_the_episode_buffers_are_dep
     assert len(empty) == 0 and empty.logprobs.shape == (0, envs.max_new_tokens)
     with pytest.warns(DeprecationWarning, match="episodes is internal"):
         assert envs.episodes.done.tolist() == [True, False, False, True]
+    with pytest.warns(DeprecationWarning, match=r"unpacking it as \(rewards, info\) is deprecated"):
+        rewards, old_info = scores  # the return value before Scores still unpacks
+    assert rewards.shape == (4,) and rewards[[1, 2]].tolist() == [0.0, 0.0]
+    np.testing.assert_array_equal(rewards[[0, 3]], scores.reward)
+    assert old_info["_rm_score"].tolist() == [True, False, False, True]
+    with pytest.warns(DeprecationWarning):
+        assert tuple(empty)[1] == {}
 
 
 def test_a_single_envs_info_and_a_vector_rows_info_agree(core):

@@ -8,6 +8,8 @@ their Gymnasium `info` from it, so the two layouts cannot drift apart.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,7 @@ class Scores:
     prompt: list[str]  # (k,) prompt texts
     response: list[str]  # (k,) response texts, without EOS
     response_length: np.ndarray  # (k,) int64 response tokens, EOS included
+    num_envs: int | None = None  # B of the env that scored them, for the old `(rewards, info)` unpacking
 
     @classmethod
     def empty(cls, max_new_tokens: int) -> Scores:
@@ -58,6 +61,20 @@ class Scores:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Deprecated: `rewards, info = envs.score_pending()`, the return value before `Scores` (issue 11):
+        the (B,) padded rewards and Gymnasium's vector info ({} when no row was pending)."""
+        warnings.warn(
+            "score_pending() returns a Scores record now; unpacking it as (rewards, info) is deprecated: use "
+            "scores.padded_rewards(num_envs) and scores.vector_info(num_envs), or the per-row fields",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if self.num_envs is None:
+            raise TypeError("these Scores did not come from score_pending(): they do not know B to pad to")
+        info = self.vector_info(self.num_envs) if len(self) else {}
+        return iter((self.padded_rewards(self.num_envs), info))
 
     def episode_info(self, i: int) -> dict[str, Any]:
         """The single env's `info` for scored entry `i`: plain floats and strings, per-token arrays cut to

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -189,10 +190,10 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
         """
         rows = np.flatnonzero(self._pending)
         if not len(rows):
-            return Scores.empty(self.max_new_tokens)
+            return dataclasses.replace(Scores.empty(self.max_new_tokens), num_envs=self.num_envs)
         scores = self.core.score_rows(self._episodes, rows)
         self._pending[rows] = False
-        return scores
+        return dataclasses.replace(scores, num_envs=self.num_envs)
 
     @property
     def all_done(self) -> bool:
