@@ -108,3 +108,23 @@ def test_fused_gelu_is_the_same_function_and_replaces_every_gelu_new(hf_dirs):
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).logits, unfused(ids).logits, atol=1e-5, rtol=0)
     assert fused.config.activation_function == "gelu_new", "the saved config stays loadable anywhere"
+
+
+def test_the_tiny_model_pretrains_the_same_whatever_the_callers_thread_count():
+    """Float sums depend on torch's thread count (here, 2 threads instead of 1 changed every weight of this
+    6-step run), so the cached model pinned its own: a 1-thread test worker and a 2-thread demo that build
+    it first get the same weights, and the caller's thread count comes back."""
+    from text_env.tasks.reviews.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(num_reviews=256, steps=6, batch_size=64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two, _ = pretrain(config, progress=False)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one, _ = pretrain(config, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    a, b = two.state_dict(), one.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

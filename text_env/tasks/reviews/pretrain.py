@@ -37,6 +37,8 @@ class PretrainConfig:
     lr: float = 3e-3  # peak AdamW learning rate, cosine-decayed to 10%
     warmup: int = 50  # linear warm-up steps
     seed: int = 0  # corpus and initialisation seed
+    threads: int = 1  # torch threads while pretraining: float sums depend on the thread count, so a fixed
+    # count makes the cached model the same whoever builds it first (a 1-thread test worker or the demo)
     version: int = 1  # bump to invalidate caches when the code changes meaning
 
 
@@ -48,7 +50,20 @@ def _fingerprint(config: PretrainConfig) -> str:
 def pretrain(
     config: PretrainConfig = PretrainConfig(), *, progress: bool = True
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
-    """Train the tiny GPT-2 from scratch on reviews sampled from the grammar (next-token loss, EOS-terminated)."""
+    """Train the tiny GPT-2 from scratch on reviews sampled from the grammar (next-token loss, EOS-terminated).
+
+    Runs on `config.threads` torch threads (the caller's count is restored after), so the result does not
+    depend on who asked first.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _pretrain(config, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(config: PretrainConfig, progress: bool) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer()
     model = tiny_gpt2(tokenizer, config.model)
