@@ -85,15 +85,17 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
             print(f"[pipeline {time.perf_counter() - start:6.0f}s] {stage}: {text}", flush=True)
 
     # 1. Pretrain (the default task only): the built-in model is cached outside the run folder.
+    base = None  # what SFT starts from, when the pipeline knows its identity (the built-in model's cache key)
     if config.sft.model is None:
-        from text_env.tasks.reviews.pretrain import pretrained_tiny_reviews
+        from text_env.tasks.reviews.pretrain import cache_key, pretrained_tiny_reviews
 
         say("pretrain", "tiny-reviews GPT-2 (built once, then cached)")
         pretrained_tiny_reviews()
+        base = cache_key()
 
-    # 2. SFT -> pi_ref.
+    # 2. SFT -> pi_ref (rebuilt when its config or the built-in model it starts from changes).
     sft_cfg = dataclasses.replace(config.sft, device=config.device)
-    fp_sft = _fingerprint("sft", sft_cfg)
+    fp_sft = _fingerprint("sft", sft_cfg, base)
     sft_dir = run_dir / "sft"
     if stages.fresh("sft", fp_sft, sft_dir / "config.json"):
         say("sft", f"cached ({sft_dir})")

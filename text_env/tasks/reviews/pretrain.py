@@ -23,7 +23,7 @@ from text_env.tasks.reviews.language import sample_corpus, vocabulary
 from text_env.tasks.reviews.model import TinyConfig, tiny_gpt2
 from text_env.tasks.reviews.tokenizer import build_tokenizer
 
-__all__ = ["PretrainConfig", "pretrain", "pretrained_tiny_reviews"]
+__all__ = ["PretrainConfig", "cache_key", "pretrain", "pretrained_tiny_reviews"]
 
 
 @dataclass(frozen=True)
@@ -108,13 +108,19 @@ def _pretrain(config: PretrainConfig, progress: bool) -> tuple[GPT2LMHeadModel, 
     return model.eval(), tokenizer
 
 
+def cache_key(config: PretrainConfig = PretrainConfig()) -> str:
+    """The built model's name in the cache: it changes whenever anything that shapes the model changes, so
+    a stage built on the model (the pipeline's SFT) can key its own cache on it."""
+    return f"tiny-reviews-{_fingerprint(config)}"
+
+
 def pretrained_tiny_reviews(
     config: PretrainConfig = PretrainConfig(),
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerBase]:
     """The cached pretrained model and tokenizer, built on first use (safe across processes)."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"tiny-reviews-{_fingerprint(config)}"
+    target = root / cache_key(config)
     with open(root / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait, then load
         if not (target / "config.json").is_file():
