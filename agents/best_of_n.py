@@ -8,11 +8,23 @@ arXiv:2210.10760) use it to chart reward over-optimisation against KL.
 ## What "kl" means here
 The env's KL is token-wise: log pi(y_t) - log pi_ref(y_t) summed over the response. Best-of-n samples every
 token from pi = pi_ref, so that KL is 0 for each sample, chosen or not (reported as `kl_measured_env`). What
-moves away from pi_ref is the *distribution of the selected response*, whose KL to pi_ref is
-`log n - (n - 1) / n` (Stiennon et al. 2020, appendix G.3; an upper bound that is tight for many distinct
-rewards, Beirami et al. 2024, arXiv:2401.01879). That analytic value is reported as `kl`, and `reward` is
-`rm_score - beta * kl` with it, so best-of-n sits on the same reward/KL axes as the RL agents. If a trained
-policy is loaded, the analytic KL is to that policy, and `kl_measured_env` carries its KL to pi_ref.
+moves away from pi_ref is the *distribution of the selected response*, pi_n. Two numbers describe its KL:
+
+* `kl_bound`: `log n - (n - 1) / n` (Stiennon et al. 2020, appendix G.3), long reported as "the" best-of-n
+  KL. Beirami et al. (2024, arXiv:2401.01879) prove it is an upper bound, reached only when pi spreads its
+  mass over many outcomes of distinct reward; it depends on n alone, never on the samples.
+* `kl`: an estimate from the samples (`rlhf_base.best_of_n.best_of_n_kl_estimate`): per prompt, the exact
+  KL of best-of-n over the distinct completions sampled, at their own sequence probabilities, with the
+  unseen mass as an atomless continuum. It never exceeds the bound, meets it when every sample is
+  improbable, and falls far below it when pi repeats a few likely completions.
+
+`kl` is the estimate because it is the shared metric every agent reports and the report plots on the KL
+axis: the RL agents' `kl` estimates their own policy's KL from its samples, so the frontier compares like
+with like, and best-of-n's point no longer sits to the right of where it is (by up to the whole bound
+when pi is peaked). The bound stays in its own column, named for what it is. `reward` is
+`rm_score - beta * kl` with the estimate. Both are to the sampling policy: if a trained policy is loaded,
+they are KLs to that policy (its sequence log-probs are used), and `kl_measured_env` carries its KL to
+pi_ref.
 """
 
 from __future__ import annotations
@@ -30,10 +42,11 @@ import torch
 import text_env
 from agents.base import Callback, act_with_policy, load_policy, rollout_metrics, save_policy
 from agents.loop import Iteration, run_iterations
+from rlhf_base.best_of_n import best_of_n_kl_estimate
 from rlhf_base.maths import best_of_n_kl
 from text_env.sampler import Rollout
 
-__all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig"]
+__all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig", "selection_kl"]
 
 
 @dataclass
@@ -96,6 +109,28 @@ class BestOfN:
     samples: Rollout  # m * n rows: the n samples of prompt i at rows i * n .. i * n + n - 1
     chosen: np.ndarray  # (m,) the row of `samples` picked for each prompt (argmax of rm_score)
     best: Rollout  # m rows: the chosen samples, in prompt order
+
+
+def selection_kl(result: BestOfN, n: int) -> float:
+    """The estimated KL(pi_n || pi) of best-of-n, averaged over the m prompts drawn.
+
+    Each prompt's samples (pooled, if the prompt was drawn twice) give one estimate over its distinct
+    completions (same response tokens: one outcome), at their sequence log-probs under the sampling
+    policy and ranked by the reward-model score the selection used.
+    """
+    samples = result.samples
+    mask = samples.response_mask > 0  # (B, N)
+    logprobs = torch.where(mask, samples.logprobs, 0.0).sum(-1).double().cpu().numpy()  # (B,) log pi(y)
+    rewards = samples.rm_scores.double().cpu().numpy()  # (B,)
+    ids, mask = samples.response_ids.cpu(), mask.cpu()
+    completions = [tuple(ids[i][mask[i]].tolist()) for i in range(len(ids))]
+    estimate = {}
+    for prompt in np.unique(samples.prompt_indices):
+        rows = np.flatnonzero(samples.prompt_indices == prompt)
+        estimate[prompt] = best_of_n_kl_estimate(
+            logprobs[rows], rewards[rows], n, [completions[i] for i in rows]
+        )
+    return float(np.mean([estimate[p] for p in result.best.prompt_indices]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,15 +203,18 @@ class BestOfNAgent:
         return rng.choice(total, size=m, replace=m > total)
 
     def selection_metrics(self, result: BestOfN) -> dict[str, float]:
-        """What best-of-n reports on top of the chosen responses' shared metrics: the analytic KL and the
-        `reward` with it (they replace the env's), the env's measured KL, and the samples' mean score."""
-        kl = best_of_n_kl(self.config.samples_per_prompt)
+        """What best-of-n reports on top of the chosen responses' shared metrics: the estimated KL of the
+        selection and the `reward` with it (they replace the env's), the analytic upper bound on that KL,
+        the env's measured KL, and the samples' mean score."""
+        n = self.config.samples_per_prompt
+        kl = selection_kl(result, n)
         return {
             "kl": kl,
+            "kl_bound": best_of_n_kl(n),
             "reward": result.best.rm_scores.mean().item() - self.envs.beta * kl,
             "kl_measured_env": result.best.kl.mean().item(),  # the shared `kl` of the chosen responses
             "rm_score_all": result.samples.rm_scores.mean().item(),  # the sampling policy's own mean
-            "n": float(self.config.samples_per_prompt),
+            "n": float(n),
         }
 
     def learn(

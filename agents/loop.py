@@ -81,7 +81,7 @@ def run_iterations(
     Returns:
         One metrics dict per iteration run by this call: the shared `METRIC_KEYS` of `Iteration.batch`
         (with `tokens` the running total and `wall_time` the seconds since this call started), then the
-        algorithm's own metrics, which replace shared ones of the same name (best-of-n's analytic `kl`).
+        algorithm's own metrics, which replace shared ones of the same name (best-of-n's `kl`, the KL of its selection).
 
     Raises:
         TypeError, ValueError: `iterations` is not an integer >= 0.

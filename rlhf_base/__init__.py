@@ -1,7 +1,8 @@
 """Floor 1 of rlhf-gym: the shared pieces every other package builds on, and that import none of them.
 
 - `maths`: GAE, whitening, KL estimators, log-probs from logits, the Bradley-Terry loss.
-- `metrics`: the metric names (`METRIC_KEYS`) from the env's info through the agents to the sweep's CSVs.
+- `best_of_n`: best-of-n's distribution on a finite space and its KL, exact and estimated from samples.
+- `metrics`: the metric names (`METRIC_KEYS`, `OPTIONAL_METRIC_KEYS`) from the env's info through the agents to the sweep's CSVs.
 - `lm`: forward-pass helpers for any causal LM (position ids, teacher forcing, length groups).
 - `models`: loading a causal LM and its tokenizer (built-in names, local dirs, hub ids, GGUF), devices.
 - `config`: typed config dataclasses from YAML and dotted overrides, with errors that say where.

@@ -12,7 +12,7 @@ read a run folder without loading torch models) share one definition.
 
 from __future__ import annotations
 
-__all__ = ["METRIC_KEYS"]
+__all__ = ["METRIC_KEYS", "OPTIONAL_METRIC_KEYS"]
 
 #: The metrics every agent reports per iteration, so sweeps compare like with like.
 METRIC_KEYS = (
@@ -25,4 +25,9 @@ METRIC_KEYS = (
     "entropy",  # mean per-token entropy of the policy while sampling
     "wall_time",  # seconds since learn() started
     "tokens",  # response tokens generated so far by this agent
+)
+
+#: Metrics only some agents report, which the sweep's CSVs carry too (NaN in the rows of the others).
+OPTIONAL_METRIC_KEYS = (
+    "kl_bound",  # an analytic upper bound on `kl`, where the method has one (best-of-n: log n - (n-1)/n)
 )

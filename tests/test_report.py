@@ -228,9 +228,13 @@ def _frontier_texts(results: pd.DataFrame, tmp_path: Path, monkeypatch) -> dict[
 def test_frontier_labels_the_points_of_agents_that_learn_nothing_with_their_n(tmp_path, monkeypatch):
     swept = _frontier_texts(_sampling_rows("my_sampler", False), tmp_path, monkeypatch)
     assert swept["gold reward (gold_score)"] == ["n=1", "n=16", "n=2", "n=4", "n=64", "n=8"]
-    # a swept field of another name: n is read back from the analytic KL log n - (n-1)/n
+    # a swept field of another name: n is read back from the KL, here the bound log n - (n-1)/n (old runs)
     unswept = _sampling_rows("my_sampler", False).rename(columns={"n": "budget"})
     texts = _frontier_texts(unswept, tmp_path, monkeypatch)
+    assert texts["proxy reward (rm_score)"] == swept["gold reward (gold_score)"]
+    # since the estimate, `kl` is below the bound and n is read back from `kl_bound`
+    estimated = unswept.assign(kl_bound=unswept["kl"], kl=unswept["kl"] / 2)
+    texts = _frontier_texts(estimated, tmp_path, monkeypatch)
     assert texts["proxy reward (rm_score)"] == swept["gold reward (gold_score)"]
     learning = _frontier_texts(_sampling_rows("my_sampler", True), tmp_path, monkeypatch)
     assert learning["gold reward (gold_score)"] == []  # an agent that learns has no n to show
@@ -363,3 +367,73 @@ def test_old_and_new_names_in_one_file_or_a_frame_are_errors_that_say_what_to_do
     results.assign(rm_score=1.0).to_csv(old_run_dir / "results.csv", index=False)
     with pytest.raises(DataError, match="has both 'proxy_reward' \\(the old name\\) and 'rm_score'"):
         read_results(old_run_dir / "results.csv")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Best-of-n's KL: the estimate as `kl`, the analytic upper bound as `kl_bound`
+# --------------------------------------------------------------------------------------------------------
+def _bon_run_dir(tmp_path: Path) -> Path:
+    """The fixture's RL cells plus best-of-n cells (n = 4, 16; 2 seeds) whose estimated kl is below kl_bound."""
+    bon = [
+        {"cell": f"bon-{n}-{seed}", "agent": "best_of_n", "seed": seed, "beta": 0.05, "learns": False, "n": n}
+        | {"rm_score": 1.0, "gold_score": 0.2, "kl": kl, "kl_bound": best_of_n_kl(n)}
+        | {"ref_rm_score": 0.5, "ref_gold_score": 0.05}
+        for n, estimates in ((4, (0.30, 0.34)), (16, (0.9, 1.0)))
+        for seed, kl in enumerate(estimates)
+    ]
+    results = pd.concat([pd.read_csv(DATA / "sweep_results.csv"), pd.DataFrame(bon)])
+    results.to_csv(tmp_path / "results.csv", index=False)  # the RL rows' n and kl_bound: empty, as a sweep's
+    return tmp_path
+
+
+def test_the_table_shows_best_of_ns_estimate_as_kl_and_its_upper_bound(tmp_path):
+    lines = markdown_table(summarise(read_results(_bon_run_dir(tmp_path) / "results.csv"))).splitlines()
+    assert lines[0] == "| agent | beta | n | seeds | gold | proxy | KL | KL upper bound | length | time (s) |"
+    # KL: 0.30, 0.34 -> 0.320 ± 12.706 * 0.0283 / sqrt 2 = 0.254; 0.9, 1.0 -> 0.950 ± 0.635.
+    # The bound log n - (n-1)/n: 0.636 (n = 4), 1.835 (n = 16), the same for every seed.
+    assert lines[2] == "| pi_ref |  |  |  | 0.050 | 0.500 | 0.000 |  |  |  |"
+    assert (
+        lines[3]
+        == "| best_of_n | 0.05 | 4 | 2 | 0.200 ± 0.000 | 1.000 ± 0.000 | 0.320 ± 0.254 | 0.636 ± 0.000 | n/a | n/a |"
+    )
+    assert (
+        lines[4]
+        == "| best_of_n | 0.05 | 16 | 2 | 0.200 ± 0.000 | 1.000 ± 0.000 | 0.950 ± 0.635 | 1.835 ± 0.000 | n/a | n/a |"
+    )
+    assert (
+        lines[5]
+        == "| ppo | 0.05 |  | 3 | 0.200 ± 0.248 | 1.200 ± 0.497 | 2.200 ± 0.497 | n/a | 22.0 ± 5.0 | 66.0 ± 14.9 |"
+    )
+    # a sweep with no bound anywhere has no such column (test_markdown_table_shows_the_hand_computed_cells)
+
+
+def test_the_report_says_which_kl_is_the_estimate_and_which_the_upper_bound(tmp_path):
+    run_dir = _bon_run_dir(tmp_path)
+    text = make_report(run_dir)["report"].read_text()
+    assert (
+        "best_of_n learn nothing (`learns = False`): their KL is that of the response they select, " in text
+    )
+    assert "estimated from their samples" in text and "KL upper bound is the analytic log n - (n-1)/n" in text
+    assert "analytic" not in text.replace("KL upper bound is the analytic", "")  # never the KL itself
+    # a run folder written before the estimate: its best-of-n `kl` is the bound, and the report says so
+    old = tmp_path / "old"
+    old.mkdir()
+    pd.read_csv(run_dir / "results.csv").drop(columns="kl_bound").to_csv(old / "results.csv", index=False)
+    old_text = make_report(old)["report"].read_text()
+    assert "an upper bound on that KL, not an estimate" in old_text and "KL upper bound |" not in old_text
+
+
+def test_the_frontier_draws_the_upper_bound_beside_the_estimate(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(report_plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    report_plots.plot_frontier(read_results(_bon_run_dir(tmp_path) / "results.csv"), tmp_path / "f.png")
+    for ax in figures[0].axes:
+        (bound,) = [line for line in ax.lines if line.get_label() == "best_of_n: KL upper bound"]
+        np.testing.assert_allclose(bound.get_xdata(), [best_of_n_kl(4), best_of_n_kl(16)])
+        assert bound.get_markerfacecolor() == "none"
+        (dotted,) = [c for c in ax.collections if c.get_gid() == "best_of_n: KL upper bound"]
+        starts = [segment[0][0] for segment in dotted.get_segments()]
+        ends = [segment[1][0] for segment in dotted.get_segments()]
+        np.testing.assert_allclose(starts, [0.32, 0.95])
+        np.testing.assert_allclose(ends, [best_of_n_kl(4), best_of_n_kl(16)])
+        assert sorted(t.get_text() for t in ax.texts) == ["n=16", "n=4"]

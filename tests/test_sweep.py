@@ -20,7 +20,7 @@ import yaml
 from agents.best_of_n import BestOfNAgent
 from agents.registry import _REGISTRY
 from rlhf_base.config import config_to_dict, load_config
-from rlhf_base.metrics import METRIC_KEYS
+from rlhf_base.metrics import METRIC_KEYS, OPTIONAL_METRIC_KEYS
 from rlhf_gym.report import OldColumnsWarning, gao_fits, make_report, read_curves, read_results
 from rlhf_gym.report.schema import CURVE_METRICS, REF_METRICS
 from rlhf_gym.sweep import (
@@ -115,13 +115,19 @@ def test_tiny_sweep_writes_the_csv_table_and_plots(tmp_path):
     assert list(rows[0]) == ["cell", "agent", "seed", "beta", "learns", *RESULT_METRICS, *REF_METRICS]
     assert {r["agent"]: r["learns"] for r in rows} == {"reinforce": "True", "best_of_n": "False"}
     bon = [r for r in rows if r["agent"] == "best_of_n"]
-    assert float(bon[0]["kl"]) == pytest.approx(0.6931 - 0.5, abs=1e-3), "best-of-n reports log n - (n-1)/n"
+    assert float(bon[0]["kl_bound"]) == pytest.approx(0.6931 - 0.5, abs=1e-3), "the bound log n - (n-1)/n"
+    assert 0.0 < float(bon[0]["kl"]) <= float(bon[0]["kl_bound"]), "best-of-n's kl is its estimate"
+    assert all(r["kl_bound"] == "nan" for r in rows if r["agent"] == "reinforce")  # no bound: NaN
     assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {r["cell"] for r in rows}
     curves = _rows(run_dir / "curves.csv")
     assert list(curves[0]) == ["cell", "agent", "seed", "beta", "iteration", *CURVE_METRICS]
     assert {r["cell"] for r in curves} == {r["cell"] for r in rows}
     # one vocabulary: every metric column is an agent metric name, and the report reads the files silently
-    assert set(RESULT_METRICS) - {"iterations"} == set(CURVE_METRICS) == set(METRIC_KEYS) - {"iteration"}
+    assert (
+        set(RESULT_METRICS) - {"iterations"}
+        == set(CURVE_METRICS)
+        == (set(METRIC_KEYS) - {"iteration"}) | set(OPTIONAL_METRIC_KEYS)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", OldColumnsWarning)
         results = read_results(run_dir / "results.csv")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from rlhf_base.deprecation import moved_names
 from rlhf_base.io import atomic_write
 from rlhf_gym.report.gao import GaoFit, fit_gao, fits_table, gao_fits, reference_gold
@@ -64,6 +66,27 @@ __all__ = [
 METRICS = RESULT_METRICS
 
 
+def _sampling_note(results: pd.DataFrame, sampling: list[str]) -> str:
+    """What the KL of the agents that learn nothing is: an estimate with its upper bound, or (run folders
+    written before the estimate) the bound alone."""
+    if not sampling:
+        return ""
+    rows = results[results["agent"].isin(sampling)]
+    head = f" {', '.join(sampling)} learn nothing (`learns = False`): their KL is that of the response they select"
+    if "kl_bound" in rows.columns and rows["kl_bound"].notna().any():
+        return (
+            f"{head}, estimated from their samples (the exact best-of-n KL over the distinct completions "
+            "drawn, at their probabilities under the sampling policy; Beirami et al. 2024, arXiv:2401.01879). "
+            "KL upper bound is the analytic log n - (n-1)/n: the true KL never exceeds it, and comes near it "
+            "only when the policy rarely repeats a completion."
+        )
+    return (
+        f"{head}; no KL upper bound is recorded (best-of-n's `kl` in run folders written before its estimate "
+        "is the analytic log n - (n-1)/n: an upper bound on that KL, not an estimate; Beirami et al. 2024, "
+        "arXiv:2401.01879)."
+    )
+
+
 def make_report(run_dir: str | Path) -> dict[str, Path]:
     """Write report.md, frontier.png, learning_curves.png and overoptimisation.png into `run_dir`.
 
@@ -107,12 +130,7 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
         "Each entry is the mean over seeds ± the half-width of its 95% confidence interval "
         "(Student t with seeds - 1 degrees of freedom); no ± means a single seed. "
         "gold is `gold_score`, proxy is `rm_score` (the reward model's score)."
-        + (
-            f" {', '.join(sampling)} learn nothing (`learns = False`): their KL is that of the response they "
-            "select (best-of-n's analytic log n - (n-1)/n)."
-            if sampling
-            else ""
-        ),
+        + _sampling_note(results, sampling),
         "",
         markdown_table(summary),
         "## Plots",

@@ -61,9 +61,10 @@ def _err(ci: pd.Series) -> np.ndarray:
 
 
 def _n_from_kl(kl: float) -> float:
-    """Invert best-of-n's KL = log n - (n-1)/n (increasing in n) by bisection on log n; NaN for bad input.
+    """Invert best-of-n's KL bound log n - (n-1)/n (increasing in n) by bisection on log n; NaN for bad input.
 
-    A sampling agent that picks the best of n samples reports this KL for its selection (`agents.best_of_n`).
+    A sampling agent that picks the best of n samples reports this bound as `kl_bound` (`agents.best_of_n`;
+    run folders written before the estimate existed have it as `kl`).
     """
     if not math.isfinite(kl) or kl < 0:
         return math.nan
@@ -75,16 +76,28 @@ def _n_from_kl(kl: float) -> float:
     return math.exp(lo)
 
 
+def _bounds(rows: pd.DataFrame) -> np.ndarray | None:
+    """The configurations' mean `kl_bound`, when every one has it (best-of-n since the KL estimate)."""
+    if "kl_bound_mean" in rows.columns and rows["kl_bound_mean"].notna().all():
+        return rows["kl_bound_mean"].to_numpy(dtype=float)
+    return None
+
+
 def _sample_labels(rows: pd.DataFrame) -> list[str]:
     """Labels "n=4" per configuration of a sampling agent.
 
     `n` is the agent's `samples_per_prompt` when the sweep swept it (a `samples_per_prompt` /
     `*.samples_per_prompt` column, or `n` in run folders written before the rename), else it is read back
-    from the KL by inverting best-of-n's analytic one.
+    from the analytic upper bound log n - (n-1)/n, which depends on n alone (`kl_bound`, or `kl` in run
+    folders written before the estimate).
     """
     names = ("samples_per_prompt", "n")
     column = next((c for c in rows.columns if c.split(".")[-1] in names and rows[c].notna().all()), None)
-    values = rows[column] if column else rows["kl_mean"].map(_n_from_kl)
+    if column:
+        values = rows[column]
+    else:
+        bounds = _bounds(rows)
+        values = pd.Series(bounds if bounds is not None else rows["kl_mean"]).map(_n_from_kl)
     return [f"n={v:.0f}" if math.isfinite(v) else "" for v in values.astype(float)]
 
 
@@ -102,7 +115,9 @@ def plot_frontier(results: pd.DataFrame, path: str | Path) -> Path:
 
     Points are configuration means with 95% CI bars in both directions; an agent's configurations are
     joined in order of KL; pi_ref is the black star at KL = 0; the points of agents that learn nothing
-    (`learns = False`, e.g. best-of-n) carry their n.
+    (`learns = False`, e.g. best-of-n) carry their n. Where such an agent reports an analytic upper bound
+    on its KL (`kl_bound`), a hollow marker at the same reward shows it, joined to the estimate by a dotted
+    line: the distance is how much the bound overstates the KL.
     """
     summary = summarise(results)
     sampling = sampling_agents(results)
@@ -123,6 +138,14 @@ def plot_frontier(results: pd.DataFrame, path: str | Path) -> Path:
             if agent in sampling:
                 for xi, yi, text in zip(x, y, _sample_labels(rows), strict=True):
                     ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(5, -12), fontsize=8)
+                bounds = _bounds(rows)
+                if bounds is not None:
+                    bound_label = f"{agent}: KL upper bound"
+                    ax.hlines(y, x, bounds, colors=[colour], linestyles=":", linewidth=0.8, gid=bound_label)
+                    ax.plot(
+                        bounds, y, color=colour, marker=marker, markerfacecolor="none", linestyle="none",
+                        label=bound_label,
+                    )  # fmt: skip
         ref, ref_ci = reference_mean_ci(summary, metric)
         if math.isfinite(ref):
             ax.axhline(ref, color="0.6", linewidth=0.8, linestyle=":")

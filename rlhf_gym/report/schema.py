@@ -10,6 +10,7 @@ env's `info`), so nothing is renamed between the env and the table (issue 11).
 | swept fields | one column per grid key (`n`, `agent.lr`, `max_new_tokens`, ...) |
 | `learns` | the agent's declaration (`agents.base.agent_learns`): False for agents that only select among samples |
 | `rm_score`, `gold_score`, `kl`, `reward`, `length`, `entropy` | the final evaluation on fresh episodes |
+| `kl_bound` | an analytic upper bound on `kl` (best-of-n's `log n - (n-1)/n`); NaN for agents without one |
 | `wall_time`, `tokens`, `iterations` | what learning cost: seconds, response tokens, iterations |
 | `ref_rm_score`, `ref_gold_score` | pi_ref's `rm_score` and `gold_score` (the same in every row) |
 
@@ -40,7 +41,7 @@ import pandas as pd
 
 from rlhf_base.deprecation import REMOVED_IN
 from rlhf_base.io import DataError
-from rlhf_base.metrics import METRIC_KEYS
+from rlhf_base.metrics import METRIC_KEYS, OPTIONAL_METRIC_KEYS
 
 __all__ = [
     "CURVES_REQUIRED",
@@ -63,8 +64,9 @@ __all__ = [
     "upgrade_name",
 ]
 
-#: Per-iteration metrics of curves.csv: every agent metric but `iteration`, which is a column of its own.
-CURVE_METRICS = tuple(key for key in METRIC_KEYS if key != "iteration")
+#: Per-iteration metrics of curves.csv: every agent metric but `iteration`, which is a column of its own,
+#: then those only some agents report (`kl_bound`), NaN in the others' rows.
+CURVE_METRICS = (*(key for key in METRIC_KEYS if key != "iteration"), *OPTIONAL_METRIC_KEYS)
 #: Per-cell metrics of results.csv: the same names, then the number of learning iterations run.
 RESULT_METRICS = (*CURVE_METRICS, "iterations")
 #: Of these, the ones a results row takes from the learning history (its cost), not from the evaluation.

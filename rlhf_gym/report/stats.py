@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rlhf_base.io import DataError
+from rlhf_base.metrics import OPTIONAL_METRIC_KEYS
 from rlhf_gym.report.schema import (
     REF_METRICS,
     RESULT_METRICS,
@@ -37,6 +38,7 @@ _TABLE_METRICS = (
     ("gold_score", "gold", ".3f"),
     ("rm_score", "proxy", ".3f"),
     ("kl", "KL", ".3f"),
+    ("kl_bound", "KL upper bound", ".3f"),  # shown when an agent reports one (best-of-n)
     ("length", "length", ".1f"),
     ("wall_time", "time (s)", ".1f"),
 )
@@ -163,13 +165,20 @@ def format_value(value: object) -> str:
     return str(value)
 
 
+def _has(summary: pd.DataFrame, column: str, optional: bool) -> bool:
+    """Whether the table shows `column`: present, and for a metric only some agents report, ever finite."""
+    return column in summary.columns and (not optional or bool(summary[column].notna().any()))
+
+
 def markdown_table(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: configuration, seeds, then "mean ± CI" for gold, proxy, KL, ...
+
+    "KL upper bound" (`kl_bound`) is shown when some agent reports one; the other agents' cells read n/a.
 
     Rows keep the summary's order (agent, then swept values); pi_ref comes first when the sweep recorded it.
     """
     config = _summary_config(summary)
-    shown = [(m, h, s) for m, h, s in _TABLE_METRICS if f"{m}_mean" in summary.columns]
+    shown = [(m, h, s) for m, h, s in _TABLE_METRICS if _has(summary, f"{m}_mean", m in OPTIONAL_METRIC_KEYS)]
     header = [*config, "seeds", *(h for _, h, _ in shown)]
     lines = [
         "| " + " | ".join(header) + " |",
