@@ -101,7 +101,7 @@ def run_tests(mutation: Mutation | None) -> tuple[bool, float, list[str], str]:
             path = root / mutation.path
             path.write_text(path.read_text().replace(mutation.old, mutation.new))
         # The copy's packages come first on the path, ahead of the editable install of the original.
-        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
         check = "import agents, rlhf_base, text_env; print(agents.__file__, rlhf_base.__file__, text_env.__file__)"
         cmd = [sys.executable, "-c", check]
         where = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
@@ -111,7 +111,7 @@ def run_tests(mutation: Mutation | None) -> tuple[bool, float, list[str], str]:
         pytest = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-n", "0", TESTS]
         proc = subprocess.run(pytest, cwd=root, env=env, capture_output=True, text=True)
         lines = (proc.stdout + proc.stderr).strip().splitlines()
-        failed = [line.split("::", 1)[-1][:150] for line in lines if line.startswith(("FAILED", "ERROR"))]
+        failed = [line.split("::", 1)[-1][:200] for line in lines if line.startswith(("FAILED", "ERROR"))]
         return proc.returncode == 0, time.perf_counter() - start, failed, "\n".join(lines[-5:])
 
 
