@@ -33,12 +33,17 @@ IGNORE = shutil.ignore_patterns(
 
 @dataclass(frozen=True)
 class Mutation:
-    """Replace `old` (which must occur exactly once in `path`) with `new`."""
+    """Replace `old` (which must occur exactly once in `path`) with `new`; the name starts with the agent."""
 
     name: str
     path: str
     old: str
     new: str
+
+    @property
+    def tests(self) -> str:
+        """pytest's `-k` for the wiring tests of the mutated agent (the others cannot see the bug)."""
+        return f"test_{self.name.split('-')[0]}_"
 
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -102,13 +107,16 @@ def run_tests(mutation: Mutation | None) -> tuple[bool, float, list[str], str]:
             path.write_text(path.read_text().replace(mutation.old, mutation.new))
         # The copy's packages come first on the path, ahead of the editable install of the original.
         env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "400"}
-        check = "import agents, rlhf_base, text_env; print(agents.__file__, rlhf_base.__file__, text_env.__file__)"
-        cmd = [sys.executable, "-c", check]
-        where = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
-        if any(not Path(f).resolve().is_relative_to(root.resolve()) for f in where.split()):
-            raise RuntimeError(f"the copy imports packages from elsewhere: {where}")
+        if mutation is None:  # once: every copy is laid out, and imported, the same way
+            check = "import agents, rlhf_base, text_env; print(agents.__file__, rlhf_base.__file__, text_env.__file__)"
+            cmd = [sys.executable, "-c", check]
+            where = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+            if any(not Path(f).resolve().is_relative_to(root.resolve()) for f in where.split()):
+                raise RuntimeError(f"the copy imports packages from elsewhere: {where}")
         start = time.perf_counter()
         pytest = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-n", "0", TESTS]
+        if mutation is not None:
+            pytest += ["-k", mutation.tests]
         proc = subprocess.run(pytest, cwd=root, env=env, capture_output=True, text=True)
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         failed = [line.split("::", 1)[-1][:200] for line in lines if line.startswith(("FAILED", "ERROR"))]

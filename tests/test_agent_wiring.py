@@ -283,11 +283,17 @@ def test_reinforce_update_sees_the_hand_computed_score_and_advantages(core8, mon
 
     # The sequence score the baseline sees: rm_score - beta * KL, not the reward model's score alone.
     (a,) = advantages_fn.calls
-    torch.testing.assert_close(a["rewards"], torch.tensor(scores), **TOL)
+    what = "sequence score into the baseline: rm_score - beta * KL"
+    torch.testing.assert_close(a["rewards"], torch.tensor(scores), **TOL, msg=lambda m: f"{what}: {m}")
     torch.testing.assert_close(a["rewards"], batch.rewards, **TOL)  # the env's reward, the same
     # The loss's inputs: the advantages per baseline, the policy's log-probs, the response mask.
     (call,) = loss_fn.calls
-    torch.testing.assert_close(call["advantages"], torch.tensor(want), **TOL)
+    torch.testing.assert_close(
+        call["advantages"],
+        torch.tensor(want),
+        **TOL,
+        msg=lambda m: f"{baseline} advantages into the loss: {m}",
+    )
     torch.testing.assert_close(call["mask"], batch.response_mask)
     assert_rows(call["logprobs"], logprobs, list(every), "log-probs into the loss")
     assert call["token_mean"] is cfg.token_mean is False  # the estimator below: a mean over sequences
