@@ -152,16 +152,39 @@ def _scatter_steps(
     return logprobs, entropy
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from `probs` (b, V) by inverting the CDF: one uniform number per row.
+#: Vocabularies up to this size draw from a float32 CDF (the fast path; its rounding misplaces at most
+#: ~V * 2**-24 < 1e-4 of the mass); larger ones accumulate the CDF and draw the uniform in float64, exact to
+#: ~1e-16: at V = 49k a float32 CDF never draws ~8,600 low-probability tokens (issue 12).
+FLOAT32_CDF_MAX_VOCAB = 1024
+
+
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None, num_samples: int | None = None
+) -> torch.Tensor:
+    """Tokens from `probs` (b, V) by inverting the CDF: one uniform number per draw.
 
     `torch.multinomial` draws V random numbers per row (~340 us for 64 x 221 on one CPU core, a third of a
-    decode step); a `searchsorted` of one uniform into the row's cumulative sum is exact and ~10x faster.
+    decode step); a `searchsorted` of one uniform into the row's cumulative sum is ~10x faster.
     `right=True` returns the first index whose CDF exceeds u, so a token of probability 0 is never drawn.
+    The CDF and the uniform are float64 past `FLOAT32_CDF_MAX_VOCAB` tokens: a float32 sum near 1 moves in
+    steps of 6e-8, so every token less likely than that is rounded into its neighbours.
+
+    Returns:
+        (b,) one token per row; with `num_samples`: (b, num_samples) independent draws per row.
     """
-    cdf = probs.cumsum(-1)  # (b, V)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]  # (b, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)  # (b,)
+    dtype = torch.float32 if probs.shape[-1] <= FLOAT32_CDF_MAX_VOCAB else torch.float64
+    return _inverse_cdf(probs, generator, num_samples, dtype)
+
+
+def _inverse_cdf(
+    probs: torch.Tensor, generator: torch.Generator | None, num_samples: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """`sample_categorical` with the CDF and the uniforms in `dtype`."""
+    cdf = probs.to(dtype).cumsum(-1)  # (b, V)
+    shape = (probs.shape[0], 1 if num_samples is None else num_samples)
+    u = torch.rand(shape, device=probs.device, generator=generator, dtype=dtype) * cdf[:, -1:]  # (b, k)
+    tokens = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # (b, k)
+    return tokens.squeeze(1) if num_samples is None else tokens
 
 
 def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
