@@ -342,7 +342,7 @@ def test_a_reward_model_sharing_the_reference_forward_reads_pi_refs_own_log_prob
             16, core=make_core(core, perturbed(core.reference), speed=speed, **options)
         )
         calls = []
-        hook = rm.reference.register_forward_hook(lambda *_: calls.append(1))
+        hook = rm.reference.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         batches[share] = text_env.rollout(envs, seed=5, generator=torch.Generator().manual_seed(5))
         hook.remove()
         assert (calls == []) == share, "shared: the reward model's own copy of pi_ref never runs"
