@@ -132,9 +132,17 @@ def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: in
 
 @torch.no_grad()
 def act_with_policy(
-    policy: PreTrainedModel, obs: dict[str, np.ndarray], generator: torch.Generator | None = None
+    policy: PreTrainedModel,
+    obs: dict[str, np.ndarray],
+    generator: torch.Generator | None = None,
+    envs: Any = None,
 ) -> np.ndarray:
-    """Sample the next token for each observation: one full forward (no cache), for generic RL loops."""
+    """Sample the next token for each observation: one full forward (no cache), for generic RL loops.
+
+    With `envs` (the env the observations come from), the token is drawn as the env's sampler draws it:
+    through `envs.sampling` (its temperature, EOS banned before min_new_tokens) at each row's response step.
+    Without it, from the policy's own distribution.
+    """
     device = next(policy.parameters()).device
     ids = torch.as_tensor(np.asarray(obs["input_ids"]), device=device)
     mask = torch.as_tensor(np.asarray(obs["attention_mask"]), device=device)
@@ -145,6 +153,9 @@ def act_with_policy(
     width = mask.shape[1]
     last = width - 1 - torch.argmax(mask.flip(-1), dim=-1)  # (B,)
     next_logits = logits[torch.arange(len(ids), device=device), last].float()
+    if envs is not None:
+        steps = mask[:, envs.response_start :].sum(-1)  # (B,) response tokens so far
+        next_logits = envs.sampling.logits(next_logits, step=steps)
     tokens = torch.multinomial(next_logits.softmax(-1), 1, generator=generator).squeeze(1)
     return tokens.cpu().numpy()
 

@@ -27,7 +27,9 @@ reproduction of OpenAI's lm-human-preferences:
 * **Rollout**: the KV-cached `text_env.rollout`, then one teacher-forced forward without gradients for the
   old log-probs and values. The old log-probs come from that forward, not from the sampler, so the first
   minibatch's ratio is exactly 1 (the same code path as the training forward); the KL in the rewards uses
-  the sampler's log-probs, so that it sums to the env's `kl` exactly.
+  the sampler's log-probs, so that it sums to the env's `kl` exactly. All of them are log-probs of the
+  distribution sampled, the policy through the env's sampling options (`envs.sampling`: temperature, EOS
+  banned before min_new_tokens), so neither the ratio nor the KL is off-policy (issue 12).
 * **Update**: GAE (gamma 1, lambda 0.95), advantages whitened over the valid tokens of the batch, the
   clipped surrogate and clipped value loss averaged over tokens, `epochs` passes over shuffled
   minibatches of rows, global gradient-norm clipping, Adam with eps 1e-5 (as OpenAI baselines' PPO; Huang
@@ -237,12 +239,15 @@ class PPOAgent:
     def _forward(
         self, ids: torch.Tensor, attention_mask: torch.Tensor, p: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced log pi and V of the response tokens at columns `p:`: each (B, N), junk past a
-        row's end (masked by the callers). Rows run in length groups (`by_response_length`), so little
+        """Teacher-forced log q and V of the response tokens at columns `p:`: each (B, N), junk past a
+        row's end (masked by the callers). q is the policy through the env's sampling options
+        (`envs.sampling`: its temperature, EOS banned before min_new_tokens), the distribution the rollout
+        drew from, so the ratio is on-policy. Rows run in length groups (`by_response_length`), so little
         padding is computed."""
 
         def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
             out, logits = teacher_forced(self.envs.policy, ids, mask, start, output_hidden_states=True)
+            logits = self.envs.sampling.logits(logits)  # q's: the distribution the rollout sampled
             logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
             hidden = out.hidden_states[-1][:, start - 1 : -1].float()  # (b, n, H): state before each token
             return logprobs, self.value_head(hidden).squeeze(-1)  # (b, n) each
@@ -260,7 +265,7 @@ class PPOAgent:
         cfg, envs = self.config, self.envs
         num_rows = envs.num_envs
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        # 1. Collect B responses (KV-cached), then score them teacher-forced: old log pi and V.
+        # 1. Collect B responses (KV-cached), then score them teacher-forced: old log q and V.
         prompt_indices = self.np_random.integers(len(envs.prompts), size=num_rows)
         batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
         p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
@@ -318,7 +323,7 @@ class PPOAgent:
         return Iteration(batch, batch.num_tokens, metrics)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, generator=self.generator)
+        return act_with_policy(self.envs.policy, obs, generator=self.generator, envs=self.envs)
 
     def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
         return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)

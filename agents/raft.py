@@ -69,7 +69,10 @@ class RAFTConfig:
     )
     batch_size: int = 16  # kept samples per SFT step
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
-    temperature: float = 1.0  # sampling temperature (1 = the policy; otherwise the logged KL is biased)
+    # None: sample by the env's rules (`env.temperature`); a value is RAFT's own tweak: its samples come
+    # from the policy at that temperature and their logged KL is that of the tempered distribution against
+    # the env's reference (`text_env.sampling`)
+    temperature: float | None = None
     seed: int = 0  # prompt choice and sampling RNG
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class RAFTConfig:
             raise ValueError(f"rank_by must be 'rm_score' or 'reward', got {self.rank_by!r}")
         for name in ("learning_rate", "temperature", "max_grad_norm"):
             value = getattr(self, name)
+            if name == "temperature" and value is None:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
@@ -260,10 +265,10 @@ class RAFTAgent:
     # ---- the Agent protocol's rest ----------------------------------------------------------------------
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Next-token ids (B,) sampled from the policy for a batch of env observations."""
-        return act_with_policy(self.envs.policy, obs, generator=self.generator)
+        return act_with_policy(self.envs.policy, obs, generator=self.generator, envs=self.envs)
 
     def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        """Mean metrics of fresh samples (temperature 1) on random prompts, without learning."""
+        """Mean metrics of fresh samples (by the env's sampling options) on random prompts, without learning."""
         self.envs.policy.eval()
         return evaluate_policy(self.envs, num_episodes, seed)
 

@@ -52,6 +52,7 @@ from rlhf_base.maths import (
 )
 from rlhf_base.optim import adam
 from text_env.sampler import Rollout
+from text_env.sampling import SamplingOptions
 
 __all__ = [
     "BASELINES",
@@ -182,17 +183,25 @@ def clipped_reinforce_loss(
 
 
 def policy_logprobs(
-    policy: PreTrainedModel, batch: Rollout, with_entropy: bool = False, overhead_tokens: float | None = None
+    policy: PreTrainedModel,
+    batch: Rollout,
+    with_entropy: bool = False,
+    overhead_tokens: float | None = None,
+    sampling: SamplingOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One teacher-forced forward over the rollout: log pi of the response tokens (B, N), and the entropy.
+    """One teacher-forced forward over the rollout: log q of the response tokens (B, N), and q's entropy.
 
     As `rlhf_base.lm.response_logprobs`, plus the per-token entropy from the same logits when asked.
-    Rows run in length groups (`by_response_length`, with `overhead_tokens`: the env's
-    `speed.overhead_tokens`), so the update computes little padding.
+    q is the policy through `sampling` (the env's `envs.sampling`, which the rollout drew from: the score
+    function must be that of the sampling distribution); None: the policy itself. Rows run in length
+    groups (`by_response_length`, with `overhead_tokens`: the env's `speed.overhead_tokens`), so the update
+    computes little padding.
     """
 
     def forward(ids: torch.Tensor, mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
         _, logits = teacher_forced(policy, ids, mask, start)  # (b, n, V)
+        if sampling is not None:
+            logits = sampling.logits(logits)  # q's logits (the same tensor for the default options)
         logprobs = logprobs_from_logits(logits, ids[:, start:])  # (b, n)
         return (logprobs, entropy_from_logits(logits)) if with_entropy else (logprobs,)
 
@@ -275,7 +284,7 @@ class ReinforceAgent:
 
         for _ in range(cfg.epochs):
             logprobs, entropy = policy_logprobs(
-                policy, batch, cfg.ent_coef > 0, self.envs.speed.overhead_tokens
+                policy, batch, cfg.ent_coef > 0, self.envs.speed.overhead_tokens, self.envs.sampling
             )
             if cfg.epochs == 1:
                 loss = reinforce_loss(logprobs, b_advantages, mask, cfg.token_mean)
@@ -300,7 +309,7 @@ class ReinforceAgent:
         return Iteration(batch, batch.num_tokens, metrics)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs)
+        return act_with_policy(self.envs.policy, obs, envs=self.envs)
 
     def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
         return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)

@@ -48,6 +48,7 @@ from agents.base import (
 from agents.loop import Iteration, run_iterations
 from rlhf_base.io import load_tensors, save_tensors
 from rlhf_base.lm import position_ids_from_mask
+from text_env.sampling import SamplingOptions
 
 __all__ = [
     "EpisodeStatsCallback",
@@ -129,6 +130,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             taken against it. It is registered as `self.lm`, so `self.parameters()` (and SB3's optimiser)
             include it. Its dropout stays off in training too: SB3's ratio needs the sampled and the
             re-evaluated policy to be the same function.
+        sampling, response_start: the env's sampling options (`envs.sampling`) and response column
+            (`envs.response_start`): the action distribution is the LM's next-token distribution through
+            them (the env's temperature, EOS banned before min_new_tokens), the one the env's KL and the
+            other agents' samplers use. None: the LM's own distribution.
         **kwargs: `ActorCriticPolicy` options; `optimizer_class`/`optimizer_kwargs` apply, the MLP ones
             (`net_arch`, `activation_fn`, `ortho_init`) are ignored, as there is no MLP.
     """
@@ -139,10 +144,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         action_space: spaces.Discrete,
         lr_schedule,
         lm: PreTrainedModel | None = None,
+        sampling: SamplingOptions | None = None,
+        response_start: int = 0,
         **kwargs,
     ):
         if lm is None:
             raise ValueError("LMActorCriticPolicy needs the LM: policy_kwargs={'lm': envs.policy}")
+        self.sampling, self.response_start = sampling, response_start
         # SB3's __init__ ends in `_build` (networks + optimiser), which must see the LM; nn.Module allows no
         # submodule before Module.__init__, so the LM waits in a plain tuple until then.
         self._pending_lm = (lm,)
@@ -167,9 +175,11 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One LM forward: next-token logits (B, V) and last hidden state (B, H) at each row's last real token.
 
+        The logits are those of the action distribution: through `sampling` at each row's response step.
         SB3 may hand the ids as floats (its buffers, `preprocess_obs`); they are cast back to long.
         """
         ids, mask = right_align(obs["input_ids"].long(), obs["attention_mask"].long())  # (B, T) each
+        steps = obs["attention_mask"][:, self.response_start :].long().sum(-1)  # (B,) response tokens so far
         out = self.lm(
             input_ids=ids,
             attention_mask=mask,
@@ -178,7 +188,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             use_cache=False,
             logits_to_keep=1,
         )
-        return out.logits[:, -1].float(), out.hidden_states[-1][:, -1].float()  # (B, V), (B, H)
+        logits = out.logits[:, -1].float()  # (B, V)
+        if self.sampling is not None:
+            logits = self.sampling.logits(logits, step=steps)
+        return logits, out.hidden_states[-1][:, -1].float()  # (B, V), (B, H)
 
     def _distribution(self, logits: torch.Tensor) -> Distribution:
         return self.action_dist.proba_distribution(action_logits=logits)  # Categorical over the vocabulary
@@ -256,7 +269,11 @@ class _SB3Agent:
         self.model = self.algorithm(
             LMActorCriticPolicy,
             self.vec_env,
-            policy_kwargs={"lm": envs.policy},
+            policy_kwargs={
+                "lm": envs.policy,
+                "sampling": envs.sampling,
+                "response_start": envs.response_start,
+            },
             n_steps=config.n_steps,
             learning_rate=config.learning_rate,
             gamma=config.gamma,
@@ -318,7 +335,7 @@ class _SB3Agent:
         return out
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, self.generator)
+        return act_with_policy(self.envs.policy, obs, self.generator, envs=self.envs)
 
     def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
         return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)

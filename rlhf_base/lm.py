@@ -27,6 +27,7 @@ __all__ = [
     "position_ids_from_mask",
     "response_logprobs",
     "teacher_forced",
+    "token_logits",
     "token_logprobs",
 ]
 
@@ -158,6 +159,7 @@ def response_logprobs(
     response_start: int,
     group_by_length: bool = False,
     overhead_tokens: float | None = None,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log-probabilities of the tokens at `response_start:` under `model`.
 
@@ -166,34 +168,48 @@ def response_logprobs(
         attention_mask: (B, L) 1 for real tokens.
         group_by_length: run rows in length groups (`by_response_length`): the same log-probs, less padding.
         overhead_tokens: the call cost that sets the groups (`by_response_length`'s; None: per device).
+        logits_fn: maps the (B, N, V) logits to those of the distribution to score (a sampling temperature,
+            a banned token), before the log-softmax; column j predicts response token j, in every group.
 
     Returns:
         (B, L - response_start) float32 log-probabilities (padding positions hold junk; mask them).
     """
     if group_by_length:
         return by_response_length(
-            lambda ids, mask, start: (response_logprobs(model, ids, mask, start),),
+            lambda ids, mask, start: (response_logprobs(model, ids, mask, start, logits_fn=logits_fn),),
             input_ids,
             attention_mask,
             response_start,
             overhead_tokens,
         )[0]
     _, logits = teacher_forced(model, input_ids, attention_mask, response_start)
+    if logits_fn is not None:
+        logits = logits_fn(logits)
     return logprobs_from_logits(logits, input_ids[:, response_start:])
+
+
+def token_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T-1, V) float32 logits at every position t, predicting token t + 1 (no gradients)."""
+    with torch.no_grad():  # every position, so no `logits_to_keep`: any causal LM that takes position ids
+        return (
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+            .logits[:, :-1]
+            .float()
+        )
 
 
 def token_logprobs(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """(B, T-1) float32 `log p(token_t+1 | tokens_<=t)` at every position (junk where either is padding)."""
-    with torch.no_grad():  # every position, so no `logits_to_keep`: any causal LM that takes position ids
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).logits[:, :-1]  # (B, T-1, V): position t predicts token t + 1
-        return logprobs_from_logits(logits.float(), input_ids[:, 1:])
+    return logprobs_from_logits(token_logits(model, input_ids, attention_mask), input_ids[:, 1:])
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

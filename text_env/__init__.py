@@ -15,6 +15,7 @@ from rlhf_base.models import load_causal_lm
 from text_env.core import EnvCore
 from text_env.env import TextGenEnv
 from text_env.sampler import Rollout, rollout
+from text_env.sampling import SamplingOptions
 from text_env.scores import Scores
 from text_env.speed import SpeedOptions
 from text_env.tasks import Task, get_task, load_prompts
@@ -23,6 +24,7 @@ from text_env.vector_env import TextGenVectorEnv
 __all__ = [
     "EnvCore",
     "Rollout",
+    "SamplingOptions",
     "Scores",
     "SpeedOptions",
     "Task",

@@ -23,7 +23,8 @@ class EnvConfig:
     beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimator, logged and optimised
     max_new_tokens: int = 32  # response length limit
-    min_new_tokens: int = 0  # the sampler masks EOS before this many tokens (fixed-length runs)
+    min_new_tokens: int = 0  # EOS is forbidden before this many tokens (fixed-length runs)
+    temperature: float = 1.0  # the task's sampling temperature, applied to the policy and pi_ref alike
     num_envs: int = 64  # rows per batch of episodes
     device: str = "cpu"  # "cpu", "cuda", "auto"
     speed: SpeedOptions = field(default_factory=SpeedOptions)  # speed fixes only (e.g. speed.sampler)
@@ -38,6 +39,7 @@ class EnvConfig:
             kl_estimator=self.kl_estimator,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
+            temperature=self.temperature,
             device=self.device,
             speed=self.speed,
         )

@@ -17,6 +17,7 @@ from rlhf_base.lm import context_length
 from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
 from text_env.judge import Judge, as_reward_fn, check_beta
+from text_env.sampling import SamplingOptions
 from text_env.scores import Scores
 from text_env.speed import SpeedOptions
 from text_env.tasks import Task, get_task
@@ -51,8 +52,13 @@ class EnvCore:
         kl_estimator: "k1" (sum of log-ratios, the default), "k2" or "k3".
         max_new_tokens: response length limit N; reaching it ends the episode (it is part of the task).
         max_prompt_tokens: prompt width P; default: the longest prompt. Longer prompts are an error.
-        min_new_tokens: the sampler masks EOS before this many tokens (as `generate`'s min_new_tokens), e.g.
-            for fixed-length runs such as the scaling benchmark; 0 lets a response end at any step.
+        min_new_tokens: EOS is not a valid action before this many response tokens (as `generate`'s
+            min_new_tokens), e.g. for fixed-length runs such as the scaling benchmark; 0 lets a response end
+            at any step. Samplers ban it, `step` refuses it, and the reference is scored with it banned
+            too, so that pi_ref sampled by the task's rules has KL 0 (`text_env.sampling`).
+        temperature: the task's sampling temperature: the policy's and the reference's logits are both
+            divided by it (as TRL does), so the KL is between the two tempered distributions and pi_ref
+            against itself has KL 0 at any temperature. 1: the models' own distributions.
         device: "cpu", "cuda", or None/"auto".
         speed: the speed fixes the judge and the sampler use (`SpeedOptions`; the defaults are the fast
             path, and no option changes a result beyond float tolerance).
@@ -73,6 +79,7 @@ class EnvCore:
         max_new_tokens: int = 32,
         max_prompt_tokens: int | None = None,
         min_new_tokens: int = 0,
+        temperature: float = 1.0,
         device: str | None = "cpu",
         speed: SpeedOptions | None = None,
     ) -> None:
@@ -100,6 +107,10 @@ class EnvCore:
             )
         self.tokenizer, self.reference = tokenizer, reference
         self.max_new_tokens, self.min_new_tokens = int(max_new_tokens), int(min_new_tokens)
+        # The task's policy: what samplers draw from unless an agent tweaks it, and how the judge scores.
+        self.sampling = SamplingOptions(
+            temperature=temperature, min_new_tokens=self.min_new_tokens, eos_token_id=tokenizer.eos_token_id
+        )
         self.speed = SpeedOptions() if speed is None else speed
         if not isinstance(self.speed, SpeedOptions):
             raise TypeError(f"speed must be a text_env.SpeedOptions, got {type(self.speed).__name__}")
@@ -121,6 +132,7 @@ class EnvCore:
             kl_estimator=kl_estimator,
             tokenizer=tokenizer,
             speed=self.speed,
+            sampling=self.sampling,
         )
         width = self.prompt_width + self.max_new_tokens
         self.observation_space = spaces.Dict(
@@ -212,6 +224,25 @@ class EnvCore:
                 f"action {action} is outside the vocabulary: valid token ids are 0..{self.vocab_size - 1}"
             )
         return int(action)
+
+    def check_min_new_tokens(
+        self, actions: np.ndarray, num_generated: np.ndarray, active: np.ndarray
+    ) -> None:
+        """A ValueError if an active row would end with EOS before `min_new_tokens`: the task forbids it.
+
+        Args:
+            actions, num_generated, active: (B,) each row's action, response tokens so far, and whether it
+                is still generating.
+        """
+        if self.min_new_tokens == 0:
+            return
+        early = active & (actions == self.tokenizer.eos_token_id) & (num_generated < self.min_new_tokens)
+        if early.any():
+            row = int(np.flatnonzero(early)[0])
+            raise ValueError(
+                f"env {row} chose EOS as response token {int(num_generated[row])}: the env's min_new_tokens="
+                f"{self.min_new_tokens} forbids it (sample with the env's options: `envs.sampling`)"
+            )
 
     def check_prompt_index(self, index: Any) -> int:
         """`index` as an int if it names one of the task's prompts; a ValueError saying the range if not."""

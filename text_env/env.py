@@ -31,14 +31,17 @@ class TextGenEnv(EnvSurface, gym.Env):
     ## Rewards
     0 at every step but the last. At the last step, `rm_score - beta * kl`: the reward model's score of
     (prompt, response) and the summed per-token KL estimate (k1: `log pi(y_i) - log pi_ref(y_i)`) between
-    the policy and the reference, both from one teacher-forced forward pass over the whole response.
+    the policy and the reference, both from one teacher-forced forward pass over the whole response. Both
+    are taken through the env's sampling options (`sampling`: its temperature, EOS banned before
+    `min_new_tokens`), which define the task's policy: pi_ref acting by them has KL 0.
 
     ## Starting State
     A prompt drawn uniformly from the task with `self.np_random` (or `options={"prompt_index": i}`).
 
     ## Episode End
     Terminated when the action is EOS or when the response reaches `max_new_tokens` (the limit is part of
-    the task: the cut-off response is scored, so it is termination, not a `TimeLimit` truncation).
+    the task: the cut-off response is scored, so it is termination, not a `TimeLimit` truncation). EOS
+    before `min_new_tokens` response tokens is an error: the task forbids it.
     `truncated` is always False. Stepping a finished episode without `reset` is an error.
 
     ## Info
@@ -48,13 +51,14 @@ class TextGenEnv(EnvSurface, gym.Env):
 
     ## Arguments
     See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
-    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, device, speed), plus `render_mode`
-    ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
+    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, temperature, device, speed), plus
+    `render_mode` ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
 
     ## Attributes
     Shared with `TextGenVectorEnv` (`text_env.surface.EnvSurface`): `beta` (settable: the env owns the one
     KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`, `reward_model`,
-    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `response_start`, `speed`.
+    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `sampling`,
+    `response_start`, `speed`.
     Through Gymnasium's wrappers, reach them with `env.unwrapped`, e.g. `env.unwrapped.beta = 0.1`. `core` is
     the shared implementation behind them, not part of the contract.
     """
@@ -103,6 +107,7 @@ class TextGenEnv(EnvSurface, gym.Env):
                 "step() called after the episode ended (EOS or max_new_tokens): call env.reset()"
             )
         token = self.core.check_action(action)
+        self.core.check_min_new_tokens(np.array([token]), self._episodes.num_generated, np.array([True]))
         finished = self._episodes.append(np.array([token], dtype=np.int64))
         reward, info = 0.0, {}
         if finished[0]:

@@ -63,7 +63,7 @@ class EpisodeBatch:
     def append(self, tokens: np.ndarray, logprobs: np.ndarray | None = None) -> np.ndarray:
         """Append `tokens[i]` to each unfinished row i; finished rows ignore theirs.
 
-        `logprobs[i]`, when given, is log pi(tokens[i]) as the sampler computed it; a row whose every step
+        `logprobs[i]`, when given, is log q(tokens[i]) as the sampler computed it; a row whose every step
         came with one is scored without re-running the policy.
 
         Returns:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_base.lm import by_response_length, last_token_index, response_logprobs, token_logprobs
-from rlhf_base.maths import KL_ESTIMATORS, kl_per_token
+from rlhf_base.lm import by_response_length, last_token_index, response_logprobs, token_logits
+from rlhf_base.maths import KL_ESTIMATORS, kl_per_token, logprobs_from_logits
+from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
 from text_env.tasks import RewardFn
 
@@ -68,6 +69,9 @@ class Judge:
     tokenizer: PreTrainedTokenizerBase | None = None  # the env's; lets a reward model that reads pi_ref's
     # log-probs share the reference forward (`shared_reward_model`)
     speed: SpeedOptions = field(default_factory=SpeedOptions)  # group_by_length, share_reference_forward
+    # The env's sampling options (temperature, EOS banned before min_new_tokens): the task's policy. Both
+    # sides of the KL are scored through them, so pi_ref against itself has KL 0 (`text_env.sampling`).
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -101,8 +105,10 @@ class Judge:
     ) -> dict[str, np.ndarray]:
         """Score k finished rows in one batched forward per model.
 
-        `logprobs` (k, N), when the sampler already computed log pi of every response token, replaces the
-        policy's forward pass: its result is known (the reference's forward always runs).
+        `logprobs` (k, N), when the sampler already computed log q of every response token (q: the
+        distribution it drew from, the env's policy or an agent's own tweak of it), replaces the policy's
+        forward pass (the reference's always runs). Without them the policy is scored through the env's
+        sampling options, as the reference always is.
 
         Returns arrays keyed by name: `reward`, `rm_score`, `kl`, `gold_score` (NaN without a gold reward),
         each (k,), and `logprobs`, `ref_logprobs`, (k, N) with 0 at padding.
@@ -112,8 +118,9 @@ class Judge:
         mask = torch.as_tensor(attention_mask, device=device)
         response_mask = mask[:, response_start:].float()  # (k, N)
         overhead = self.speed.overhead_tokens  # None: length groups by the device's call cost; inf: one
+        transform = self.sampling.logits  # the identity (the logits themselves) for the default options
         if logprobs is None:
-            logprobs = response_logprobs(self.policy, ids, mask, response_start, True, overhead)
+            logprobs = response_logprobs(self.policy, ids, mask, response_start, True, overhead, transform)
         else:
             logprobs = torch.as_tensor(logprobs, device=device, dtype=torch.float32)
         logprobs = logprobs * response_mask
@@ -128,7 +135,9 @@ class Judge:
                 rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
                                                         [responses[i] for i in text_rows])  # fmt: skip
         else:
-            ref_logprobs = response_logprobs(self.reference, ids, mask, response_start, True, overhead)
+            ref_logprobs = response_logprobs(
+                self.reference, ids, mask, response_start, True, overhead, transform
+            )
             rm_score = self._text_scores(prompts, responses)
         ref_logprobs = ref_logprobs * response_mask
         kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
@@ -167,7 +176,8 @@ class Judge:
         """pi_ref's response log-probs (k, N) and the reward model's scores (k,) from one reference forward.
 
         The reward model reads `prompt + response + EOS`: rows cut off at N tokens get the EOS appended in
-        one extra column, whose log-prob only the reward model's statistics use.
+        one extra column, whose log-prob only the reward model's statistics use. It reads pi_ref's own
+        log-probs; the KL's come from the same logits through the env's sampling options.
         """
         k, n = ids.shape[0], ids.shape[1] - response_start
         last = last_token_index(mask)  # (k,)
@@ -179,8 +189,14 @@ class Judge:
         mask[rows[needs_eos], last[needs_eos] + 1] = 1
 
         def forward(g_ids: torch.Tensor, g_mask: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
-            logprobs = token_logprobs(self.reference, g_ids, g_mask)  # (rows, T-1)
-            return logprobs[:, start - 1 :], reward_model.score_tokens(g_ids, g_mask, logprobs)
+            logits = token_logits(self.reference, g_ids, g_mask)  # (rows, T-1, V)
+            logprobs = logprobs_from_logits(logits, g_ids[:, 1:])  # (rows, T-1)
+            response = logprobs[:, start - 1 :]  # (rows, n + 1): column j is response token j
+            if not self.sampling.is_identity:
+                response = logprobs_from_logits(
+                    self.sampling.logits(logits[:, start - 1 :]), g_ids[:, start:]
+                )
+            return response, reward_model.score_tokens(g_ids, g_mask, logprobs)
 
         ref_logprobs, scores = by_response_length(
             forward, ids, mask, response_start, self.speed.overhead_tokens, calls=2

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from rlhf_base.deprecation import REMOVED_IN
 from rlhf_base.lm import position_ids_from_mask
 from text_env.kv_cache import preallocated_cache
+from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
 from text_env.vector_env import TextGenVectorEnv
 
@@ -41,11 +42,9 @@ class Rollout:
     attention_mask: torch.Tensor  # (B, P + N)
     response_start: int  # P
     response_mask: torch.Tensor  # (B, N) float, 1 on response tokens (EOS included)
-    logprobs: (
-        torch.Tensor
-    )  # (B, N) log pi of the sampled tokens (the policy itself: temperature 1, unfiltered)
-    ref_logprobs: torch.Tensor  # (B, N) teacher-forced log-probs under pi_ref (from the env)
-    entropy: torch.Tensor  # (B, N) entropy of the sampling distribution at each step
+    logprobs: torch.Tensor  # (B, N) log q of the sampled tokens: q, the distribution they were drawn from
+    ref_logprobs: torch.Tensor  # (B, N) teacher-forced log-probs under pi_ref, by the env's sampling options
+    entropy: torch.Tensor  # (B, N) entropy of q at each step
     rewards: torch.Tensor  # (B,) the env's terminal reward: rm_score - beta * kl
     rm_scores: torch.Tensor  # (B,)
     kl: torch.Tensor  # (B,) the env's KL estimate per response
@@ -153,16 +152,39 @@ def _scatter_steps(
     return logprobs, entropy
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from `probs` (b, V) by inverting the CDF: one uniform number per row.
+#: Vocabularies up to this size draw from a float32 CDF (the fast path; its rounding misplaces at most
+#: ~V * 2**-24 < 1e-4 of the mass); larger ones accumulate the CDF and draw the uniform in float64, exact to
+#: ~1e-16: at V = 49k a float32 CDF never draws ~8,600 low-probability tokens (issue 12).
+FLOAT32_CDF_MAX_VOCAB = 1024
+
+
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None, num_samples: int | None = None
+) -> torch.Tensor:
+    """Tokens from `probs` (b, V) by inverting the CDF: one uniform number per draw.
 
     `torch.multinomial` draws V random numbers per row (~340 us for 64 x 221 on one CPU core, a third of a
-    decode step); a `searchsorted` of one uniform into the row's cumulative sum is exact and ~10x faster.
+    decode step); a `searchsorted` of one uniform into the row's cumulative sum is ~10x faster.
     `right=True` returns the first index whose CDF exceeds u, so a token of probability 0 is never drawn.
+    The CDF and the uniform are float64 past `FLOAT32_CDF_MAX_VOCAB` tokens: a float32 sum near 1 moves in
+    steps of 6e-8, so every token less likely than that is rounded into its neighbours.
+
+    Returns:
+        (b,) one token per row; with `num_samples`: (b, num_samples) independent draws per row.
     """
-    cdf = probs.cumsum(-1)  # (b, V)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator) * cdf[:, -1:]  # (b, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)  # (b,)
+    dtype = torch.float32 if probs.shape[-1] <= FLOAT32_CDF_MAX_VOCAB else torch.float64
+    return _inverse_cdf(probs, generator, num_samples, dtype)
+
+
+def _inverse_cdf(
+    probs: torch.Tensor, generator: torch.Generator | None, num_samples: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """`sample_categorical` with the CDF and the uniforms in `dtype`."""
+    cdf = probs.to(dtype).cumsum(-1)  # (b, V)
+    shape = (probs.shape[0], 1 if num_samples is None else num_samples)
+    u = torch.rand(shape, device=probs.device, generator=generator, dtype=dtype) * cdf[:, -1:]  # (b, k)
+    tokens = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)  # (b, k)
+    return tokens.squeeze(1) if num_samples is None else tokens
 
 
 def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -173,25 +195,13 @@ def sample_multinomial(probs: torch.Tensor, generator: torch.Generator | None = 
 _SAMPLERS = {"inverse_cdf": sample_categorical, "multinomial": sample_multinomial}
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
 def rollout(
     envs: TextGenVectorEnv,
     policy: PreTrainedModel | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     min_new_tokens: int | None = None,
     prompt_indices: np.ndarray | None = None,
     seed: int | None = None,
@@ -202,9 +212,12 @@ def rollout(
 
     Args:
         envs: the vector env; its policy is used (and kept) unless `policy` is given, which is handed to it.
-        temperature, top_k, top_p: the sampling distribution. The logged `logprobs` are always the
-            policy's own (temperature 1, unfiltered), which the KL needs; keep the defaults for on-policy RL.
-        min_new_tokens: EOS is masked out before this many tokens; default: the env's `min_new_tokens`.
+        temperature, top_k, top_p, min_new_tokens: the sampling distribution q (`text_env.sampling`); each
+            left unset is the env's (`envs.sampling`: its temperature and min_new_tokens, no filter), which
+            defines the task's policy. A value set here is this rollout's own tweak: the logged `logprobs`
+            and `entropy` are always q's, so the env's KL is that of q against the env's reference (sampling
+            pi_ref at temperature 0.7 reports the real KL(q || pi_ref), not 0). `min_new_tokens` may only
+            raise the env's: an EOS the task forbids is not a valid action.
         prompt_indices: (B,) prompts to answer, e.g. `np.repeat(ids, k)` for k samples per prompt.
         seed: seeds the env's prompt draw (reset) when given.
         generator: the torch RNG for sampling, for reproducible rollouts.
@@ -213,13 +226,19 @@ def rollout(
             scoring always follows the env's own.
     """
     speed = envs.speed if speed is None else speed
+    options = envs.sampling.replace(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens
+    )
+    if options.min_new_tokens < envs.min_new_tokens:
+        raise ValueError(
+            f"min_new_tokens={options.min_new_tokens} is below the env's {envs.min_new_tokens}: the env's "
+            "task forbids EOS before that many tokens (set EnvConfig.min_new_tokens to change it)"
+        )
     # Inference mode skips autograd's view and version tracking on every small op of the decode loop (an
     # iteration of 16 x 4 rollouts measured ~6-14% faster than under no_grad). Its tensors cannot enter a
     # graph later, so the batch leaves as ordinary copies: agents train on it.
     with torch.inference_mode():
-        batch = _rollout(
-            envs, policy, temperature, top_k, top_p, min_new_tokens, prompt_indices, seed, generator, speed
-        )
+        batch = _rollout(envs, policy, options, prompt_indices, seed, generator, speed)
     return dataclasses.replace(
         batch, **{f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
                   if isinstance(getattr(batch, f.name), torch.Tensor)}
@@ -229,10 +248,7 @@ def rollout(
 def _rollout(
     envs: TextGenVectorEnv,
     policy: PreTrainedModel | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_new_tokens: int | None,
+    options: SamplingOptions,
     prompt_indices: np.ndarray | None,
     seed: int | None,
     generator: torch.Generator | None,
@@ -242,12 +258,10 @@ def _rollout(
         envs.set_policy(policy)
     policy = envs.policy
     device = next(policy.parameters()).device
-    options = None if prompt_indices is None else {"prompt_indices": prompt_indices}
-    obs, reset_info = envs.reset(seed=seed, options=options)
+    reset_options = None if prompt_indices is None else {"prompt_indices": prompt_indices}
+    obs, reset_info = envs.reset(seed=seed, options=reset_options)
     p, n, num_rows = envs.response_start, envs.max_new_tokens, envs.num_envs
-    eos_id, pad_id = envs.tokenizer.eos_token_id, envs.tokenizer.pad_token_id
-    if min_new_tokens is None:
-        min_new_tokens = envs.min_new_tokens
+    pad_id = envs.tokenizer.pad_token_id
     cache_kw = _cache_keyword(policy)
     out, cache = _prefill(policy, obs, reset_info["prompt_index"], p, n, cache_kw, device, speed)
     sample = _SAMPLERS[speed.sampler]
@@ -255,26 +269,19 @@ def _rollout(
     mask = torch.as_tensor(obs["attention_mask"][:, :p], device=device)  # (b, P), grows a column per step
     position = mask.sum(-1, keepdim=True) - 1  # (b, 1) each row's last real token (a prompt has one)
     rows = np.arange(num_rows)  # the env row of each live row
-    steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log pi, entropy
+    steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log q, entropy
     # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
     actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
     done = np.zeros(num_rows, dtype=bool)  # (B,) the env's `terminated` of each row: all start together
     for t in range(n):
         ended = done[rows]  # (b,) host-side: ended, not yet dropped from the batch
-        policy_logprobs = torch.log_softmax(logits, dim=-1)
-        policy_probs = policy_logprobs.exp()
-        sampling_logits = logits
-        if t < min_new_tokens:
-            sampling_logits = sampling_logits.clone()
-            sampling_logits[:, eos_id] = float("-inf")
-        if temperature != 1.0 or top_k > 0 or top_p < 1.0:
-            sampling_logits = _filter_logits(sampling_logits / temperature, top_k, top_p)
-        probs = sampling_logits.softmax(-1) if sampling_logits is not logits else policy_probs
+        q_logprobs = options.logprobs(logits, step=t)  # (b, V) log q: the distribution sampled from
+        probs = q_logprobs.exp()
         tokens = sample(probs, generator)  # (b,)
-        step_logprobs = policy_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
-        # (b,) -sum p log p; -inf log-probs clamped so p = 0 gives 0 * finite (as `entropy_from_logits`),
+        step_logprobs = q_logprobs.gather(-1, tokens[:, None]).squeeze(1)  # (b,)
+        # (b,) -sum q log q; -inf log-probs clamped so q = 0 gives 0 * finite (as `entropy_from_logits`),
         # ~6x faster than torch.special.entr's where-based kernel
-        step_entropy = -(policy_probs * policy_logprobs.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)
+        step_entropy = -(probs * q_logprobs.clamp(min=torch.finfo(logits.dtype).min)).sum(-1)
         # Rows that had ended get junk here: the env ignores their actions, their new attention column is
         # 0, and after the loop the final response mask zeroes their log-probs and entropy.
         steps.append((rows, step_logprobs, step_entropy))

@@ -42,7 +42,7 @@ class Scores:
     rm_score: np.ndarray  # (k,) float32 the reward model's score (the proxy agents optimise)
     kl: np.ndarray  # (k,) float32 summed per-token KL estimate of the response
     gold_score: np.ndarray  # (k,) float32 the task's gold reward, NaN without one (evaluation only)
-    logprobs: np.ndarray  # (k, N) float32 log pi of each response token
+    logprobs: np.ndarray  # (k, N) float32 log q of each response token (q: the distribution sampled)
     ref_logprobs: np.ndarray  # (k, N) float32 log pi_ref of each response token
     prompt: list[str]  # (k,) prompt texts
     response: list[str]  # (k,) response texts, without EOS

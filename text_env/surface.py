@@ -11,6 +11,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from text_env.core import EnvCore
+from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
 from text_env.tasks import Task
 
@@ -86,8 +87,19 @@ class EnvSurface:
 
     @property
     def min_new_tokens(self) -> int:
-        """Samplers mask EOS before this many response tokens (0: a response may end at any step)."""
+        """EOS is not a valid action before this many response tokens (0: a response may end at any step)."""
         return self.core.min_new_tokens
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        """The task's policy as sampling options (its temperature, EOS banned before `min_new_tokens`).
+
+        Samplers draw from `sampling.logits(policy_logits, step)`, and an agent that re-scores its tokens
+        teacher-forced (PPO's ratio, REINFORCE's score function) applies `sampling.logits` to its logits,
+        so its log-probs are those of the distribution sampled; the judge scores both sides of the KL
+        through it (`text_env.sampling`). Read-only: set at construction (`EnvConfig.temperature`).
+        """
+        return self.core.sampling
 
     @property
     def speed(self) -> SpeedOptions:

@@ -41,8 +41,9 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
     mask of rows it is valid for (the rows that finished this step).
 
     ## Known log-probs
-    `step(actions, logprobs=...)` takes log pi(action) per row from a sampler that computed them with the
-    env's policy; rows with every step so supplied are scored without re-running the policy.
+    `step(actions, logprobs=...)` takes log q(action) per row from a sampler that computed them, q being the
+    distribution it drew from; rows with every step so supplied are scored without re-running the policy,
+    and their KL is that of q against the env's reference (`text_env.sampling`).
 
     ## Deferred scoring: the batch API
     `step(actions, defer_scoring=True)` ends rows as usual (`terminated` True) but pays them 0 for now and
@@ -63,8 +64,9 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
     `num_envs`, and what `TextGenEnv` shares (`text_env.surface.EnvSurface`): `beta` (settable: the env owns
     the one KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`,
     `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`,
-    `response_start`, `speed`. Per row, read-only: `pending` and `all_done`. The row flags and prompts otherwise come
-    from what `reset` and `step` return; `core` and the episode buffers are not part of the contract.
+    `sampling`, `response_start`, `speed`. Per row, read-only: `pending` and `all_done`. The row flags and
+    prompts otherwise come from what `reset` and `step` return; `core` and the episode buffers are not part
+    of the contract.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
@@ -142,8 +144,9 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
 
         Args:
             actions: (B,) int token ids; finished rows' entries are ignored.
-            logprobs: (B,) optional log pi(actions) from a sampler that already has them, which lets scoring
-                skip the policy's forward pass (the reference's always runs).
+            logprobs: (B,) optional log q(actions) from a sampler that already has them, q being the
+                distribution it drew from (the env's policy, `sampling`, or its own tweak of it: the KL is
+                then that of q); scoring then skips the policy's forward pass (the reference's always runs).
             defer_scoring: leave rows that finish now pending (reward 0, no info) for `score_pending()`.
         """
         if not self._episodes.started.all():
@@ -162,6 +165,7 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
                 f"action {int(actions[row])} of env {row} is outside the vocabulary: "
                 f"valid token ids are 0..{self.core.vocab_size - 1}"
             )
+        self.core.check_min_new_tokens(actions, self._episodes.num_generated, active)
         if logprobs is not None:
             logprobs = np.asarray(logprobs, dtype=np.float32)
             if logprobs.shape != (self.num_envs,):
