@@ -230,7 +230,7 @@ class BestOfNAgent:
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """A token from the sampling policy: best-of-n is a policy over whole responses, not tokens."""
-        return act_with_policy(self.envs.policy, obs)
+        return act_with_policy(self.envs.policy, obs, envs=self.envs)
 
     def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
         """Best-of-n metrics on `num_episodes` prompts (each costs n samples), seeded apart from learn()."""
