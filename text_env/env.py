@@ -31,7 +31,9 @@ class TextGenEnv(EnvSurface, gym.Env):
     ## Rewards
     0 at every step but the last. At the last step, `rm_score - beta * kl`: the reward model's score of
     (prompt, response) and the summed per-token KL estimate (k1: `log pi(y_i) - log pi_ref(y_i)`) between
-    the policy and the reference, both from one teacher-forced forward pass over the whole response.
+    the policy and the reference, both from one teacher-forced forward pass over the whole response. Always
+    k1: it is the unbiased KL estimate of the sampled response, and the one estimator that, paid in the
+    reward, climbs `E[rm_score] - beta * KL(pi || pi_ref)` (see `rlhf_base.maths.kl_penalty`).
 
     ## Starting State
     A prompt drawn uniformly from the task with `self.np_random` (or `options={"prompt_index": i}`).
@@ -48,7 +50,7 @@ class TextGenEnv(EnvSurface, gym.Env):
 
     ## Arguments
     See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
-    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, device, speed), plus `render_mode`
+    max_new_tokens, max_prompt_tokens, min_new_tokens, device, speed), plus `render_mode`
     ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
 
     ## Attributes
