@@ -320,10 +320,10 @@ class ReinforceAgent:
                 loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
             if cfg.kl_in == "loss":  # beta * the KL term, averaged as reinforce_loss averages
                 kl_term = kl_penalty(logprobs, batch.ref_logprobs, mask, *kl_settings, "loss")  # (B, N)
-                per_row = (
+                kl_loss = (
                     masked_mean(kl_term, mask) if cfg.token_mean else masked_sum(kl_term, mask, -1).mean()
                 )
-                loss = loss + self.envs.beta * per_row
+                loss = loss + self.envs.beta * kl_loss
             check_finite(loss, "policy loss", iteration)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
