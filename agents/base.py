@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 import text_env
 from rlhf_base.io import atomic_dir
 from rlhf_base.lm import position_ids_from_mask
+from rlhf_base.maths import KL_ESTIMATORS, KL_GRANULARITIES, KL_PLACEMENTS
 from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
 from text_env.sampler import Rollout
 
@@ -35,6 +36,7 @@ __all__ = [
     "act_with_policy",
     "agent_learns",
     "check_finite",
+    "check_kl_settings",
     "evaluate_policy",
     "load_policy",
     "rollout_metrics",
@@ -102,6 +104,22 @@ def agent_learns(agent: Any) -> bool:
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+def check_kl_settings(kl_estimator: str, kl_in: str, kl_granularity: str) -> None:
+    """The KL settings of an agent that optimises the KL (PPO, REINFORCE), or an error naming the key.
+
+    The three axes and what each combination optimises are `rlhf_base.maths.kl_penalty`'s docstring.
+    """
+    old = {"per_token": "token", "terminal": "sequence"}  # PPO's kl_placement, renamed kl_granularity
+    for key, value, valid in (
+        ("kl_estimator", kl_estimator, KL_ESTIMATORS),
+        ("kl_in", kl_in, KL_PLACEMENTS),
+        ("kl_granularity", kl_granularity, KL_GRANULARITIES),
+    ):
+        if value not in valid:
+            hint = f" (the old kl_placement's {value!r} is {old[value]!r})" if value in old else ""
+            raise ValueError(f"{key} must be one of {list(valid)}, got {value!r}{hint}")
 
 
 def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:

@@ -5,16 +5,35 @@ arXiv:1909.08593), Stiennon et al. (2020) and InstructGPT (Ouyang et al. 2022, a
 choices follow "The N Implementation Details of RLHF with PPO" (Huang, Liu & von Werra 2023), a faithful
 reproduction of OpenAI's lm-human-preferences:
 
-* **One episode = one response; one action = one token.** Rewards live on the token axis (B, N):
-  `kl_placement="per_token"` (InstructGPT/TRL) pays `-beta * kl_t` at every token and the reward model's
-  score at the last one (EOS); `"terminal"` pays the whole `rm_score - beta * kl` at the last token, as the
-  env does. Either way the return of a whole response is the same; per-token placement gives the critic
-  and GAE a denser, better-assigned signal. See `token_rewards`.
+* **One episode = one response; one action = one token.** Rewards live on the token axis (B, N): the
+  reward model's score at the last token (EOS), and the KL term where the three KL settings put it.
+* **The KL term: estimator x placement x granularity** (`rlhf_base.maths.kl_penalty`, whose docstring
+  derives each line; `tests/test_kl_objectives.py` checks them exactly). With `l = log pi - log pi_ref`
+  of the sampled tokens, `kl_estimator` picks `k(l)` (k1 `l`, k2 `l^2 / 2`, k3 `exp(-l) - 1 + l`);
+  `kl_granularity` "token" takes `k` of each token's log-ratio and pays `-beta * k_t` at that token
+  (InstructGPT/TRL: a dense signal for the critic and GAE), "sequence" takes `k` of the response's
+  summed log-ratio and pays it at the last token; `kl_in` "reward" pays it in the token rewards
+  (detached), "loss" leaves the rewards to `rm_score` alone and adds `beta * k`, differentiated through
+  the current log-probs and averaged over tokens like the surrogate, to the loss. What the update climbs:
+
+  - k1 in the reward (the default, either granularity): `E[rm_score] - beta * KL(pi || pi_ref)`, the RLHF
+    objective, whose optimum is `pi_ref * exp(rm_score / beta) / Z`.
+  - k2 as a loss, granularity "sequence": the same objective (on-policy its gradient equals k1's in the
+    reward). Per token it is Tang & Munos' partial gradient: it misses the optimum (myopic).
+  - k1 as a loss: `E[rm_score]`, no KL at all (`E[grad log pi] = 0`).
+  - k3 as a loss: `E[rm_score] - beta * KL(pi_ref || pi)`, the forward KL (GRPO's term), another optimum.
+  - k2/k3 in the reward: biased; k3 even pays the policy for dropping low-reward responses to 0.
+
+  With `whiten_advantages`, the surrogate's scale is the whitened advantages', not the reward's, so a
+  loss-placed term's effective coefficient is `beta` over the advantages' standard deviation; a term in
+  the reward is whitened with the reward and keeps its meaning.
 * **The KL coefficient is the env's.** `beta` is `envs.beta` (set it with `env.beta` in the env config): one
-  value, which the env's reward and the agent's token rewards both use. It is fixed, or follows Ziegler et
+  value, which the env's reward and the agent's KL term both use. It is fixed, or follows Ziegler et
   al.'s adaptive controller (`adaptive_beta`), which writes each new value to `envs.beta`, so the next
-  rollout's env reward already pays it. The token rewards are rebuilt from the rollout's `rm_scores` and
-  per-token log-ratios (to place the KL per token), with the beta that rollout was scored with.
+  rollout's env reward already pays it; the controller steers the true KL (the env's k1 `kl`), whatever
+  estimator is optimised. The token rewards are rebuilt from the rollout's `rm_scores` and per-token
+  log-ratios, with the beta that rollout was scored with. The logged `kl` is always the env's k1 of the
+  sampled responses; `kl_objective` is the mean KL term of the chosen estimator and granularity.
 * **Value head**: a `Linear(hidden, 1)` on the policy's last hidden state (the trunk is shared, as in
   lm-human-preferences and TRL's `AutoModelForCausalLMWithValueHead`), trained with the policy by one Adam
   optimiser weighting the value loss by `vf_coef`. It starts at **zero** (weight and bias), as in
@@ -27,9 +46,9 @@ reproduction of OpenAI's lm-human-preferences:
 * **Rollout**: the KV-cached `text_env.rollout`, then one teacher-forced forward without gradients for the
   old log-probs and values. The old log-probs come from that forward, not from the sampler, so the first
   minibatch's ratio is exactly 1 (the same code path as the training forward); the KL in the rewards uses
-  the sampler's log-probs, so that it sums to the env's `kl` exactly. All of them are log-probs of the
-  distribution sampled, the policy through the env's sampling options (`envs.sampling`: temperature, EOS
-  banned before min_new_tokens), so neither the ratio nor the KL is off-policy (issue 12).
+  the sampler's log-probs, so that with k1 it sums to the env's `kl` exactly. All of them are log-probs of
+  the distribution sampled, the policy through the env's sampling options (`envs.sampling`: temperature,
+  EOS banned before min_new_tokens), so neither the ratio nor the KL is off-policy (issue 12).
 * **Update**: GAE (gamma 1, lambda 0.95), advantages whitened over the valid tokens of the batch, the
   clipped surrogate and clipped value loss averaged over tokens, `epochs` passes over shuffled
   minibatches of rows, global gradient-norm clipping, Adam with eps 1e-5 (as OpenAI baselines' PPO; Huang
@@ -55,6 +74,7 @@ from agents.base import (
     Callback,
     act_with_policy,
     check_finite,
+    check_kl_settings,
     evaluate_policy,
     load_policy,
     save_policy,
@@ -64,8 +84,9 @@ from rlhf_base.io import atomic_dir, load_tensors, load_tensors_metadata, save_t
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.maths import (
     gae,
-    kl_per_token,
+    kl_penalty,
     logprobs_from_logits,
+    masked_mean,
     masked_var,
     masked_whiten,
     ppo_policy_loss,
@@ -77,7 +98,15 @@ from text_env.vector_env import TextGenVectorEnv
 __all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-PPO_METRIC_KEYS = ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "beta", "explained_variance")
+PPO_METRIC_KEYS = (
+    "policy_loss",
+    "value_loss",
+    "approx_kl",
+    "clip_fraction",
+    "beta",
+    "explained_variance",
+    "kl_objective",  # mean per-response KL term of kl_estimator x kl_granularity (the logged `kl` is k1)
+)
 
 
 @dataclass
@@ -88,10 +117,17 @@ class PPOConfig:
     Knobs several configs share have one name in all of them, SB3's where SB3 has one (`learning_rate`,
     `gae_lambda`, `epochs`); a YAML file or override with an old name fails naming the new one (`RENAMED`).
     The KL coefficient and the batch size are the env's settings (`env.beta`, `env.num_envs`): naming them
-    here is an error that says so (`MOVED_KEYS`).
+    here is an error that says so (`MOVED_KEYS`). The old `kl_placement` is `kl_granularity` now ("per_token"
+    is "token"; "terminal", which paid the summed per-token estimates at the last token, is "sequence",
+    the same rewards for k1).
     """
 
-    RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "lam": "gae_lambda", "ppo_epochs": "epochs"}
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate",
+        "lam": "gae_lambda",
+        "ppo_epochs": "epochs",
+        "kl_placement": "kl_granularity",
+    }
     MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
@@ -109,15 +145,16 @@ class PPOConfig:
     gae_lambda: float = 0.95  # GAE lambda (Schulman et al. 2016)
     whiten_advantages: bool = True  # normalise advantages over the batch's valid tokens
     whiten_rewards: bool = False  # rescale token rewards to unit variance (sign kept), as TRL's option
-    kl_placement: Literal["per_token", "terminal"] = "per_token"  # where -beta * KL is paid (module doc)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the KL term's estimator (module doc: what each climbs)
+    kl_in: Literal["reward", "loss"] = "reward"  # KL term paid in the token rewards, or added to the loss
+    kl_granularity: Literal["token", "sequence"] = "token"  # estimator per token (paid there) or per response
     adaptive_kl: bool = False  # adapt beta towards kl_target with Ziegler et al.'s controller
     kl_target: float = 6.0  # target mean KL per response (nats) of the adaptive controller
     kl_horizon: int = 10_000  # horizon (episodes) of the adaptive controller
     target_kl: float | None = None  # stop an iteration's epochs once their mean approx-KL exceeds this
 
     def __post_init__(self) -> None:
-        if self.kl_placement not in ("per_token", "terminal"):
-            raise ValueError(f"kl_placement must be 'per_token' or 'terminal', got {self.kl_placement!r}")
+        check_kl_settings(self.kl_estimator, self.kl_in, self.kl_granularity)
         positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}
         positive |= {"num_minibatches": self.num_minibatches}
         positive |= {"clip_range": self.clip_range, "max_grad_norm": self.max_grad_norm}
@@ -147,7 +184,7 @@ def token_rewards(
 
     Args:
         rm_scores: (B,) reward-model score of each response.
-        kl: (B, N) per-token KL estimate (`kl_per_token`, the env's estimator).
+        kl: (B, N) the KL term of each token (`kl_penalty`: per token, or the response's at its last token).
         mask: (B, N) valid response tokens (EOS included), right-padded.
         beta: KL coefficient.
         placement: "per_token": `-beta * kl_t` on every token plus `rm_score` on the last valid one
@@ -271,10 +308,14 @@ class PPOAgent:
         p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
         b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
         b_mask = batch.response_mask[:, :n]  # (B, N)
+        b_ref_logprobs = batch.ref_logprobs[:, :n]  # (B, N)
+        kl_settings = (cfg.kl_estimator, cfg.kl_granularity)
         with torch.no_grad():
             b_logprobs, b_values = self._forward(b_ids, b_attention, p)  # (B, N) each
-            kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.kl_estimator)
-            rewards = token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)  # (B, N)
+            # The KL term of the sampled tokens (the sampler's log-probs: with k1 it sums to the env's kl).
+            kl = kl_penalty(batch.logprobs[:, :n], b_ref_logprobs, b_mask, *kl_settings)  # (B, N)
+            paid = kl if cfg.kl_in == "reward" else torch.zeros_like(kl)  # "loss": rm_score alone
+            rewards = token_rewards(batch.rm_scores, paid, b_mask, self.beta, "per_token")  # (B, N)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, b_mask, shift_mean=False)
             b_advantages, b_returns = gae(rewards, b_values, b_mask, cfg.gamma, cfg.gae_lambda)  # (B, N) each
@@ -299,6 +340,9 @@ class PPOAgent:
                 )
                 v_loss = ppo_value_loss(values, b_values[mb], b_returns[mb], mb_mask, cfg.clip_range_value)
                 loss = pg_loss + cfg.vf_coef * v_loss
+                if cfg.kl_in == "loss":  # beta * the KL term, a token mean like the surrogate
+                    kl_term = kl_penalty(logprobs, b_ref_logprobs[mb], mb_mask, *kl_settings, "loss")
+                    loss = loss + self.beta * masked_mean(kl_term, mb_mask)
                 check_finite(loss, "PPO loss", iteration)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -317,6 +361,7 @@ class PPOAgent:
         # 3. Metrics (with the beta these rewards used), then the KL controller's step.
         metrics = {k: float(np.mean(v)) for k, v in stats.items()}
         metrics.update(beta=self.beta, explained_variance=ev, ppo_epochs=float(epochs_done))
+        metrics["kl_objective"] = kl.sum(-1).mean().item()  # the KL term optimised; `kl` is the env's k1
         if cfg.adaptive_kl:
             mean_kl = batch.kl.mean().item()  # the shared `kl` metric
             self.beta = adaptive_beta(self.beta, mean_kl, cfg.kl_target, cfg.kl_horizon, num_rows)

@@ -5,6 +5,23 @@ score-function estimator (Williams 1992) needs no critic and no per-token credit
 
     grad J = E[(R - b) * grad sum_t log pi(y_t | x, y_<t)]
 
+The KL term (`kl_estimator` x `kl_in` x `kl_granularity`, as PPO's; `rlhf_base.maths.kl_penalty` derives
+what each combination optimises, `tests/test_kl_objectives.py` checks it exactly). By default (k1 in the
+reward) R is the env's own reward, `rm_score - beta * sum_t (log pi - log pi_ref)`, and the update climbs
+`E[rm_score] - beta * KL(pi || pi_ref)`, whose optimum is `pi_ref * exp(rm_score / beta) / Z`. Otherwise:
+
+* `kl_in="reward"`: `R = rm_score - beta * k`, with `k` the chosen estimator of the sampled response, per
+  token and summed ("token") or of its summed log-ratio ("sequence"); k1 is the default either way, k2
+  and k3 are biased (k3 even pays the policy for dropping low-reward responses to probability 0).
+* `kl_in="loss"`: `R = rm_score`, and `beta * k`, differentiated through the current log-probs and
+  averaged like the policy loss, is added to the loss. k2 at granularity "sequence" climbs the same
+  objective as the default (on-policy); per token it is Tang & Munos' partial, myopic gradient; k1 adds
+  nothing (`E[grad log pi] = 0`); k3 climbs `E[rm_score] - beta * KL(pi_ref || pi)`, the forward KL
+  (GRPO's term). A "whiten" baseline rescales the advantages but not the loss term, so there the
+  effective coefficient is `beta` over the rewards' standard deviation.
+
+The logged `kl` is always the env's k1 of the sampled responses; `kl_objective` is the KL term optimised.
+
 Ahmadian et al. (2024, "Back to Basics", arXiv:2402.14740) show that this, with the leave-one-out baseline
 of Kool et al. (2019, "Buy 4 REINFORCE samples, get a baseline for free!"), matches or beats PPO for RLHF at
 a fraction of its cost: one teacher-forced forward and backward of the policy per batch, no value model.
@@ -35,6 +52,7 @@ from agents.base import (
     Callback,
     act_with_policy,
     check_finite,
+    check_kl_settings,
     evaluate_policy,
     load_policy,
     save_policy,
@@ -43,6 +61,7 @@ from agents.loop import Iteration, run_iterations
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.maths import (
     entropy_from_logits,
+    kl_penalty,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -96,6 +115,12 @@ class ReinforceConfig:
     epochs: int = 1  # passes over each rollout, a full-batch gradient step each; > 1: clipped surrogate
     clip_range: float = 0.2  # ratio clip of the surrogate, only used when epochs > 1
     seed: int = 0  # seeds the prompt draw, the sampling generator and torch
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the KL term's estimator (module doc: what each climbs)
+    kl_in: Literal["reward", "loss"] = "reward"  # KL term paid in the sequence reward, or added to the loss
+    kl_granularity: Literal["token", "sequence"] = "token"  # estimator per token, summed, or per response
+
+    def __post_init__(self) -> None:
+        check_kl_settings(self.kl_estimator, self.kl_in, self.kl_granularity)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,10 +302,18 @@ class ReinforceAgent:
         cfg, policy = self.config, self.envs.policy
         policy.eval()  # no dropout: the sampled and the trained policy must be the same function
         batch = text_env.rollout(self.envs, prompt_indices=self._prompt_indices(), generator=self.generator)
-        b_advantages, b_baselines, self.ema_state = advantages(
-            batch.rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
-        )  # (B,), (B,)
         mask = batch.response_mask  # (B, N)
+        kl_settings = (cfg.kl_estimator, cfg.kl_granularity)
+        kl = kl_penalty(batch.logprobs, batch.ref_logprobs, mask, *kl_settings).sum(-1)  # (B,)
+        if cfg.kl_in == "loss":
+            rewards = batch.rm_scores  # the KL term goes to the loss below
+        elif cfg.kl_estimator == "k1":
+            rewards = batch.rewards  # the env's rm_score - beta * kl: k1, the same at either granularity
+        else:
+            rewards = batch.rm_scores - self.envs.beta * kl
+        b_advantages, b_baselines, self.ema_state = advantages(
+            rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
+        )  # (B,), (B,)
 
         for _ in range(cfg.epochs):
             logprobs, entropy = policy_logprobs(
@@ -294,6 +327,12 @@ class ReinforceAgent:
                 )
             if entropy is not None:
                 loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
+            if cfg.kl_in == "loss":  # beta * the KL term, averaged as reinforce_loss averages
+                kl_term = kl_penalty(logprobs, batch.ref_logprobs, mask, *kl_settings, "loss")  # (B, N)
+                kl_loss = (
+                    masked_mean(kl_term, mask) if cfg.token_mean else masked_sum(kl_term, mask, -1).mean()
+                )
+                loss = loss + self.envs.beta * kl_loss
             check_finite(loss, "policy loss", iteration)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -305,6 +344,7 @@ class ReinforceAgent:
             "advantage_std": b_advantages.std().item() if len(b_advantages) > 1 else 0.0,
             "baseline": b_baselines.mean().item(),
             "grad_norm": grad_norm.item(),
+            "kl_objective": kl.mean().item(),  # the KL term optimised; the shared `kl` is the env's k1
         }
         return Iteration(batch, batch.num_tokens, metrics)
 

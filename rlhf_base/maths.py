@@ -23,10 +23,13 @@ import torch.nn.functional as F
 
 __all__ = [
     "KL_ESTIMATORS",
+    "KL_GRANULARITIES",
+    "KL_PLACEMENTS",
     "best_of_n_kl",
     "discounted_returns",
     "entropy_from_logits",
     "gae",
+    "kl_penalty",
     "kl_per_token",
     "logprobs_from_logits",
     "masked_mean",
@@ -41,6 +44,12 @@ __all__ = [
 
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 """Names accepted by :func:`kl_per_token`, after Schulman, "Approximating KL Divergence" (2020)."""
+
+KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
+"""Where :func:`kl_penalty` enters the update: paid in the reward (detached) or added to the loss."""
+
+KL_GRANULARITIES: tuple[str, ...] = ("token", "sequence")
+"""What :func:`kl_penalty` estimates from: each token's log-ratio, or the sequence's summed log-ratio."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -163,7 +172,11 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     Raises:
         ValueError: If ``estimator`` is unknown.
     """
-    log_ratio = logprobs - ref_logprobs  # (B, T)
+    return _estimate(logprobs - ref_logprobs, estimator)  # (B, T)
+
+
+def _estimate(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Schulman's estimator ``estimator`` of a log-ratio ``log pi - log pi_ref`` (any shape)."""
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
@@ -171,6 +184,11 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {valid}")
 
 
 def sequence_kl(
@@ -193,6 +211,90 @@ def sequence_kl(
     # Select before the estimator so that junk at padding can't overflow exp() in k3 and poison gradients.
     kl = kl_per_token(_select(logprobs, mask), _select(ref_logprobs, mask), estimator)  # (B, T)
     return masked_sum(kl, mask, dim=-1)  # (B,)
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k1",
+    granularity: str = "token",
+    placement: str = "reward",
+) -> torch.Tensor:
+    """The KL term of a KL-regularised policy-gradient update, laid out on the response tokens.
+
+    Three choices make the term, and together they decide which objective the update climbs; only some
+    combinations climb the RLHF objective ``J = E[R] - beta * KL(pi || pi_ref)``, whose optimum is
+    ``pi* = pi_ref * exp(R / beta) / Z`` (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient
+    estimation for RL", arXiv:2506.09477; Liu et al. 2025, arXiv:2510.01555). With ``l = log pi(y) -
+    log pi_ref(y)`` for a response y sampled from pi, and on-policy samples:
+
+    * ``estimator``: ``k(l)``, one of :data:`KL_ESTIMATORS` (see :func:`kl_per_token`).
+    * ``placement`` "reward": the value is detached and paid as reward ``-beta * k``, so the update's
+      KL gradient is the score function ``E[k(l) * grad log pi(y)]``. "loss": ``+beta * k`` is added to
+      the loss and differentiated through ``logprobs`` (pathwise), giving ``E[k'(l) * grad log pi(y)]``.
+    * ``granularity`` "token": ``k`` of each token's log-ratio, summed over the response. "sequence":
+      ``k`` of the response's summed log-ratio ``L``, at its last valid token (0 at the others).
+
+    What each combination's expected gradient is the gradient of, treating a response as one action
+    (exact for granularity "sequence", and for one-token responses; ``tests/test_kl_objectives.py``
+    checks every line exactly, on a 4-outcome bandit and on a 2-token tree):
+
+    * k1 in the reward: ``E[R] - beta * KL(pi || pi_ref)``, J itself: reaches pi*. The default.
+    * k2 in the reward: ``E[R] - beta * (E_pi[l^2 / 2] - KL(pi || pi_ref))``. That penalty is no
+      divergence: it is flat to second order at pi_ref, and dropping an outcome to probability 0 lowers
+      it (by ``pi_ref(y)``); an outcome pushed below pi_ref pays a k2 that grows like
+      ``log^2(pi_ref / pi)`` and is pushed further, so low-reward outcomes collapse to probability 0.
+    * k3 in the reward: ``E[R] - beta * (KL(pi || pi_ref) - KL(pi_ref || pi))``, flat to second order
+      at pi_ref too and unbounded above (the forward KL grows without bound as an outcome's probability
+      goes to 0): low-reward outcomes collapse to 0, faster than with k2 (k3 grows like ``pi_ref / pi``).
+    * k1 as a loss: ``E[R]`` alone, since ``E[grad k1] = E[grad log pi] = 0``: no regularisation.
+    * k2 as a loss: ``E[R] - beta * KL(pi || pi_ref)`` (``grad l^2 / 2 = l * grad log pi``, the k1-in-reward
+      gradient): reaches pi*.
+    * k3 as a loss: ``E[R] - beta * KL(pi_ref || pi)``, the forward (mass-covering) KL, whose optimum
+      ``pi = beta * pi_ref / (lambda - R)`` is not pi* (GRPO's choice).
+
+    Granularity "token", for responses of several tokens: k1 in the reward is the same number as at
+    "sequence" (log-ratios add up), so it climbs J exactly. As a loss, each token's term differentiates
+    only its own token's log-prob with the prefix held fixed: k1 still gives 0; k2 gives Tang & Munos'
+    *partial* gradient ``sum_t E[grad KL(pi(.|h_t) || pi_ref(.|h_t))]``, which leaves out how earlier
+    tokens change the KL of later ones, so its fixed point is myopic, ``pi(.|h)`` proportional to
+    ``pi_ref(.|h) * exp(Q_R(h, .) / beta)`` with ``Q_R`` the expected reward alone (no KL to go), and it
+    misses pi*; k3 gives the forward KL of each step, as myopically. k2 and k3 per token in the reward
+    are biased as at sequence level (and differ from it). The claims hold on-policy; the later epochs of
+    a PPO update see slightly off-policy samples, as its surrogate does.
+
+    Args:
+        logprobs: Log-probabilities of the sampled tokens under pi, shape ``(B, T)``; with grad for
+            placement "loss" (the current policy's), any for "reward" (the sampling policy's).
+        ref_logprobs: The same under pi_ref, shape ``(B, T)``.
+        mask: Valid-token mask, shape ``(B, T)``, right-padded.
+        estimator: One of :data:`KL_ESTIMATORS`.
+        granularity: One of :data:`KL_GRANULARITIES`.
+        placement: One of :data:`KL_PLACEMENTS`: "reward" detaches the result.
+
+    Returns:
+        ``(B, T)``, 0 at padding; each row sums to the response's penalty (``sum_t k(l_t)`` or ``k(L)``).
+        Pay ``-beta *`` it as reward ("reward"), or add ``beta *`` its per-response sum, averaged like the
+        policy loss, to the loss ("loss"). At padding the inputs never reach ``exp`` (k3 cannot overflow
+        there); ``k3`` of a large negative summed log-ratio can still overflow at granularity "sequence".
+
+    Raises:
+        ValueError: If ``estimator``, ``granularity`` or ``placement`` is unknown.
+    """
+    _check_choice("KL estimator", estimator, KL_ESTIMATORS)
+    _check_choice("KL granularity", granularity, KL_GRANULARITIES)
+    _check_choice("KL placement", placement, KL_PLACEMENTS)
+    valid = mask.bool()
+    log_ratio = _select(logprobs, valid) - _select(ref_logprobs, valid)  # (B, T), 0 at padding
+    if granularity == "token":
+        penalty = _select(_estimate(log_ratio, estimator), valid)  # (B, T)
+    else:
+        sequence = _estimate(log_ratio.sum(-1), estimator)  # (B,): k of the summed log-ratio
+        is_last = valid & ~F.pad(valid[:, 1:], (0, 1), value=False)  # (B, T): the last valid token
+        zero = torch.zeros((), dtype=sequence.dtype, device=sequence.device)
+        penalty = torch.where(is_last, sequence[:, None], zero)  # (B, T)
+    return penalty.detach() if placement == "reward" else penalty
 
 
 # --------------------------------------------------------------------------------------------------------

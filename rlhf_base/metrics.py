@@ -19,7 +19,9 @@ METRIC_KEYS = (
     "iteration",  # 1-based learning iteration (0 for an evaluation of the starting policy)
     "rm_score",  # mean proxy reward: the reward model's score, what the agent optimises
     "gold_score",  # mean gold reward (NaN when the task has none): evaluation only
-    "kl",  # mean per-response KL(pi || pi_ref) estimate, as the env computes it
+    "kl",  # mean per-response KL(pi || pi_ref) estimate: always k1, the sum of log pi - log pi_ref over the
+    # sampled tokens (the env's), whatever KL term an agent optimises (which PPO and REINFORCE report as
+    # `kl_objective`); best-of-n reports the KL of its selection instead
     "reward",  # mean env reward: rm_score - beta * kl
     "length",  # mean response length in tokens (EOS included)
     "entropy",  # mean per-token entropy of the policy while sampling

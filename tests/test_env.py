@@ -12,7 +12,9 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import text_env
+from rlhf_base.config import ConfigError, load_config
 from rlhf_base.models import trainable_copy
+from text_env.config import EnvConfig
 from text_env.core import EnvCore
 
 
@@ -96,20 +98,18 @@ def test_kl_and_reward_match_a_hand_computation(core):
 
 
 @pytest.mark.parametrize("estimator", ["k2", "k3"])
-def test_selectable_kl_estimators(core, estimator):
-    policy = _perturbed(core.reference, seed=1)
-    env = text_env.TextGenEnv(
-        core=EnvCore(
-            reference=core.reference, tokenizer=core.tokenizer, policy=policy, kl_estimator=estimator
-        )
-    )
-    env.reset(seed=0)
-    for token in env.tokenizer("the movie was good .")["input_ids"] + [env.tokenizer.eos_token_id]:
-        _, reward, terminated, _, info = env.step(token)
-    log_ratio = info["logprobs"] - info["ref_logprobs"]
-    expected = 0.5 * log_ratio**2 if estimator == "k2" else np.expm1(-log_ratio) + log_ratio
-    assert info["kl"] == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-6)
-    assert info["kl"] > 0
+def test_the_env_pays_and_logs_k1_and_names_where_the_estimator_moved(estimator):
+    """Issue 12: the env's `kl` is always k1 (tested by hand above), so an env estimator is an error that
+    names the agents' KL settings, from Python and from a config file alike."""
+    where = r"choose the KL term an agent optimises in the agent's config: kl_estimator \(k1 \| k2 \| k3\)"
+    with pytest.raises(
+        ValueError, match=rf"kl_estimator='{estimator}' is no env setting any more: .*{where}"
+    ):
+        EnvCore(kl_estimator=estimator)
+    with pytest.raises(
+        ConfigError, match=rf"key 'kl_estimator' in override .* not a EnvConfig setting: .*{where}"
+    ):
+        load_config(EnvConfig, overrides=[f"kl_estimator={estimator}"])
 
 
 def test_terminates_on_eos(env):

@@ -53,7 +53,17 @@ def _module_name(path: Path) -> str:
 
 def project_modules() -> dict[str, Path]:
     tops = {name.partition(".")[0] for name in FLOORS}
-    return {_module_name(p): p for top in sorted(tops) for p in sorted((ROOT / top).rglob("*.py"))}
+    return {
+        _module_name(p): p
+        for top in sorted(tops)
+        for p in sorted((ROOT / top).rglob("*.py"))
+        if not _generated(p.relative_to(ROOT).parts)
+    }
+
+
+def _generated(parts: tuple[str, ...]) -> bool:
+    """Files a run leaves under a package (benchmarks/out/ holds TRL's venv), not the project's own."""
+    return "out" in parts or "site-packages" in parts or any(part.startswith(".") for part in parts)
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:

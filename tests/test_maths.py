@@ -13,10 +13,13 @@ import torch
 
 from rlhf_base.maths import (
     KL_ESTIMATORS,
+    KL_GRANULARITIES,
+    KL_PLACEMENTS,
     best_of_n_kl,
     discounted_returns,
     entropy_from_logits,
     gae,
+    kl_penalty,
     kl_per_token,
     logprobs_from_logits,
     masked_mean,
@@ -173,6 +176,74 @@ def test_sequence_kl_by_hand_with_junk_padding():
     seq_kl.sum().backward()
     assert torch.isfinite(logprobs.grad).all()
     assert (logprobs.grad[~MASK] == 0).all()
+
+
+def k3(log_ratio: float) -> float:
+    return math.exp(-log_ratio) - 1 + log_ratio
+
+
+def test_kl_penalty_by_hand_per_token_and_per_sequence():
+    # log-ratios: row 0 [0.5, -1, 0] (sum -0.5), row 1 [1, -1] (sum 0); junk at padding would overflow k3
+    logprobs = t([[-1.0, -2.0, -0.5, -1e4], [-1.0, -3.0, -1e4, -1e4]])
+    ref_logprobs = t([[-1.5, -1.0, -0.5, 0.0], [-2.0, -2.0, 0.0, 0.0]])
+    per_token = {
+        "k1": [[0.5, -1.0, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0]],
+        "k2": [[0.125, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]],
+        "k3": [[k3(0.5), k3(-1.0), 0.0, 0.0], [k3(1.0), k3(-1.0), 0.0, 0.0]],
+    }
+    # per sequence: k of the summed log-ratio (-0.5 and 0), at the last valid token (columns 2 and 1)
+    per_sequence = {
+        "k1": [[0.0, 0.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        "k2": [[0.0, 0.0, 0.125, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        "k3": [[0.0, 0.0, k3(-0.5), 0.0], [0.0, 0.0, 0.0, 0.0]],
+    }
+    for estimator in KL_ESTIMATORS:
+        assert_close(kl_penalty(logprobs, ref_logprobs, MASK, estimator, "token"), per_token[estimator])
+        assert_close(kl_penalty(logprobs, ref_logprobs, MASK, estimator, "sequence"), per_sequence[estimator])
+        # per token, each row sums to sequence_kl's estimate
+        assert_close(
+            kl_penalty(logprobs, ref_logprobs, MASK, estimator).sum(-1),
+            sequence_kl(logprobs, ref_logprobs, MASK, estimator),
+        )
+    assert KL_PLACEMENTS == ("reward", "loss") and KL_GRANULARITIES == ("token", "sequence")
+
+
+def test_kl_penalty_at_the_last_token_of_a_row_with_a_nonzero_sum():
+    # Row 1 with log-ratios [1, 0.5] (sum 1.5): its sequence term sits in column 1, the last valid one.
+    logprobs = t([[-1.0, -2.0, -0.5, JUNK], [-1.0, -1.5, JUNK, JUNK]])
+    ref_logprobs = t([[-1.5, -1.0, -0.5, JUNK], [-2.0, -2.0, JUNK, JUNK]])
+    assert_close(
+        kl_penalty(logprobs, ref_logprobs, MASK, "k2", "sequence"), [[0, 0, 0.125, 0], [0, 1.125, 0, 0]]
+    )
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_kl_penalty_placement_decides_what_is_differentiated(granularity):
+    """'reward' is detached (paid as reward); 'loss' differentiates through log pi, by hand:
+    d k1/dl = 1, d k2/dl = l, d k3/dl = 1 - exp(-l); per token at its own log-prob, per sequence at every
+    token of the response with l the summed log-ratio; never at padding."""
+    ref_logprobs = t([[-1.5, -1.0, -0.5, 0.0], [-2.0, -2.0, 0.0, 0.0]])
+    derivatives = {"k1": lambda x: 1.0, "k2": lambda x: x, "k3": lambda x: 1 - math.exp(-x)}
+    for estimator, d in derivatives.items():
+        logprobs = t([[-1.0, -2.0, -0.5, -1e4], [-1.0, -3.0, -1e4, -1e4]]).requires_grad_(True)
+        detached = kl_penalty(logprobs, ref_logprobs, MASK, estimator, granularity, "reward")
+        assert not detached.requires_grad
+        kl_penalty(logprobs, ref_logprobs, MASK, estimator, granularity, "loss").sum().backward()
+        if granularity == "token":  # log-ratios [0.5, -1, 0] and [1, -1]
+            expected = [[d(0.5), d(-1.0), d(0.0), 0.0], [d(1.0), d(-1.0), 0.0, 0.0]]
+        else:  # summed log-ratios -0.5 and 0
+            expected = [[d(-0.5)] * 3 + [0.0], [d(0.0)] * 2 + [0.0, 0.0]]
+        assert_close(logprobs.grad, expected)
+
+
+def test_kl_penalty_unknown_choices_name_the_valid_ones():
+    x, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match=r"unknown KL estimator 'k4'; expected one of \('k1', 'k2', 'k3'\)"):
+        kl_penalty(x, x, mask, "k4")
+    with pytest.raises(ValueError, match=r"unknown KL granularity 'word'; expected one of \('token', 'seq"):
+        kl_penalty(x, x, mask, "k1", "word")
+    with pytest.raises(ValueError, match=r"unknown KL placement 'advantage'; expected one of \('reward', 'l"):
+        kl_penalty(x, x, mask, "k1", "token", "advantage")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import text_env
 from agents.base import METRIC_KEYS, NonFiniteLossError, evaluate_policy
 from agents.ppo import PPO_METRIC_KEYS, PPOAgent, PPOConfig, adaptive_beta, token_rewards
 from rlhf_base.config import ConfigError, load_config
-from rlhf_base.maths import gae, kl_per_token
+from rlhf_base.maths import gae, kl_penalty, kl_per_token
 from tests.helpers import fresh_envs, params
 from text_env.core import EnvCore
 
@@ -69,20 +69,24 @@ def test_both_layouts_give_the_same_return_of_the_whole_response(placement):
     torch.testing.assert_close(advantages, returns)
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_token_rewards_of_a_rollout_sum_to_the_env_reward(estimator):
-    # Same estimator and beta as the env: each response's token rewards add up to its rm_score - beta * kl.
-    envs = fresh_envs(EnvCore(max_new_tokens=8, kl_estimator=estimator), 8)
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_k1_token_rewards_of_a_rollout_sum_to_the_env_reward(core16, granularity):
+    """PPO's default KL term (k1 in the reward) adds up to the env's reward at either granularity; a k3 term
+    is another number, while the env's `kl` stays k1 (issue 12)."""
+    envs = fresh_envs(core16, 8)
     torch.manual_seed(0)
     with torch.no_grad():  # move the policy off pi_ref so that the KL is not ~0
         for p in envs.policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
-    kl = kl_per_token(batch.logprobs, batch.ref_logprobs, estimator)
-    for placement in ("per_token", "terminal"):
-        rewards = token_rewards(batch.rm_scores, kl, batch.response_mask, envs.beta, placement)
-        torch.testing.assert_close(rewards.sum(-1), batch.rewards, atol=1e-5, rtol=1e-5)
+    mask = batch.response_mask
+    kl = kl_penalty(batch.logprobs, batch.ref_logprobs, mask, "k1", granularity)
+    rewards = token_rewards(batch.rm_scores, kl, mask, envs.beta, "per_token")
+    torch.testing.assert_close(rewards.sum(-1), batch.rewards, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl.sum(-1), batch.kl, atol=1e-5, rtol=1e-5)
     assert batch.kl.abs().mean() > 0.1
+    k3 = kl_penalty(batch.logprobs, batch.ref_logprobs, mask, "k3", granularity).sum(-1)
+    assert (k3 - batch.kl).abs().max() > 1e-2
 
 
 def test_gae_on_per_token_rewards_by_hand():
@@ -111,8 +115,20 @@ def test_adaptive_beta_by_hand():
 # Config
 # ---------------------------------------------------------------------------------------------------------
 def test_bad_values_name_the_key(core16):
-    with pytest.raises(ConfigError, match="kl_placement"):
-        agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"kl_placement": "end"})
+    envs = text_env.TextGenVectorEnv(num_envs=4, core=core16)
+    with pytest.raises(ConfigError, match="'kl_placement' was renamed to 'kl_granularity' in PPOConfig"):
+        agents.make_agent("ppo", envs, {"kl_placement": "terminal"})
+    with pytest.raises(
+        ConfigError, match=r"'kl_granularity'.*expected one of 'token', 'sequence', got 'per_token'"
+    ):
+        agents.make_agent("ppo", envs, {"kl_granularity": "per_token"})
+    hint = r"got 'terminal' \(the old kl_placement's 'terminal' is 'sequence'\)"
+    with pytest.raises(ValueError, match=r"kl_granularity must be one of \['token', 'sequence'\], " + hint):
+        PPOConfig(kl_granularity="terminal")
+    with pytest.raises(ConfigError, match=r"'kl_in'.*expected one of 'reward', 'loss', got 'advantage'"):
+        agents.make_agent("ppo", envs, {"kl_in": "advantage"})
+    with pytest.raises(ValueError, match=r"kl_estimator must be one of \['k1', 'k2', 'k3'\], got 'k4'"):
+        PPOConfig(kl_estimator="k4")
     with pytest.raises(ConfigError, match="learning_rate must be > 0"):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"learning_rate": 0.0})
 
@@ -135,10 +151,11 @@ def test_beta_in_the_agent_config_is_an_error_that_names_the_envs_setting(core16
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"kl_placement": "per_token"},
-        {"kl_placement": "terminal", "adaptive_kl": True, "whiten_rewards": True, "clip_range_value": None},
+        {"kl_granularity": "token"},
+        {"kl_granularity": "sequence", "adaptive_kl": True, "whiten_rewards": True, "clip_range_value": None},
+        {"kl_in": "loss", "kl_estimator": "k2", "kl_granularity": "sequence"},
     ],
-    ids=["per_token", "terminal+adaptive+whiten_rewards"],
+    ids=["token", "sequence+adaptive+whiten_rewards", "k2_loss_sequence"],
 )
 def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, overrides):
     envs = fresh_envs(core16, 8)
@@ -153,6 +170,12 @@ def test_an_iteration_trains_policy_and_value_head_and_reports_metrics(core16, o
     for m in history:
         assert set(METRIC_KEYS) | set(PPO_METRIC_KEYS) <= set(m)
         assert all(isinstance(v, float) and math.isfinite(v) for v in m.values()), m
+        if overrides.get("kl_estimator", "k1") == "k1":  # the KL term optimised is the logged one
+            assert m["kl_objective"] == pytest.approx(m["kl"], abs=1e-4)
+        else:  # k2 of the summed log-ratio, >= 0, while the logged kl stays the env's k1
+            assert m["kl_objective"] >= 0
+    if "kl_estimator" in overrides:  # the first update moved pi off pi_ref: k2 and k1 now differ
+        assert abs(history[1]["kl_objective"] - history[1]["kl"]) > 1e-3, history[1]
     # Position embeddings past prompt + 16 tokens are never used, so compare tensors, not every element.
     changed = [not torch.equal(a, b) for a, b in zip(policy_before, envs.policy.parameters(), strict=True)]
     assert all(changed), f"{changed.count(False)} policy parameter tensors did not change"

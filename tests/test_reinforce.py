@@ -107,6 +107,16 @@ def test_num_envs_not_divisible_by_k_is_a_clear_error(core16):
         agents.make_agent("reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 1})
 
 
+def test_bad_kl_settings_name_the_key_and_the_valid_values(core16):
+    envs = text_env.TextGenVectorEnv(num_envs=8, core=core16)
+    with pytest.raises(ConfigError, match=r"'kl_in'.*expected one of 'reward', 'loss', got 'both'"):
+        agents.make_agent("reinforce", envs, {"kl_in": "both"})
+    with pytest.raises(
+        ValueError, match=r"kl_granularity must be one of \['token', 'sequence'\], got 'word'"
+    ):
+        ReinforceConfig(kl_granularity="word")
+
+
 def test_unknown_baseline_via_make_agent_names_valid_ones(core16):
     envs = text_env.TextGenVectorEnv(num_envs=8, core=core16)
     with pytest.raises(ConfigError, match="baseline.*'moving_average', 'rloo', 'whiten'.*'nope'"):
@@ -132,8 +142,9 @@ def test_non_finite_reward_stops_before_the_update(core16):
         {"baseline": "moving_average"},
         {"baseline": "whiten", "token_mean": True, "ent_coef": 0.01},
         {"baseline": "rloo", "samples_per_prompt": 4, "epochs": 2},
+        {"kl_in": "loss", "kl_estimator": "k2", "kl_granularity": "sequence", "token_mean": True},
     ],
-    ids=["rloo", "moving_average", "whiten+token_mean+entropy", "clipped_two_updates"],
+    ids=["rloo", "moving_average", "whiten+token_mean+entropy", "clipped_two_updates", "k2_loss"],
 )
 def test_every_variant_trains_every_parameter_and_reports_metrics(core16, overrides):
     envs = fresh_envs(core16, 8)
@@ -149,6 +160,43 @@ def test_every_variant_trains_every_parameter_and_reports_metrics(core16, overri
     assert history[1]["tokens"] > history[0]["tokens"] > 0
     changed = [not torch.equal(a, b) for a, b in zip(before, envs.policy.parameters(), strict=True)]
     assert all(changed), f"{changed.count(False)} parameter tensors did not change"
+
+
+@pytest.mark.parametrize(
+    ("kl_settings", "sequence_reward"),
+    [
+        ({}, "env"),  # the default: k1 in the reward is the env's own reward
+        ({"kl_estimator": "k3", "kl_granularity": "sequence"}, "rm_score - beta * kl_objective"),
+        ({"kl_estimator": "k2", "kl_in": "loss"}, "rm_score"),
+    ],
+    ids=["k1_reward", "k3_reward_sequence", "k2_loss"],
+)
+def test_the_kl_settings_decide_the_sequence_reward(core16, kl_settings, sequence_reward):
+    """RLOO's baselines average to the batch's mean sequence reward, so the `baseline` metric shows which
+    reward the advantages were built from; the logged `kl` stays the env's k1 whatever is optimised."""
+    envs = fresh_envs(core16, 8)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy off pi_ref so that the KL is not ~0
+        for p in envs.policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    beta, envs.beta = envs.beta, 0.5  # a KL term large enough to tell the rewards apart
+    try:
+        agent = agents.make_agent("reinforce", envs, {"samples_per_prompt": 2, **kl_settings})
+        (m,) = agent.learn(1)
+    finally:
+        envs.beta = beta  # the beta of the module's shared core
+    expected = {
+        "env": m["reward"],
+        "rm_score - beta * kl_objective": m["rm_score"] - 0.5 * m["kl_objective"],
+        "rm_score": m["rm_score"],
+    }[sequence_reward]
+    assert m["baseline"] == pytest.approx(expected, abs=1e-5)
+    assert m["reward"] == pytest.approx(m["rm_score"] - 0.5 * m["kl"], abs=1e-5)  # the env's: k1
+    if kl_settings:  # another estimator: another number than the logged k1
+        assert abs(m["kl_objective"] - m["kl"]) > 1e-3 and m["kl_objective"] >= 0
+        assert abs(m["baseline"] - m["reward"]) > 1e-3
+    else:
+        assert m["kl_objective"] == pytest.approx(m["kl"], abs=1e-5)
 
 
 def test_rloo_rollout_holds_k_consecutive_samples_per_prompt(core16):

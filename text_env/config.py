@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar
 
 from text_env.core import EnvCore
+from text_env.judge import KL_ESTIMATOR_MOVED
 from text_env.speed import SpeedOptions
 from text_env.vector_env import TextGenVectorEnv
 
@@ -14,14 +15,19 @@ __all__ = ["EnvConfig"]
 
 @dataclass
 class EnvConfig:
-    """What `TextGenVectorEnv` is built from (see `EnvCore` for the meaning of each)."""
+    """What `TextGenVectorEnv` is built from (see `EnvCore` for the meaning of each).
+
+    `kl_estimator` was a setting here (the env's reward and logged kl used it); the env now always uses k1
+    and the agents choose what they optimise, so naming it is an error that says where (`MOVED_KEYS`).
+    """
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"kl_estimator": KL_ESTIMATOR_MOVED}
 
     task: str = "reviews"  # built-in task name
     prompts: str | None = None  # a JSONL/JSON/CSV/Parquet prompt file; None = the task's own prompts
     model: str | None = None  # pi_ref: None = tiny-reviews, else an SFT output / HF model dir / hub id
     reward_model: str | None = None  # a saved reward model dir; None = the task's gold reward
-    beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # per-token KL estimator, logged and optimised
+    beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl (kl: k1, the log-ratio sum)
     max_new_tokens: int = 32  # response length limit
     min_new_tokens: int = 0  # EOS is forbidden before this many tokens (fixed-length runs)
     temperature: float = 1.0  # the task's sampling temperature, applied to the policy and pi_ref alike
@@ -36,7 +42,6 @@ class EnvConfig:
             model=self.model,
             reward_model=self.reward_model,
             beta=self.beta,
-            kl_estimator=self.kl_estimator,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,
             temperature=self.temperature,

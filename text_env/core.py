@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_base.lm import context_length
 from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
-from text_env.judge import Judge, as_reward_fn, check_beta
+from text_env.judge import KL_ESTIMATOR_MOVED, Judge, as_reward_fn, check_beta
 from text_env.sampling import SamplingOptions
 from text_env.scores import Scores
 from text_env.speed import SpeedOptions
@@ -49,7 +49,9 @@ class EnvCore:
         reward_model: a callable `(prompts, responses) -> scores`, an object with `.score`, or the path of a
             saved reward model; default: the task's gold reward (until a learned one is trained).
         beta: KL coefficient in `reward = rm_score - beta * kl`.
-        kl_estimator: "k1" (sum of log-ratios, the default), "k2" or "k3".
+        kl_estimator: only "k1", the sum of log-ratios (kept so that old calls passing it still work): the
+            env's `kl` and reward always use it; any other value is an error that names the agents'
+            settings (`KL_ESTIMATOR_MOVED`).
         max_new_tokens: response length limit N; reaching it ends the episode (it is part of the task).
         max_prompt_tokens: prompt width P; default: the longest prompt. Longer prompts are an error.
         min_new_tokens: EOS is not a valid action before this many response tokens (as `generate`'s
@@ -83,6 +85,10 @@ class EnvCore:
         device: str | None = "cpu",
         speed: SpeedOptions | None = None,
     ) -> None:
+        if kl_estimator != "k1":
+            raise ValueError(
+                f"kl_estimator={kl_estimator!r} is no env setting any more: {KL_ESTIMATOR_MOVED}"
+            )
         self.task = get_task(task, prompts)
         self.device = resolve_device(device)
         if reference is None:
@@ -129,7 +135,6 @@ class EnvCore:
             reward_fn=as_reward_fn(self.reward_model),
             gold_fn=self.task.gold_reward,
             beta=beta,
-            kl_estimator=kl_estimator,
             tokenizer=tokenizer,
             speed=self.speed,
             sampling=self.sampling,

@@ -33,7 +33,9 @@ class TextGenEnv(EnvSurface, gym.Env):
     (prompt, response) and the summed per-token KL estimate (k1: `log pi(y_i) - log pi_ref(y_i)`) between
     the policy and the reference, both from one teacher-forced forward pass over the whole response. Both
     are taken through the env's sampling options (`sampling`: its temperature, EOS banned before
-    `min_new_tokens`), which define the task's policy: pi_ref acting by them has KL 0.
+    `min_new_tokens`), which define the task's policy: pi_ref acting by them has KL 0. Always k1: it is the
+    unbiased KL estimate of the sampled response, and the one estimator that, paid in the reward, climbs
+    `E[rm_score] - beta * KL(pi || pi_ref)` (see `rlhf_base.maths.kl_penalty`).
 
     ## Starting State
     A prompt drawn uniformly from the task with `self.np_random` (or `options={"prompt_index": i}`).
@@ -51,8 +53,8 @@ class TextGenEnv(EnvSurface, gym.Env):
 
     ## Arguments
     See `text_env.core.EnvCore` (task, prompts, model, reference, policy, tokenizer, reward_model, beta,
-    kl_estimator, max_new_tokens, max_prompt_tokens, min_new_tokens, temperature, device, speed), plus
-    `render_mode` ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
+    max_new_tokens, max_prompt_tokens, min_new_tokens, temperature, device, speed), plus `render_mode`
+    ("ansi") and `core` to share an existing core (or `TextGenEnv.sharing(envs)`).
 
     ## Attributes
     Shared with `TextGenVectorEnv` (`text_env.surface.EnvSurface`): `beta` (settable: the env owns the one

@@ -1,8 +1,13 @@
 """The env's judge: turn finished responses into rewards with one teacher-forced forward per model.
 
-The terminal reward is `rm_score - beta * kl`, where `kl` sums a per-token estimator of
+The terminal reward is `rm_score - beta * kl`, where `kl` sums the log-ratio
 `log pi(w_i | w_<i, x) - log pi_ref(w_i | w_<i, x)` over the response (Ziegler et al. 2019; Stiennon et
-al. 2020). Scoring happens once per finished batch of rows, never per token.
+al. 2020): Schulman's k1, the unbiased estimate of KL(pi || pi_ref) of the sampled response, and the one
+estimator whose value, paid in the reward, gives the gradient of that KL (issue 12; see
+`rlhf_base.maths.kl_penalty`). So the env always logs the true KL estimate and always pays the RLHF
+objective; an agent that optimises another estimator or placement (PPO's and REINFORCE's `kl_estimator`,
+`kl_in`, `kl_granularity`) builds its own term from the `logprobs` and `ref_logprobs` the env returns.
+Scoring happens once per finished batch of rows, never per token.
 """
 
 from __future__ import annotations
@@ -16,12 +21,20 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_base.lm import by_response_length, last_token_index, response_logprobs, token_logits
-from rlhf_base.maths import KL_ESTIMATORS, kl_per_token, logprobs_from_logits
+from rlhf_base.maths import kl_per_token, logprobs_from_logits
 from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
 from text_env.tasks import RewardFn
 
-__all__ = ["Judge", "as_reward_fn", "check_beta"]
+__all__ = ["KL_ESTIMATOR_MOVED", "Judge", "as_reward_fn", "check_beta"]
+
+#: Why the env no longer takes a KL estimator, and where the choice lives now (issue 12).
+KL_ESTIMATOR_MOVED = (
+    "the env's reward and its logged kl always use k1 (the sum of log pi - log pi_ref of the sampled "
+    "tokens: the true KL estimate, whose gradient in the reward is the KL's); choose the KL term an agent "
+    "optimises in the agent's config: kl_estimator (k1 | k2 | k3), kl_in (reward | loss) and "
+    "kl_granularity (token | sequence), for ppo and reinforce"
+)
 
 
 def as_reward_fn(reward_model: Any) -> RewardFn:
@@ -65,7 +78,6 @@ class Judge:
     reward_fn: RewardFn  # the (learned) reward model: the proxy the agent optimises
     gold_fn: RewardFn | None  # the task's gold reward: logged for evaluation, never part of the reward
     beta: float  # KL coefficient
-    kl_estimator: str  # "k1" (log-ratio), "k2" or "k3"; the same estimator is logged and optimised
     tokenizer: PreTrainedTokenizerBase | None = None  # the env's; lets a reward model that reads pi_ref's
     # log-probs share the reference forward (`shared_reward_model`)
     speed: SpeedOptions = field(default_factory=SpeedOptions)  # group_by_length, share_reference_forward
@@ -74,8 +86,6 @@ class Judge:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
     def __post_init__(self) -> None:
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; valid: {list(KL_ESTIMATORS)}")
         self.beta = check_beta(self.beta)
         self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
 
@@ -140,7 +150,7 @@ class Judge:
             )
             rm_score = self._text_scores(prompts, responses)
         ref_logprobs = ref_logprobs * response_mask
-        kl = (kl_per_token(logprobs, ref_logprobs, self.kl_estimator) * response_mask).sum(-1)  # (k,)
+        kl = (kl_per_token(logprobs, ref_logprobs, "k1") * response_mask).sum(-1)  # (k,): always k1
         kl = kl.cpu().numpy().astype(np.float32)
         if self.gold_fn is self.reward_fn:  # the gold reward serves as the reward model: score once
             gold = rm_score.copy()

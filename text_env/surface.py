@@ -63,8 +63,9 @@ class EnvSurface:
 
     @property
     def kl_estimator(self) -> str:
-        """The per-token KL estimator of `kl`: "k1", "k2" or "k3" (logged and optimised alike)."""
-        return self.core.judge.kl_estimator
+        """Always "k1": the env's `kl` and reward sum log pi - log pi_ref over the response (the true KL
+        estimate). Agents choose the KL term they optimise in their own configs (issue 12)."""
+        return "k1"
 
     @property
     def task(self) -> Task:
