@@ -50,14 +50,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ppo-kl-sign-flipped",
         "agents/ppo.py",
-        "kl = kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.kl_estimator)",
-        "kl = -kl_per_token(batch.logprobs[:, :n], batch.ref_logprobs[:, :n], envs.kl_estimator)",
+        "kl = kl_penalty(batch.logprobs[:, :n], b_ref_logprobs, b_mask, *kl_settings)",
+        "kl = -kl_penalty(batch.logprobs[:, :n], b_ref_logprobs, b_mask, *kl_settings)",
     ),
     Mutation(
         "ppo-beta-zero",
         "agents/ppo.py",
-        "token_rewards(batch.rm_scores, kl, b_mask, self.beta, cfg.kl_placement)",
-        "token_rewards(batch.rm_scores, kl, b_mask, 0.0, cfg.kl_placement)",
+        'token_rewards(batch.rm_scores, paid, b_mask, self.beta, "per_token")',
+        'token_rewards(batch.rm_scores, paid, b_mask, 0.0, "per_token")',
     ),
     Mutation(
         "ppo-gamma-lambda-swapped",
@@ -80,8 +80,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "reinforce-rm-score-without-kl",
         "agents/reinforce.py",
-        "batch.rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay",
-        "batch.rm_scores, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay",
+        "rewards = batch.rewards  # the env's rm_score - beta * kl",
+        "rewards = batch.rm_scores  # the env's rm_score - beta * kl",
     ),
 )
 

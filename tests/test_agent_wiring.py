@@ -42,7 +42,7 @@ TOL = {"atol": 1e-5, "rtol": 1e-4}  # batched, padded forwards against one unpad
 @pytest.fixture(scope="module")
 def core8() -> EnvCore:
     """Our own core (responses of at most 8 tokens, k1 KL, beta 0.3): nothing here touches other tests."""
-    return EnvCore(max_new_tokens=8, beta=BETA, kl_estimator="k1")
+    return EnvCore(max_new_tokens=8, beta=BETA)
 
 
 def moved_envs(core: EnvCore) -> text_env.TextGenVectorEnv:
@@ -122,10 +122,11 @@ def hand_score(batch: Rollout, i: int, beta: float) -> float:
     return float(batch.rm_scores[i]) - beta * sum(hand_kl(batch, i))
 
 
-def hand_token_rewards(batch: Rollout, i: int, beta: float, placement: str) -> list[float]:
-    """per_token: -beta * kl_t on every token, rm_score added on the last; terminal: the whole score last."""
+def hand_token_rewards(batch: Rollout, i: int, beta: float, granularity: str) -> list[float]:
+    """k1 in the reward. "token": -beta * kl_t on every token, rm_score added on the last; "sequence": the
+    whole score rm_score - beta * sum_t kl_t on the last token."""
     kl = hand_kl(batch, i)
-    if placement == "per_token":
+    if granularity == "token":
         rewards = [-beta * k for k in kl]
         rewards[-1] += float(batch.rm_scores[i])
     else:
@@ -182,8 +183,8 @@ def nonzero_critic(value_head: torch.nn.Linear) -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"kl_placement": "per_token"}, {"kl_placement": "terminal", "whiten_rewards": True}],
-    ids=["per_token", "terminal+whiten_rewards"],
+    [{"kl_granularity": "token"}, {"kl_granularity": "sequence", "whiten_rewards": True}],
+    ids=["per_token", "sequence+whiten_rewards"],
 )
 def test_ppo_update_sees_hand_computed_rewards_values_returns_and_advantages(core8, monkeypatch, overrides):
     envs = moved_envs(core8)
@@ -206,7 +207,7 @@ def test_ppo_update_sees_hand_computed_rewards_values_returns_and_advantages(cor
     every = range(NUM_ENVS)
     logprobs, values = zip(*(hand_forward(policy, value_head, batch, i) for i in every), strict=True)
     values = [v.tolist() for v in values]
-    rewards = [hand_token_rewards(batch, i, BETA, cfg.kl_placement) for i in every]
+    rewards = [hand_token_rewards(batch, i, BETA, cfg.kl_granularity) for i in every]
     for i in every:  # the hand layout pays the env's reward: same beta, same KL
         assert sum(rewards[i]) == pytest.approx(float(batch.rewards[i]), abs=1e-5)
     if cfg.whiten_rewards:
