@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import text_env
@@ -19,3 +20,17 @@ def fresh_envs(core: EnvCore, num_envs: int) -> text_env.TextGenVectorEnv:
 def params(module: torch.nn.Module) -> list[torch.Tensor]:
     """Detached copies of every parameter, to check which ones training changed."""
     return [p.detach().clone() for p in module.parameters()]
+
+
+def replay_kl(envs: text_env.TextGenVectorEnv, batch: text_env.Rollout) -> np.ndarray:
+    """Step `batch`'s tokens through `envs` one by one, without log-probs (as an agent stepping by hand
+    would), so the env runs the policy itself; return the KL its info reports for each row."""
+    envs.reset(options={"prompt_indices": batch.prompt_indices})
+    kl = np.zeros(envs.num_envs, dtype=np.float32)
+    for t in range(batch.response_ids.shape[1]):
+        if envs.all_done:
+            break
+        _, _, _, _, info = envs.step(batch.response_ids[:, t].numpy())
+        if info:
+            kl[info["_kl"]] = info["kl"][info["_kl"]]
+    return kl

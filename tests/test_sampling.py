@@ -18,7 +18,7 @@ from agents.reinforce import policy_logprobs
 from rlhf_base.lm import position_ids_from_mask, teacher_forced
 from rlhf_base.maths import entropy_from_logits
 from rlhf_base.models import trainable_copy
-from tests.helpers import fresh_envs
+from tests.helpers import fresh_envs, replay_kl
 from text_env.core import EnvCore
 from text_env.sampling import SamplingOptions
 
@@ -286,14 +286,7 @@ def test_the_judge_rescores_a_replayed_episode_through_the_envs_options(tempered
     env's options itself: the same KL as the rollout's."""
     envs = text_env.TextGenVectorEnv(8, core=tempered)
     batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
-    envs.reset(options={"prompt_indices": batch.prompt_indices})
-    kl = np.zeros(8, dtype=np.float32)
-    for t in range(batch.response_ids.shape[1]):
-        if envs.all_done:
-            break
-        _, _, _, _, info = envs.step(batch.response_ids[:, t].numpy())
-        if info:
-            kl[info["_kl"]] = info["kl"][info["_kl"]]
+    kl = replay_kl(envs, batch)
     assert np.abs(kl).max() > 1e-2
     np.testing.assert_allclose(batch.kl.numpy(), kl, atol=5e-4)
 

@@ -10,6 +10,7 @@ import torch
 import text_env
 from rlhf_base.lm import position_ids_from_mask, response_logprobs
 from rlhf_base.maths import entropy_from_logits
+from tests.helpers import replay_kl
 
 
 def test_make_vec_returns_batched_observations(core):
@@ -116,14 +117,7 @@ def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
     batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
     assert envs._episodes.has_logprobs.all()  # white-box: scoring skipped the policy
     # Replay the same tokens without log-probs: the env runs the policy forward itself.
-    envs.reset(options={"prompt_indices": batch.prompt_indices})
-    kl = np.zeros(8, dtype=np.float32)
-    for t in range(batch.response_ids.shape[1]):
-        if envs.all_done:
-            break
-        _, _, _, _, info = envs.step(batch.response_ids[:, t].numpy())
-        if info:
-            kl[info["_kl"]] = info["kl"][info["_kl"]]
+    kl = replay_kl(envs, batch)
     assert not envs._episodes.has_logprobs.any()
     assert np.abs(kl).max() > 1e-2
     np.testing.assert_allclose(batch.kl.numpy(), kl, atol=5e-4)
