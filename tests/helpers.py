@@ -34,3 +34,14 @@ def replay_kl(envs: text_env.TextGenVectorEnv, batch: text_env.Rollout) -> np.nd
         if info:
             kl[info["_kl"]] = info["kl"][info["_kl"]]
     return kl
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """A trainable copy of `model` with Gaussian noise on every weight: a policy that differs from pi_ref,
+    so the KL is not trivially 0."""
+    policy = trainable_copy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return policy

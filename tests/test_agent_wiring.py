@@ -28,7 +28,7 @@ import agents
 import agents.ppo
 import agents.reinforce
 import text_env
-from rlhf_base.models import trainable_copy
+from tests.helpers import perturbed
 from text_env.core import EnvCore
 from text_env.sampler import Rollout
 
@@ -48,11 +48,7 @@ def core8() -> EnvCore:
 def moved_envs(core: EnvCore) -> text_env.TextGenVectorEnv:
     """A vector env whose policy is pi_ref plus fixed noise, so that the KL to pi_ref is far from 0."""
     envs = text_env.TextGenVectorEnv(num_envs=NUM_ENVS, core=core)
-    envs.set_policy(trainable_copy(core.reference))
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in envs.policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    envs.set_policy(perturbed(core.reference))
     return envs
 
 

@@ -13,19 +13,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import text_env
 from rlhf_base.config import ConfigError, load_config
-from rlhf_base.models import trainable_copy
+from tests.helpers import perturbed
 from text_env.config import EnvConfig
 from text_env.core import EnvCore
-
-
-def _perturbed(model, scale=0.05, seed=0):
-    """A policy that differs from the reference, so the KL is not trivially 0."""
-    policy = trainable_copy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return policy
 
 
 def test_gymnasium_and_sb3_checkers_pass_without_warnings():
@@ -64,7 +54,7 @@ def test_same_seed_same_prompt_and_episode(env):
 def test_kl_and_reward_match_a_hand_computation(core):
     """kl = sum_i log pi(y_i) - log pi_ref(y_i), each from a plain unpadded forward; reward = rm - beta * kl."""
     beta = 0.3
-    policy = _perturbed(core.reference)
+    policy = perturbed(core.reference)
     env = text_env.TextGenEnv(
         core=EnvCore(reference=core.reference, tokenizer=core.tokenizer, policy=policy, beta=beta)
     )

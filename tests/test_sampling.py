@@ -18,19 +18,9 @@ from agents.reinforce import policy_logprobs
 from rlhf_base.lm import position_ids_from_mask, teacher_forced
 from rlhf_base.maths import entropy_from_logits
 from rlhf_base.models import trainable_copy
-from tests.helpers import fresh_envs, replay_kl
+from tests.helpers import fresh_envs, perturbed, replay_kl
 from text_env.core import EnvCore
 from text_env.sampling import SamplingOptions
-
-
-def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """A trainable copy of `model` with Gaussian noise on every weight: a policy that differs from pi_ref."""
-    policy = trainable_copy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return policy
 
 
 def make_core(core: EnvCore, policy: torch.nn.Module | None = None, **kwargs) -> EnvCore:

@@ -10,7 +10,7 @@ import torch
 import text_env
 from rlhf_base.lm import position_ids_from_mask, response_logprobs
 from rlhf_base.maths import entropy_from_logits
-from tests.helpers import replay_kl
+from tests.helpers import perturbed, replay_kl
 
 
 def test_make_vec_returns_batched_observations(core):
@@ -104,13 +104,9 @@ def test_same_generator_seed_same_rollout(core):
 
 def test_known_logprobs_give_the_same_kl_as_the_policy_forward(core):
     """Skipping the policy forward (sampler-supplied log-probs) must not change the env's KL or reward."""
-    from rlhf_base.models import trainable_copy
     from text_env.core import EnvCore
 
-    policy = trainable_copy(core.reference)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    policy = perturbed(core.reference)
     envs = text_env.TextGenVectorEnv(
         num_envs=8, core=EnvCore(reference=core.reference, tokenizer=core.tokenizer, policy=policy)
     )
