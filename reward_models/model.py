@@ -41,7 +41,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,7 +54,14 @@ from transformers import (
 )
 
 from rlhf_base.io import atomic_dir, atomic_write, save_tensors
-from rlhf_base.lm import call_overhead_tokens, length_groups, position_ids_from_mask, token_logprobs
+from rlhf_base.lm import (
+    call_overhead_tokens,
+    context_length,
+    last_token_index,
+    length_groups,
+    position_ids_from_mask,
+    token_logprobs,
+)
 from rlhf_base.models import fuse_gelu, load_causal_lm, resolve_device
 
 __all__ = [
@@ -95,14 +102,6 @@ def sequence_logprob_stats(
 ) -> torch.Tensor:
     """(B, 3) `logprob_stats` of each sequence under `reference` (frozen: no gradients)."""
     return logprob_stats(token_logprobs(reference, input_ids, attention_mask), attention_mask)
-
-
-def _context_length(config: Any) -> int | None:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -173,7 +172,7 @@ class RewardModel(nn.Module):
             self.head = None
             if body.config.pad_token_id is None:  # HF classifiers find the last token through the pad id
                 body.config.pad_token_id = self.tokenizer.pad_token_id
-        context = _context_length(body.config)
+        context = context_length(body)
         self.max_length = int(max_length or context or self.tokenizer.model_max_length)
         self.shift, self.scale = float(shift), float(scale)
 
@@ -289,8 +288,7 @@ class RewardModel(nn.Module):
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state  # (B, T, H)
-        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (attention_mask.long() * columns).argmax(-1)  # (B,) the rightmost real token: the EOS
+        last = last_token_index(attention_mask)  # (B,) the rightmost real token: the EOS
         features = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
         if self.reference is not None:
             if stats is None:

@@ -134,8 +134,9 @@ def _prefill(
         ids = torch.as_tensor(obs["input_ids"][:, :p], device=device)
         kwargs["position_ids"] = position_ids_from_mask(full_mask)
         return policy(input_ids=ids, attention_mask=full_mask, **kwargs), None
-    cache.batch_select_indices(torch.as_tensor(inverse.reshape(-1), device=device))  # (B,) rows of `first`
-    out.logits = out.logits[torch.as_tensor(inverse.reshape(-1), device=device)]
+    rows_of = torch.as_tensor(inverse.reshape(-1), device=device)  # (B,) each row's index into `first`
+    cache.batch_select_indices(rows_of)
+    out.logits = out.logits[rows_of]
     return out, cache
 
 
@@ -328,30 +329,24 @@ def _rollout(
     logprobs, entropy = _scatter_steps(steps, num_rows, n, device)
     logprobs, entropy = logprobs * response_mask, entropy * response_mask  # 0 after each row's end
     # Every row scored at once: one reference and one reward-model forward per batch, not per finishing step.
-    scores = envs.score_pending()
-    rewards = np.zeros(num_rows, dtype=np.float32)
-    results = {k: np.zeros(num_rows, dtype=np.float32) for k in ("rm_score", "kl", "gold_score")}
-    ref_logprobs = np.zeros((num_rows, n), dtype=np.float32)
-    responses = [""] * num_rows
-    rewards[scores.rows] = scores.reward
-    for key in results:
-        results[key][scores.rows] = getattr(scores, key)
-    ref_logprobs[scores.rows] = scores.ref_logprobs
-    for row, text in zip(scores.rows, scores.response, strict=True):
-        responses[row] = text
+    scores = (
+        envs.score_pending()
+    )  # every row has ended (EOS or max_new_tokens), so rows are 0 .. B-1 in order
+    if not np.array_equal(scores.rows, np.arange(num_rows)):
+        raise RuntimeError(f"rollout expected all {num_rows} rows pending, got rows {scores.rows.tolist()}")
     return Rollout(
         prompts=[str(x) for x in reset_info["prompt"]],
-        responses=responses,
+        responses=list(scores.response),
         prompt_indices=reset_info["prompt_index"],
         input_ids=ids,
         attention_mask=full_mask,
         response_start=p,
         response_mask=response_mask,
         logprobs=logprobs,
-        ref_logprobs=torch.as_tensor(ref_logprobs, device=device),
+        ref_logprobs=torch.as_tensor(scores.ref_logprobs, device=device),
         entropy=entropy,
-        rewards=torch.as_tensor(rewards, device=device),
-        rm_scores=torch.as_tensor(results["rm_score"], device=device),
-        kl=torch.as_tensor(results["kl"], device=device),
-        gold_scores=torch.as_tensor(results["gold_score"], device=device),
+        rewards=torch.as_tensor(scores.reward, device=device),
+        rm_scores=torch.as_tensor(scores.rm_score, device=device),
+        kl=torch.as_tensor(scores.kl, device=device),
+        gold_scores=torch.as_tensor(scores.gold_score, device=device),
     )

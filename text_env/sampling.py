@@ -59,7 +59,10 @@ class SamplingOptions:
         if isinstance(m, bool) or not isinstance(m, Integral) or m < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {m!r}")
         if m > 0 and self.eos_token_id is None:
-            raise ValueError("min_new_tokens > 0 needs eos_token_id: the token it bans")
+            raise ValueError(
+                "min_new_tokens > 0 needs eos_token_id, the token it bans: pass "
+                "SamplingOptions(eos_token_id=tokenizer.eos_token_id, ...)"
+            )
 
     @property
     def is_identity(self) -> bool:
@@ -105,12 +108,14 @@ class SamplingOptions:
         return torch.log_softmax(self.logits(logits, step), dim=-1)
 
     def _ban_eos(self, logits: torch.Tensor, step: int | torch.Tensor | None) -> torch.Tensor:
-        if isinstance(step, Integral) and step >= self.min_new_tokens:  # the sampler, past the ban
-            return logits
+        if isinstance(step, Integral):  # the sampler: one step for every row
+            if step >= self.min_new_tokens:
+                return logits
+            return logits.index_fill(
+                -1, torch.tensor([self.eos_token_id], device=logits.device), float("-inf")
+            )
         eos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # (V,)
         eos[self.eos_token_id] = True
-        if isinstance(step, Integral):  # one step for every row
-            return logits.masked_fill(eos, float("-inf"))
         if step is None:  # teacher-forced (..., N, V): column j is step j
             step = torch.arange(logits.shape[-2], device=logits.device)  # (N,)
         banned = torch.as_tensor(step, device=logits.device) < self.min_new_tokens  # (b,) or (N,)
