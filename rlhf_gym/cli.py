@@ -261,32 +261,25 @@ def add_train_command(sub: Subparsers) -> None:
     p.set_defaults(handler=_train)
 
 
-def _print_report(run_dir: Path) -> None:
-    from rlhf_gym.report import make_report, markdown_table, read_results, summarise
-
-    paths = make_report(run_dir)
-    print(markdown_table(summarise(read_results(run_dir / "results.csv"))))
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
-
-
 def _sweep(args: argparse.Namespace) -> int:
     """Run a grid of agents x betas x seeds (x any config field) in worker processes; finished cells are
     kept, so a rerun resumes (results.csv, curves.csv, tensorboard/ under runs/NAME)."""
     import dataclasses
 
     from rlhf_base.config import load_config
-    from rlhf_gym.sweep import SweepConfig, run_sweep
+    from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
 
     try:
         config = load_config(SweepConfig, args.config, args.overrides)
+        if args.workers is not None:
+            config = dataclasses.replace(config, workers=args.workers)
+        check_cells(expand_cells(config), config)  # a bad grid or override key fails here, before any cell
     except ConfigError as e:
         return fail("sweep", e)
-    if args.workers is not None:
-        config = dataclasses.replace(config, workers=args.workers)
     run_dir = run_sweep(config)
     print(f"results: {run_dir / 'results.csv'}")
     if args.report:
-        _print_report(run_dir)
+        return _report(argparse.Namespace(run_dir=run_dir))
     return 0
 
 
@@ -322,8 +315,8 @@ def _report(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", OldColumnsWarning)  # said once, as a note, below
             rows, renamed = read_table(results, "results")
     except (FileNotFoundError, DataError) as e:
-        print(f"rlhf-gym report: error: {e}", file=sys.stderr)
-        return 1
+        fail("report", e)
+        return 1  # no finished sweep to report on
     if renamed:
         print(f"rlhf-gym report: note: {old_names_message(results, renamed)}", file=sys.stderr)
     print(markdown_table(summarise(rows)))
@@ -360,10 +353,12 @@ def _pipeline(args: argparse.Namespace) -> int:
     its inputs, so a rerun redoes only what changed."""
     from rlhf_base.config import load_config
     from rlhf_gym.pipeline import PipelineConfig, run_pipeline
+    from rlhf_gym.sweep import check_cells, expand_cells
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     try:
         config = load_config(PipelineConfig, args.config, overrides)
+        check_cells(expand_cells(config.agents), config.agents)  # the agents stage's grid, checked up front
     except ConfigError as e:
         return fail(args.command, e)
     return print_summary(run_pipeline(config))

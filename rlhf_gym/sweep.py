@@ -103,16 +103,16 @@ def _route(key: str, agent: str) -> tuple[str | None, str]:
     """Where dotted `key` applies for `agent`: ("env" | "agent" | None, the key inside that config)."""
     head, _, rest = key.partition(".")
     if not rest:
-        raise ValueError(f"sweep key {key!r} needs a prefix: 'env.X', 'agent.X' or 'AGENT_NAME.X'")
+        raise ConfigError(f"sweep key {key!r} needs a prefix: 'env.X', 'agent.X' or 'AGENT_NAME.X'")
     if rest == "beta" and head in ("env", "agent", agent):  # one owner: the sweep's `betas` axis
-        raise ValueError(
+        raise ConfigError(
             f"sweep key {key!r}: a sweep sets the env's beta per cell from `betas`; list them there"
         )
     if head == "env":
         return "env", rest
     if head in ("agent", agent):
         if rest in ENV_SETTINGS:
-            raise ValueError(f"sweep key {key!r}: {ENV_SETTINGS[rest]}; in a sweep, use 'env.{rest}'")
+            raise ConfigError(f"sweep key {key!r}: {ENV_SETTINGS[rest]}; in a sweep, use 'env.{rest}'")
         return "agent", rest
     return None, rest  # another agent's key
 
@@ -124,14 +124,14 @@ def _override(key: str, value: Any) -> str:
 def expand_cells(config: SweepConfig) -> list[Cell]:
     """Every cell of the grid, in a stable order; an axis of another agent does not multiply this one's cells."""
     if config.env.beta != EnvConfig.beta and config.env.beta not in config.betas:
-        raise ValueError(
+        raise ConfigError(
             f"the sweep's env.beta={config.env.beta} would be ignored: each cell's beta comes from "
             f"`betas` ({config.betas}); list the value there"
         )
     fixed = [text.partition("=")[::2] for text in config.overrides]
     bad = [text for text in config.overrides if "=" not in text]
     if bad:
-        raise ValueError(f"sweep overrides must be KEY=VALUE with a dotted KEY; got {bad}")
+        raise ConfigError(f"sweep overrides must be KEY=VALUE with a dotted KEY; got {bad}")
     cells = []
     for agent in config.agents:
         axes = [(k, v) for k, v in sorted(config.grid.items()) if _route(k, agent)[0] is not None]

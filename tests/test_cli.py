@@ -68,3 +68,18 @@ def test_train_names_the_agents_when_one_is_unknown(capsys):
     assert cli.main(["train", "--agent", "ppoo"]) == 2
     err = capsys.readouterr().err
     assert "unknown agent 'ppoo'" in err and "'ppo'" in err
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("overrides=[ppo.nosuch=1]", "unknown key 'nosuch'"),
+        ("env.beta=0.3", "would be ignored: each cell's beta comes from `betas`"),
+        ("grid={reinforce.lr: [1e-3]}", "'lr' was renamed to 'learning_rate'"),
+    ],
+)
+def test_a_bad_sweep_grid_is_one_line_and_exit_2_before_any_cell_runs(tmp_path, capsys, override, says):
+    assert cli.main(["sweep", f"runs_root={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf-gym sweep: error: ") and says in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir()), "nothing may run (or be written) before the grid is checked"
