@@ -41,11 +41,31 @@ MOVED: dict[str, str] = {
 }
 
 
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside this module, the alias module and the import machinery:
+    the user's `import` or attribute access. Python shows a DeprecationWarning by default only when it is
+    attributed to `__main__`, so pointing at the alias file (or at importlib) would hide it."""
+    frame, level = sys._getframe(1), 1
+    alias = None
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        filename = frame.f_code.co_filename
+        internal = name == __name__ or filename.startswith("<frozen") or name.startswith("importlib")
+        if not internal and alias is None and frame.f_code.co_name == "<module>" and name in MOVED:
+            alias, internal = name, True  # the alias module's own body (alias_module's caller)
+        if not internal:
+            return level
+        # warnings.warn itself skips the import machinery's frames when it counts `stacklevel`
+        skipped = "importlib" in filename and "_bootstrap" in filename
+        frame, level = frame.f_back, level + (0 if skipped else 1)
+    return level
+
+
 def _warn(old: str, new: str) -> None:
     warnings.warn(
         f"{old} has moved to {new}; the old name will be removed in rlhf-gym {REMOVED_IN}",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=_caller_level(),
     )
 
 

@@ -57,6 +57,13 @@ class _Stages:
         atomic_write(self.path, json.dumps(self.done, indent=2))
 
 
+def _base_model_key() -> str:
+    """The built-in model's cache key: SFT's fingerprint covers it, so a rebuilt model redoes SFT."""
+    from text_env.tasks.reviews.pretrain import cache_key
+
+    return cache_key()
+
+
 def _fingerprint(*parts: Any) -> str:
     blob = json.dumps(
         [config_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True
@@ -87,11 +94,11 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
     # 1. Pretrain (the default task only): the built-in model is cached outside the run folder.
     base = None  # what SFT starts from, when the pipeline knows its identity (the built-in model's cache key)
     if config.sft.model is None:
-        from text_env.tasks.reviews.pretrain import cache_key, pretrained_tiny_reviews
+        from text_env.tasks.reviews.pretrain import pretrained_tiny_reviews
 
         say("pretrain", "tiny-reviews GPT-2 (built once, then cached)")
         pretrained_tiny_reviews()
-        base = cache_key()
+        base = _base_model_key()
 
     # 2. SFT -> pi_ref (rebuilt when its config or the built-in model it starts from changes).
     sft_cfg = dataclasses.replace(config.sft, device=config.device)

@@ -232,3 +232,13 @@ def test_moved_names_are_the_same_objects(old, name, new):
     with pytest.warns(DeprecationWarning, match="has moved to"):
         value = getattr(importlib.import_module(old), name)
     assert value is getattr(importlib.import_module(new), name)
+
+
+@pytest.mark.parametrize("statement", ["import rlhf_gym.maths", "from agents.sft import SFTConfig"])
+def test_a_users_old_import_shows_its_warning_under_default_filters(statement):
+    """Python shows a DeprecationWarning by default only when it points at `__main__`: the warning must name
+    the user's line, not the alias module or the import machinery, or nobody would ever see it."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
+    assert "<string>:1: DeprecationWarning:" in result.stderr and "has moved to" in result.stderr
