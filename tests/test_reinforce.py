@@ -132,6 +132,19 @@ def test_non_finite_reward_stops_before_the_update(core16):
     assert all(torch.equal(a, b) for a, b in zip(before, agent.envs.policy.parameters(), strict=True))
 
 
+def test_an_infinite_gradient_under_a_finite_loss_stops_before_the_step(core16):
+    """The loss can be finite while a gradient is not (here a hook makes one weight's gradient inf): the
+    norm's guard must stop the step, or the clip would turn the weights into NaN."""
+    envs = fresh_envs(core16, 8)
+    agent = agents.make_agent("reinforce", envs, {})
+    first = next(envs.policy.parameters())
+    first.register_hook(lambda grad: grad * math.inf)
+    before = params(envs.policy)
+    with pytest.raises(NonFiniteLossError, match="gradient norm.*iteration 1"):
+        agent.learn(1)
+    assert all(torch.equal(a, b) for a, b in zip(before, envs.policy.parameters(), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Behaviour
 # ---------------------------------------------------------------------------------------------------------
