@@ -337,7 +337,9 @@ class ReinforceAgent:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            check_finite(grad_norm, "policy gradient norm", iteration)  # a finite loss can still have inf grads
+            check_finite(
+                grad_norm, "policy gradient norm", iteration
+            )  # a finite loss can still have inf grads
             self.optimizer.step()
 
         metrics = {

@@ -133,7 +133,9 @@ def add_sft_command(sub: Subparsers) -> None:
     add_config_argument(p, None, "SFTConfig")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/sft-TIMESTAMP)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (overrides the config's device)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", "--quiet", dest="quiet", action="store_true", help="hide the progress bar"
+    )
     add_overrides(p, "learning_rate=3e-4")
     p.set_defaults(handler=_sft)
 
@@ -238,7 +240,8 @@ def _train(args: argparse.Namespace) -> int:
         return fail("train", ValueError(f"unknown agent {args.agent!r}; available: {available()}"))
     overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
     try:
-        train(args.agent, args.run_dir or f"runs/train-{args.agent}", args.config, args.env_config, overrides)
+        run_dir = args.run_dir or f"runs/train-{args.agent}"
+        train(args.agent, run_dir, args.config, args.env_config, overrides, progress=not args.no_progress)
     except ConfigError as e:
         return fail("train", e)
     return 0
@@ -257,6 +260,7 @@ def add_train_command(sub: Subparsers) -> None:
     p.add_argument("--env-config", default=None, type=_config_argument, help="env YAML (EnvConfig fields)")
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
     p.add_argument("--device", default=None, help="overrides env.device")
+    p.add_argument("--no-progress", action="store_true", help="no line per iteration")
     add_overrides(p, "iterations=10 env.beta=0.1 (env.* keys go to the env config)")
     p.set_defaults(handler=_train)
 
