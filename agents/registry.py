@@ -15,6 +15,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from agents.base import ENV_SETTINGS
 from rlhf_base.config import config_from_dict, load_config
 from text_env.config import EnvConfig
 from text_env.env import TextGenEnv
@@ -78,10 +79,14 @@ def resolve_config(agent_cls: type, config: Any = None, overrides: list[str] | t
     config_cls = getattr(agent_cls, "Config", None)
     if config_cls is None or not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"agent class {agent_cls.__name__} needs a `Config` dataclass attribute")
+    # The env's settings (beta, num_envs) have one owner: naming one in any agent's config says where it lives.
+    own = {f.name for f in dataclasses.fields(config_cls)}
+    moved = {key: where for key, where in ENV_SETTINGS.items() if key not in own}
     if config is None or isinstance(config, (str, Path)):
-        return load_config(config_cls, config, overrides)
+        return load_config(config_cls, config, overrides, moved_keys=moved)
     if isinstance(config, dict):
-        cfg = config_from_dict(config_cls, config, where=f"in the config given for {agent_cls.__name__}")
+        where = f"in the config given for {agent_cls.__name__}"
+        cfg = config_from_dict(config_cls, config, where=where, moved_keys=moved)
     elif isinstance(config, config_cls):
         cfg = config
     else:

@@ -256,13 +256,16 @@ def _default(field: dataclasses.Field[Any]) -> Any:
     return None
 
 
-def _build(cls: type[T], node: _Node, path: str, base: T | None) -> T:
+def _build(
+    cls: type[T], node: _Node, path: str, base: T | None, moved_keys: Mapping[str, str] | None = None
+) -> T:
     """Instantiate ``cls`` from ``node``; fields absent from ``node`` keep ``base``'s values or defaults."""
     types_ = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     section = f"'{path}' ({cls.__name__})" if path else cls.__name__
     renamed: Mapping[str, str] = getattr(cls, "RENAMED", {})
-    moved = getattr(cls, "MOVED_KEYS", {})  # key -> where that setting lives now (a ClassVar of `cls`)
+    # key -> where that setting lives now: the caller's (e.g. the env's settings for any agent), then `cls`'s
+    moved = {**(moved_keys or {}), **getattr(cls, "MOVED_KEYS", {})}
     for key in node:
         if key in moved and key not in types_:
             dotted = f"{path}.{key}" if path else str(key)
@@ -316,7 +319,12 @@ def _build(cls: type[T], node: _Node, path: str, base: T | None) -> T:
         raise ConfigError(f"invalid config for {section}{set_by}: {e}") from e
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    moved_keys: Mapping[str, str] | None = None,
+) -> T:
     """Build ``cls`` from its defaults, a YAML file, then dotted-key overrides, checking every value.
 
     Args:
@@ -336,6 +344,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             the wrong type (the message gives key, place, expected type and value); an override lacks
             ``=``; or the dataclass's own ``__post_init__`` rejected the result.
         TypeError: ``cls`` is not a dataclass type.
+
+    ``moved_keys`` (top-level key -> where that setting lives now) adds to the class's own ``MOVED_KEYS``:
+    a caller can say for any class, a user's included, that a key belongs to another config.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"load_config needs a dataclass type, got {cls!r}")
@@ -344,17 +355,22 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     tree = _read_file(Path(path)) if path is not None else _Node()
     for text in overrides:
         _merge(tree, _parse_override(text))
-    return _build(cls, tree, "", None)
+    return _build(cls, tree, "", None, moved_keys)
 
 
-def config_from_dict(cls: type[T], values: Mapping[str, Any], where: str = "in a mapping") -> T:
+def config_from_dict(
+    cls: type[T],
+    values: Mapping[str, Any],
+    where: str = "in a mapping",
+    moved_keys: Mapping[str, str] | None = None,
+) -> T:
     """Build ``cls`` from defaults and a (nested) mapping, with the same checks and errors as ``load_config``.
 
     For configs given in code, e.g. ``make_agent("ppo", envs, {"learning_rate": 1e-4})``; ``where`` names the source.
     """
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"config_from_dict needs a dataclass type, got {cls!r}")
-    return _build(cls, _as_node(values, where), "", None)
+    return _build(cls, _as_node(values, where), "", None, moved_keys)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -172,3 +172,19 @@ def test_train_command_writes_metrics_summary_and_policy(tmp_path):
     assert (run_dir / "policy" / "model.safetensors").is_file() and any((run_dir / "tensorboard").iterdir())
     with pytest.raises(SystemExit):
         main(["train", "--agent"])  # argparse names the missing value
+
+
+@pytest.mark.parametrize("agent", ["reinforce", "best_of_n", "raft", "sb3_ppo"])
+@pytest.mark.parametrize("key", ["beta", "num_envs"])
+def test_every_agent_config_that_names_an_env_setting_says_where_it_lives(agent, key):
+    """beta and num_envs have one owner, the env: any agent's config (not only PPO's, which lists them
+    itself) that names one gets an error pointing at env.beta / env.num_envs, not a bare "unknown key"."""
+    from agents.registry import get_agent_class, resolve_config
+    from rlhf_base.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=rf"key '{key}' .* is not a \w+ setting: the env owns .* env\.{key}"
+    ):
+        resolve_config(get_agent_class(agent), {key: 1})
+    with pytest.raises(ConfigError, match=rf"in override '{key}=1' is not a \w+ setting: the env owns"):
+        resolve_config(get_agent_class(agent), None, [f"{key}=1"])
