@@ -175,7 +175,9 @@ def test_agent_and_stage_commands_run_on_the_defaults_without_a_config(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     seen = {}
-    monkeypatch.setattr(train, "train", lambda agent, run_dir, config, *a: seen.update(agent=agent, c=config))
+    monkeypatch.setattr(
+        train, "train", lambda agent, run_dir, config, *a, **kw: seen.update(agent=agent, c=config)
+    )
     assert cli.main(["train", "--agent", "ppo"]) == 0
     assert seen == {"agent": "ppo", "c": None}
 
