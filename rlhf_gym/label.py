@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from text_env.core import EnvCore
 from text_env.judge import as_reward_fn
+from text_env.rewards import resolve_reward
 from text_env.sampler import rollout
 from text_env.tasks import get_task
 from text_env.vector_env import TextGenVectorEnv
@@ -59,10 +60,13 @@ class LabelConfig:
     model: str | None = (
         None  # the model whose samples are labelled: None = tiny-reviews; a saved HF causal LM dir (e.g. SFT)
     )
-    task: str = "reviews"  # built-in task: supplies the prompts and the gold reward the labeller follows
+    task: str = "reviews"  # built-in task or "module:attr": supplies the prompts and the gold reward
     prompts: str | None = (
-        None  # a prompt file (.jsonl/.json/.csv/.parquet, field "prompt") replacing the task's
+        None  # replaces the task's prompts: a file, "hf:NAME[@SPLIT]", "module:attr" (as EnvConfig.prompts)
     )
+    # What the labeller follows: None = the task's gold reward (kept with user prompts); or any reward as
+    # EnvConfig.reward_model takes ("module:function", "module:Class", a saved reward model folder)
+    gold_reward: str | None = None
     num_pairs: int = 5000  # preference pairs to produce (pairs with identical responses are resampled)
     tau: float = (
         0.2  # labeller noise: P(a preferred) = sigmoid((g(a) - g(b)) / tau); 0 = always the gold-better one
@@ -165,8 +169,11 @@ def label_pairs(
         if judge is None
         else (getattr(judge, "name", None) or getattr(judge, "__name__", None) or type(judge).__name__)
     )
+    if judge is None and config.gold_reward is not None:
+        judge = resolve_reward(config.gold_reward, device, "gold_reward")
+        judge_name = config.gold_reward
     if core is None:
-        task = get_task(config.task, config.prompts)
+        task = get_task(config.task, config.prompts, keep_gold=True)
         if task.gold_reward is None and judge is None:
             raise ValueError(
                 f"task {task.name!r} has no gold reward, so the simulated labeller has nothing to follow; "

@@ -23,10 +23,17 @@ class EnvConfig:
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {"kl_estimator": KL_ESTIMATOR_MOVED}
 
-    task: str = "reviews"  # built-in task name
-    prompts: str | None = None  # a JSONL/JSON/CSV/Parquet prompt file; None = the task's own prompts
+    task: str = "reviews"  # a built-in task name, or a user's Task as "module:attr"
+    # None = the task's own prompts; a JSONL/JSON/CSV/Parquet file (field "prompt"), a saved Dataset folder,
+    # "hf:NAME[@SPLIT]", or "module:attr" (a list of strings, a Dataset, or a function returning one)
+    prompts: str | None = None
     model: str | None = None  # pi_ref: None = tiny-reviews, else an SFT output / HF model dir / hub id
-    reward_model: str | None = None  # a saved reward model dir; None = the task's gold reward
+    # The reward agents optimise: None = the task's gold reward; a saved reward model or HF sequence
+    # classifier folder; "module:function" (prompts, responses) -> scores; "module:Class" (built with no args)
+    reward_model: str | None = None
+    # What gold_score logs (evaluation only): None = the task's gold if it judges these prompts (not with
+    # user prompts and a reward_model of one's own: then NaN, "no gold"); "task"; "none"; or as reward_model
+    gold_reward: str | None = None
     beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl (kl: k1, the log-ratio sum)
     max_new_tokens: int = 32  # response length limit
     min_new_tokens: int = 0  # EOS is forbidden before this many tokens (fixed-length runs)
@@ -41,6 +48,7 @@ class EnvConfig:
             prompts=self.prompts,
             model=self.model,
             reward_model=self.reward_model,
+            gold_reward=self.gold_reward,
             beta=self.beta,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,

@@ -17,21 +17,13 @@ from rlhf_base.lm import context_length
 from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
 from text_env.judge import KL_ESTIMATOR_MOVED, Judge, as_reward_fn, check_beta
+from text_env.rewards import describe_reward, resolve_reward
 from text_env.sampling import SamplingOptions
 from text_env.scores import Scores
 from text_env.speed import SpeedOptions
 from text_env.tasks import Task, get_task
 
 __all__ = ["EnvCore"]
-
-
-def _load_reward_model(reward_model: Any, device: Any) -> Any:
-    """A path to a saved reward model is loaded; anything else must be a callable or have `.score`."""
-    if isinstance(reward_model, (str, os.PathLike)):
-        from reward_models import load_reward_model
-
-        return load_reward_model(reward_model, device=device)
-    return reward_model
 
 
 class EnvCore:
@@ -46,8 +38,14 @@ class EnvCore:
         policy: the model pi whose log-probs enter the KL; default: a trainable copy of the reference.
             Agents hand theirs with `env.unwrapped.set_policy(model)`.
         tokenizer: the tokenizer, when `reference` is given as an object.
-        reward_model: a callable `(prompts, responses) -> scores`, an object with `.score`, or the path of a
-            saved reward model; default: the task's gold reward (until a learned one is trained).
+        reward_model: the reward the agents optimise: a callable `(prompts, responses) -> scores`, an
+            object with `.score`, or a string: `module:function`, `module:Class` (built with no arguments),
+            a saved reward model's folder or a Hugging Face sequence classifier's (`text_env.rewards`);
+            default: the task's gold reward (until a learned one is trained), also with user prompts.
+        gold_reward: what `gold_score` logs, for evaluation only: None = the task's gold reward, which
+            judges the task's own prompts, so with user `prompts` and a `reward_model` of one's own there is
+            none (gold_score NaN, reports say "no gold"); "task" keeps the task's gold with user prompts;
+            "none" logs none; or any reward as `reward_model` takes.
         beta: KL coefficient in `reward = rm_score - beta * kl`.
         kl_estimator: only "k1", the sum of log-ratios (kept so that old calls passing it still work): the
             env's `kl` and reward always use it; any other value is an error that names the agents'
@@ -76,6 +74,7 @@ class EnvCore:
         policy: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         reward_model: Any = None,
+        gold_reward: Any = None,
         beta: float = 0.05,
         kl_estimator: str = "k1",
         max_new_tokens: int = 32,
@@ -89,8 +88,27 @@ class EnvCore:
             raise ValueError(
                 f"kl_estimator={kl_estimator!r} is no env setting any more: {KL_ESTIMATOR_MOVED}"
             )
-        self.task = get_task(task, prompts)
+        keep_gold = gold_reward == "task" or (reward_model is None and gold_reward is None)
+        self.task = get_task(task, prompts, keep_gold=keep_gold)
         self.device = resolve_device(device)
+        # The rewards first: a misnamed reward fails before any model loads.
+        if reward_model is None and self.task.gold_reward is None:
+            raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")
+        # The object the env scores with (a loaded path becomes its reward model), for callers that need
+        # the model itself (e.g. a benchmark timing its forwards); the judge calls its `.score`.
+        self.reward_model = (
+            self.task.gold_reward
+            if reward_model is None
+            else resolve_reward(reward_model, self.device, "reward_model")
+        )
+        if gold_reward in (None, "task"):
+            gold = self.task.gold_reward
+        elif gold_reward == "none":
+            gold = None
+        else:
+            gold = resolve_reward(gold_reward, self.device, "gold_reward")
+        #: The gold reward gold_score logs (None: the task has none here, and gold_score is NaN).
+        self.gold_reward = gold
         if reference is None:
             reference, tokenizer = load_causal_lm(model, device=self.device)
             reference = frozen_copy(reference)
@@ -122,18 +140,17 @@ class EnvCore:
             raise TypeError(f"speed must be a text_env.SpeedOptions, got {type(self.speed).__name__}")
         self.vocab_size = int(reference.config.vocab_size)
         self.prompt_ids, self.prompt_mask = self._tokenise_prompts(max_prompt_tokens)
-        if reward_model is None and self.task.gold_reward is None:
-            raise ValueError(f"task {self.task.name!r} has no gold reward, so a reward_model=... is required")
-        # The object the env scores with (a loaded path becomes its reward model), for callers that need
-        # the model itself (e.g. a benchmark timing its forwards); the judge calls its `.score`.
-        self.reward_model = (
-            self.task.gold_reward if reward_model is None else _load_reward_model(reward_model, self.device)
-        )
         self.judge = Judge(
             reference=reference,
             policy=policy if policy is not None else trainable_copy(reference),
             reward_fn=as_reward_fn(self.reward_model),
-            gold_fn=self.task.gold_reward,
+            gold_fn=as_reward_fn(gold) if gold is not None else None,
+            reward_name=f"reward_model {describe_reward(reward_model, self.reward_model)}"
+            if reward_model is not None
+            else f"the {self.task.name} task's gold reward (the reward model)",
+            gold_name=f"gold_reward {describe_reward(gold_reward, gold)}"
+            if gold_reward not in (None, "task")
+            else f"the {self.task.name} task's gold reward",
             beta=beta,
             tokenizer=tokenizer,
             speed=self.speed,

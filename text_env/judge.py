@@ -58,13 +58,35 @@ def check_beta(beta: Any) -> float:
     return float(beta)
 
 
-def _as_scores(values: Any, expected: int, what: str) -> np.ndarray:
+def _as_scores(values: Any, expected: int, what: str, responses: Sequence[str] = ()) -> np.ndarray:
+    """A reward's output as a (k,) float32 array of finite scores, or an error naming the reward and rows.
+
+    A reward is user code (a function named in a config, a saved model with a bad `scale`): a wrong shape,
+    a non-number or a NaN/inf would otherwise flow into advantages, best-of-n's choice or RAFT's training
+    data and corrupt a run that still exits 0.
+    """
     if isinstance(values, torch.Tensor):
         values = values.detach().float().cpu().numpy()
-    scores = np.asarray(values, dtype=np.float32)
+    try:
+        scores = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{what} returned {type(values).__name__} that is not a sequence of numbers ({e}); "
+            f"expected {expected} scores, one per response"
+        ) from None
     if scores.shape != (expected,):
         raise ValueError(
             f"{what} returned scores of shape {scores.shape}; expected ({expected},), one per response"
+        )
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        shown = ", ".join(
+            f"row {i}: {scores[i]}" + (f" for {responses[i][:40]!r}" if i < len(responses) else "")
+            for i in bad[:5]
+        )
+        raise ValueError(
+            f"{what} returned {len(bad)} non-finite score(s) of {expected} ({shown}"
+            f"{', ...' if len(bad) > 5 else ''}): a reward must be a finite number per response"
         )
     return scores
 
@@ -84,6 +106,8 @@ class Judge:
     # The env's sampling options (temperature, EOS banned before min_new_tokens): the task's policy. Both
     # sides of the KL are scored through them, so pi_ref against itself has KL 0 (`text_env.sampling`).
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    reward_name: str = "reward_model"  # how messages name the reward model (e.g. its config value)
+    gold_name: str = "gold reward"  # and the gold reward
 
     def __post_init__(self) -> None:
         self.beta = check_beta(self.beta)
@@ -144,6 +168,7 @@ class Judge:
             if len(text_rows):  # the text path drops special tokens inside a response: score those as text
                 rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
                                                         [responses[i] for i in text_rows])  # fmt: skip
+            rm_score = _as_scores(rm_score, len(responses), self.reward_name, responses)  # finite, or say so
         else:
             ref_logprobs = response_logprobs(
                 self.reference, ids, mask, response_start, True, overhead, transform
@@ -155,7 +180,9 @@ class Judge:
         if self.gold_fn is self.reward_fn:  # the gold reward serves as the reward model: score once
             gold = rm_score.copy()
         elif self.gold_fn is not None:
-            gold = _as_scores(self.gold_fn(list(prompts), list(responses)), len(responses), "gold reward")
+            gold = _as_scores(
+                self.gold_fn(list(prompts), list(responses)), len(responses), self.gold_name, responses
+            )
         else:
             gold = np.full(len(responses), np.nan, dtype=np.float32)
         return {
@@ -168,7 +195,9 @@ class Judge:
         }
 
     def _text_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return _as_scores(self.reward_fn(list(prompts), list(responses)), len(responses), "reward_model")
+        return _as_scores(
+            self.reward_fn(list(prompts), list(responses)), len(responses), self.reward_name, responses
+        )
 
     def _rows_with_specials(self, response_ids: np.ndarray, response_mask: np.ndarray) -> np.ndarray:
         """Rows whose response holds a special token other than its final EOS (the decoded text drops it).

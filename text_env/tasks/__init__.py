@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_base.io import read_records
+from rlhf_base.io import DataError, read_records
+from rlhf_base.plugins import PluginError, check_arity, is_import_spec, load_object
 
 __all__ = ["TASKS", "RewardFn", "Task", "get_task", "load_prompts", "reviews_task"]
 
@@ -47,8 +48,42 @@ def reviews_task(num_prompts: int = 256, seed: int = 0) -> Task:
 TASKS: dict[str, Callable[[], Task]] = {"reviews": reviews_task}
 
 
+def _prompts_from_source(source: Any) -> Any:
+    """Resolve a config string naming prompts: `module:attr` (a list, a Dataset, or a function returning
+    one), `hf:NAME[@SPLIT]` (`datasets.load_dataset`, split "train" by default), a folder written by
+    `Dataset.save_to_disk`; anything else is left to `read_records` (a JSONL/JSON/CSV/Parquet file)."""
+    if is_import_spec(source):
+        obj = load_object(source, "prompts")
+        if callable(obj) and not isinstance(obj, type):
+            check_arity(obj, 0, f"prompts {source!r}", "a function of no arguments")
+            obj = obj()
+        return obj
+    if isinstance(source, str) and source.startswith("hf:"):
+        import datasets
+
+        name, _, split = source.removeprefix("hf:").partition("@")
+        return datasets.load_dataset(name, split=split or "train")
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        import datasets
+
+        try:
+            return datasets.load_from_disk(str(source))
+        except FileNotFoundError as e:
+            raise DataError(
+                f"prompts: {source} is a folder but not a dataset saved with Dataset.save_to_disk ({e}); "
+                "give a JSONL/JSON/CSV/Parquet file, 'hf:NAME[@SPLIT]' or 'module:attr'"
+            ) from None
+    return source
+
+
 def load_prompts(source: Sequence[str] | str | os.PathLike | Any) -> tuple[str, ...]:
-    """Prompts from a list of strings, a JSONL/JSON/CSV/Parquet file or a `datasets.Dataset` (field "prompt")."""
+    """Prompts from a list of strings, a JSONL/JSON/CSV/Parquet file or a `datasets.Dataset` (field "prompt").
+
+    A string may also name a Python object, `module:attr` (a list of strings, a Dataset, or a function of
+    no arguments returning one), a hub dataset `hf:NAME[@SPLIT]`, or a folder saved by
+    `Dataset.save_to_disk`.
+    """
+    source = _prompts_from_source(source)
     if isinstance(source, (list, tuple, np.ndarray)) and all(isinstance(p, str) for p in source):
         prompts = tuple(source)
     else:
@@ -63,14 +98,42 @@ def load_prompts(source: Sequence[str] | str | os.PathLike | Any) -> tuple[str, 
     return prompts
 
 
-def get_task(task: str | Task = "reviews", prompts: Any = None) -> Task:
-    """Resolve a task by name or object; `prompts` replaces its prompts (its gold reward is kept)."""
+def _task_from_spec(spec: str) -> Task:
+    """A user's task named `module:attr`: a `Task`, or a function of no arguments returning one."""
+    obj = load_object(spec, "task")
+    if callable(obj) and not isinstance(obj, Task):
+        check_arity(obj, 0, f"task {spec!r}", "a function of no arguments returning a Task")
+        obj = obj()
+    if not isinstance(obj, Task):
+        raise PluginError(
+            f"task {spec!r} is a {type(obj).__name__}; expected a text_env.tasks.Task (prompts, optional "
+            "gold_reward) or a function returning one"
+        )
+    return obj
+
+
+def get_task(task: str | Task = "reviews", prompts: Any = None, *, keep_gold: bool = False) -> Task:
+    """Resolve a task by name (built-in, or `module:attr` of a user's `Task`) or object.
+
+    `prompts` replaces its prompts. The task's gold reward judges the task's own prompts, so with other
+    prompts it is dropped (the env then logs gold_score as NaN and reports say "no gold") unless
+    `keep_gold` says the user's prompts are of the same kind.
+    """
     if isinstance(task, str):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; available tasks: {sorted(TASKS)}")
-        task = TASKS[task]()
+        if task in TASKS:
+            task = TASKS[task]()
+        elif is_import_spec(task):
+            task = _task_from_spec(task)
+        else:
+            raise ValueError(
+                f"unknown task {task!r}; available tasks: {sorted(TASKS)}, or a user's Task as 'module:attr'"
+            )
+    elif not isinstance(task, Task):
+        raise TypeError(f"task must be a task name, 'module:attr' or a Task; got {type(task).__name__}")
     if prompts is not None:
-        task = Task(task.name, load_prompts(prompts), task.gold_reward, task.description)
+        gold = task.gold_reward if keep_gold else None
+        description = task.description if keep_gold else f"{task.name} with user prompts (no gold reward)"
+        task = Task(task.name, load_prompts(prompts), gold, description)
     elif not task.prompts:
         raise ValueError(f"task {task.name!r} has an empty prompt set: give at least one prompt")
     return task
