@@ -8,7 +8,6 @@ theirs under the entry-point group `rlhf_gym.agents` (name = agent name, value =
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,17 @@ import gymnasium as gym
 
 from agents.base import ENV_SETTINGS
 from rlhf_base.config import config_from_dict, load_config
+from rlhf_base.plugins import is_import_spec, load_object
 from text_env.config import EnvConfig
 from text_env.env import TextGenEnv
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = [
+    "CONTRACT",
     "ENTRY_POINT_GROUP",
     "available",
+    "check_agent_class",
+    "config_fields",
     "get_agent_class",
     "make_agent",
     "register_agent",
@@ -61,17 +64,79 @@ def available() -> list[str]:
 def _load(target: str | type) -> type:
     if isinstance(target, type):
         return target
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return load_object(target, "agent")
+
+
+#: What a class needs to be an agent every command can run (train, sweep, pipeline): the plugin contract.
+CONTRACT = (
+    "an agent is a class with a `Config` dataclass (every field with a default), __init__(self, envs, "
+    "config), learn(self, iterations=None, callback=None) -> metrics per iteration (METRIC_KEYS at least), "
+    "evaluate(self, num_episodes, seed) -> mean metrics, and save(self, path); see the README's "
+    "'Bring your own agent'"
+)
+
+
+def check_agent_class(name: str, agent_cls: Any) -> type:
+    """`agent_cls` if it meets `CONTRACT`, else a TypeError naming what is missing and the whole contract.
+
+    Checked when an agent is looked up, so a plugin that lacks a piece fails before any cell runs, not
+    after the cells before it have trained.
+    """
+    problems = []
+    if not isinstance(agent_cls, type):
+        problems.append(f"it is a {type(agent_cls).__name__}, not a class")
+    else:
+        config_cls = getattr(agent_cls, "Config", None)
+        if config_cls is None or not dataclasses.is_dataclass(config_cls):
+            problems.append("it has no `Config` dataclass attribute")
+        else:
+            required = [
+                f.name
+                for f in dataclasses.fields(config_cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            if required:
+                problems.append(f"its Config has fields without defaults: {required}")
+        missing = [m for m in ("learn", "evaluate", "save") if not callable(getattr(agent_cls, m, None))]
+        if missing:
+            problems.append(f"it has no {', '.join(f'{m}()' for m in missing)}")
+    if problems:
+        raise TypeError(f"agent {name!r} cannot run: {'; '.join(problems)}. {CONTRACT}")
+    return agent_cls
+
+
+def config_fields(agent_cls: type) -> set[str]:
+    """The field names an agent's Config declares: all a sweep or a command may set on it."""
+    return {f.name for f in dataclasses.fields(agent_cls.Config)}
 
 
 def get_agent_class(name: str) -> type:
+    """The class registered (or installed as an entry point) under `name`, checked against `CONTRACT`."""
     if name in _REGISTRY:
-        return _load(_REGISTRY[name])
+        return check_agent_class(name, _load(_REGISTRY[name]))
     eps = _entry_points()
     if name in eps:
-        return eps[name].load()
-    raise ValueError(f"unknown agent {name!r}; available agents: {available()}")
+        try:
+            agent_cls = eps[name].load()
+        except Exception as e:  # the plugin's own import failed: say which entry point and why
+            raise ValueError(
+                f"agent {name!r}: loading its entry point {eps[name].value!r} (group {ENTRY_POINT_GROUP}) "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
+        return check_agent_class(name, agent_cls)
+    if is_import_spec(name):  # an agent class named directly, as an entry point's value
+        return check_agent_class(name, load_object(name, "agent"))
+    raise ValueError(
+        f"unknown agent {name!r}; {_did_you_mean(name)}available agents: {available()}, or a class as "
+        "'package.module:Class'"
+    )
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, available(), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def resolve_config(agent_cls: type, config: Any = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -271,7 +271,7 @@ def _sweep(args: argparse.Namespace) -> int:
     import dataclasses
 
     from rlhf_base.config import load_config
-    from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
+    from rlhf_gym.sweep import CellsFailed, SweepConfig, check_cells, expand_cells, run_sweep
 
     try:
         config = load_config(SweepConfig, args.config, args.overrides)
@@ -280,11 +280,18 @@ def _sweep(args: argparse.Namespace) -> int:
         check_cells(expand_cells(config), config)  # a bad grid or override key fails here, before any cell
     except ConfigError as e:
         return fail("sweep", e)
-    run_dir = run_sweep(config)
+    try:
+        run_dir, failed = run_sweep(config), None
+    except CellsFailed as e:  # the other cells finished: report them, then say which failed (exit 1)
+        run_dir, failed = e.run_dir, e
     print(f"results: {run_dir / 'results.csv'}")
-    if args.report:
-        return _report(argparse.Namespace(run_dir=run_dir))
-    return 0
+    code = 0
+    if args.report and (run_dir / "results.csv").is_file():
+        code = _report(argparse.Namespace(run_dir=run_dir))
+    if failed is not None:
+        print(f"rlhf-gym sweep: error: {failed}", file=sys.stderr)
+        return 1
+    return code
 
 
 def add_sweep_command(sub: Subparsers) -> None:

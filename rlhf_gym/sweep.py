@@ -14,12 +14,15 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from agents.base import ENV_SETTINGS
@@ -37,8 +40,10 @@ from rlhf_gym.report.schema import (
 from text_env.config import EnvConfig
 
 __all__ = [
+    "FAILURES",
     "RESULT_METRICS",
     "Cell",
+    "CellsFailed",
     "SweepConfig",
     "cell_configs",
     "check_cells",
@@ -46,7 +51,11 @@ __all__ = [
     "finished_cells",
     "run_cell",
     "run_sweep",
+    "sweep_notes",
 ]
+
+#: One JSON line per cell that raised in the latest run: its id, columns, error and traceback.
+FAILURES = "failures.jsonl"
 
 
 @dataclass
@@ -162,14 +171,31 @@ def _with_overrides(cfg: Any, overrides: tuple[str, ...] | list[str]) -> Any:
 def cell_configs(cell: Cell, config: SweepConfig) -> tuple[EnvConfig, type, Any]:
     """The env config, agent class and agent config of one cell: the sweep's env with the cell's beta and env
     overrides; the agent's defaults (or its file in `agent_configs`), the cell's overrides and seed."""
-    from agents.registry import get_agent_class, resolve_config
+    from agents.registry import config_fields, get_agent_class, resolve_config
 
     env_cfg = _with_overrides(dataclasses.replace(config.env, beta=cell.beta), cell.env_overrides)
     agent_cls = get_agent_class(cell.agent)
+    # The sweep sets only fields the agent declares: a `seed` field gets the cell's seed; an agent without
+    # one is seeded through the global RNGs alone (`run_cell`), which `sweep_notes` says.
+    seed = [f"seed={cell.seed}"] if "seed" in config_fields(agent_cls) else []
     agent_cfg = resolve_config(
-        agent_cls, config.agent_configs.get(cell.agent), [*cell.agent_overrides, f"seed={cell.seed}"]
+        agent_cls, config.agent_configs.get(cell.agent), [*cell.agent_overrides, *seed]
     )
     return env_cfg, agent_cls, agent_cfg
+
+
+def sweep_notes(config: SweepConfig) -> list[str]:
+    """What a reader of the sweep should know about its agents before it runs (printed once)."""
+    from agents.registry import config_fields, get_agent_class
+
+    notes = []
+    for agent in config.agents:
+        if "seed" not in config_fields(get_agent_class(agent)) and len(config.seeds) > 1:
+            notes.append(
+                f"agent {agent!r} declares no `seed` config field: its cells differ only through the global "
+                "python/numpy/torch seeds the sweep sets (random.seed, np.random.seed, torch.manual_seed)"
+            )
+    return notes
 
 
 def check_cells(cells: list[Cell], config: SweepConfig) -> None:
@@ -178,7 +204,7 @@ def check_cells(cells: list[Cell], config: SweepConfig) -> None:
     for cell in cells:
         try:
             cell_configs(cell, config)
-        except (ConfigError, ValueError) as e:
+        except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"sweep cell {cell.id}: {e}") from e
 
 
@@ -189,6 +215,8 @@ def run_cell(cell: Cell, config: SweepConfig) -> tuple[dict[str, Any], list[dict
     from agents.base import agent_learns
 
     torch.set_num_threads(config.threads_per_worker)
+    random.seed(cell.seed)  # the global RNGs, for agents (a user's) that take no `seed` field
+    np.random.seed(cell.seed)  # noqa: NPY002 (the legacy global RNG is what such agents may draw from)
     torch.manual_seed(cell.seed)
     env_cfg, agent_cls, agent_cfg = cell_configs(cell, config)
     envs = env_cfg.make()
@@ -264,7 +292,12 @@ def finished_cells(run_dir: Path) -> set[str]:
 
 
 def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
-    """Run every unfinished cell; return the run folder (results.csv, curves.csv, sweep.yaml)."""
+    """Run every unfinished cell; return the run folder (results.csv, curves.csv, sweep.yaml).
+
+    Raises:
+        CellsFailed: after every cell has run, if some raised: the others' results are written, and each
+            failure's error and traceback is a line of failures.jsonl; a rerun retries only those cells.
+    """
     cells = expand_cells(config)
     check_cells(cells, config)
     run_dir = Path(config.runs_root) / config.name
@@ -280,6 +313,8 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
             f"[sweep {config.name}] {len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run",
             flush=True,
         )
+        for note in sweep_notes(config):
+            print(f"[sweep {config.name}] note: {note}", flush=True)
     start = time.perf_counter()
     reference = _reference_metrics(config, run_dir) if todo else {}
 
@@ -295,17 +330,66 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
                 flush=True,
             )
 
+    failures_path = run_dir / FAILURES
+    failures_path.unlink(missing_ok=True)  # every unfinished cell runs again; the file lists this run's
+
+    def failed(cell: Cell, error: BaseException) -> None:
+        """Record a cell that raised (its error and traceback, one JSON line) and go on with the others."""
+        failures.append(cell.id)
+        entry = {
+            "cell": cell.id,
+            **cell.columns(),
+            "error": f"{type(error).__name__}: {error}",
+            "traceback": "".join(traceback.format_exception(error)),
+        }
+        with open(failures_path, "a") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if progress:
+            print(f"[sweep {config.name}] {cell.id} FAILED: {entry['error']}", flush=True)
+
+    failures: list[str] = []
     if config.workers <= 1:
         for cell in todo:
-            record(cell, *run_cell(cell, config))
+            try:
+                result = run_cell(cell, config)
+            except Exception as e:  # one cell's failure is recorded; the others still run
+                failed(cell, e)
+                continue
+            record(cell, *result)
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(run_cell, cell, config): cell for cell in todo}
             for future in as_completed(futures):
-                record(futures[future], *future.result())
+                try:
+                    result = future.result()
+                except Exception as e:
+                    failed(futures[future], e)
+                    continue
+                record(futures[future], *result)
+    if failures:
+        raise CellsFailed(run_dir, failures)
     return run_dir
+
+
+class CellsFailed(RuntimeError):
+    """Some cells of a sweep raised; the others finished and are in results.csv. A rerun retries only these.
+
+    Attributes:
+        run_dir: the sweep's folder (its results are usable: `make_report(run_dir)` reports what finished).
+        cells: the ids of the failed cells, whose errors and tracebacks are in `run_dir/failures.jsonl`.
+    """
+
+    def __init__(self, run_dir: Path, cells: list[str]) -> None:
+        self.run_dir, self.cells = run_dir, cells
+        super().__init__(
+            f"{len(cells)} sweep cell(s) failed ({', '.join(cells[:3])}{', ...' if len(cells) > 3 else ''}); "
+            f"their errors are in {run_dir / FAILURES}; the other cells finished; rerun the sweep to retry "
+            "only the failed ones"
+        )
 
 
 # The command line moved to rlhf_gym.cli (one CLI module); the old names work, with a warning.
