@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import math
 import types
 import typing
 from collections import abc
@@ -212,6 +213,21 @@ def _convert_simple(value: Any, tp: Any) -> Any:
     return _plain(value)  # a TypeVar, a string annotation that did not resolve, ...: trust the author
 
 
+def _has_non_finite(value: Any) -> bool:
+    """A NaN or infinite float anywhere in a converted value (a `float` field, a list of betas...).
+
+    YAML reads `.nan` and `.inf`, and `float("nan")` compares false with every bound, so a NaN learning rate
+    would pass a `> 0` check and train nothing; a dataclass that means infinity lists the field in
+    `NON_FINITE_OK`."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_has_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_non_finite(v) for v in value.values())
+    return False
+
+
 def _as_node(value: Mapping[Any, Any], where: str) -> _Node:
     if isinstance(value, _Node):
         return value
@@ -297,6 +313,11 @@ def _build(
                 f"bad value for '{dotted}' {node.where[key]}: expected {_type_name(types_[key])}, "
                 f"got {_short(value)} ({_kind(value)})" + (f"; {m.detail}" if m.detail else "")
             ) from None
+        if _has_non_finite(kwargs[key]) and key not in getattr(cls, "NON_FINITE_OK", ()):
+            raise ConfigError(
+                f"bad value for '{dotted}' {node.where[key]}: {_short(value)} holds a NaN or infinity; "
+                "settings must be finite numbers"
+            )
     if base is None:
         missing = [
             name

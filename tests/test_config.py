@@ -319,3 +319,21 @@ def test_config_to_dict_is_plain_and_save_config_round_trips(tmp_path):
     assert load_config(TrainConfig, path) == cfg
     assert not [p for p in path.parent.iterdir() if p != path]  # no temp file left behind
     assert dataclasses.is_dataclass(cfg)
+
+
+@pytest.mark.parametrize("override", ["learning_rate=.nan", "max_grad_norm=.inf", "ema_decay=-.inf"])
+def test_non_finite_settings_are_refused_naming_the_key(override):
+    from agents.reinforce import ReinforceAgent
+
+    key = override.partition("=")[0]
+    with pytest.raises(
+        ConfigError, match=rf"bad value for '{key}' in override '{re.escape(override)}'.*NaN or infinity"
+    ):
+        load_config(ReinforceAgent.Config, None, [override])
+
+
+def test_non_finite_values_inside_lists_are_refused_too():
+    from rlhf_gym.sweep import SweepConfig
+
+    with pytest.raises(ConfigError, match=r"bad value for 'betas'.*\[0\.1, nan\] holds a NaN"):
+        load_config(SweepConfig, None, ["betas=[0.1, .nan]"])
