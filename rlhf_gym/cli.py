@@ -404,23 +404,31 @@ def _add_demo(sub: Subparsers) -> None:
 # Looking around: rollout, bench
 # --------------------------------------------------------------------------------------------------------
 def _rollout(args: argparse.Namespace) -> int:
-    """Build the embedded default, roll the policy out in the batched env, print a summary."""
+    """Build the env (the embedded default, or any EnvConfig: your model, reward, task or prompts), roll
+    the policy out in the batched env once, and print a summary."""
     import numpy as np
     import torch
 
     import text_env
+    from rlhf_base.config import load_config
+    from text_env.config import EnvConfig
 
+    shortcuts = {"num_envs": args.num_envs, "max_new_tokens": args.max_new_tokens, "device": args.device}
+    overrides = [f"{key}={value}" for key, value in shortcuts.items() if value is not None]
+    try:
+        config = load_config(EnvConfig, args.config, [*overrides, *args.overrides])
+    except ConfigError as e:
+        return fail("rollout", e)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    envs = text_env.TextGenVectorEnv(
-        num_envs=args.num_envs, max_new_tokens=args.max_new_tokens, device=args.device
+    envs = config.make()
+    print(
+        f"env: {envs.num_envs} x text_env/TextGen-v0 (task {envs.task.name!r}, {len(envs.prompts)} prompts, "
+        f"reward {config.reward_model or 'the task gold reward'})"
     )
     print(
-        f"env: {args.num_envs} x text_env/TextGen-v0 (task {envs.task.name!r}, {len(envs.prompts)} prompts)"
-    )
-    print(
-        f"  policy/reference: tiny-reviews GPT-2, {sum(p.numel() for p in envs.reference.parameters()):,} "
-        "parameters"
+        f"  policy/reference: {config.model or 'tiny-reviews GPT-2'}, "
+        f"{sum(p.numel() for p in envs.reference.parameters()):,} parameters"
     )
     print(f"  spaces: obs {envs.single_observation_space}, action {envs.single_action_space}")
     built = time.perf_counter() - start
@@ -433,9 +441,10 @@ def _rollout(args: argparse.Namespace) -> int:
     for i in range(min(args.show, envs.num_envs)):
         print(f"  [{batch.rewards[i]:+.2f}] {batch.prompts[i]} | {batch.responses[i]}")
     gold = batch.gold_scores.numpy()
+    gold_text = f"{np.mean(gold):+.3f}" if np.isfinite(gold).all() else "(no gold)"
     print(
         f"\nsummary over {envs.num_envs} episodes: reward {batch.rewards.mean():+.3f}  "
-        f"rm_score {batch.rm_scores.mean():+.3f}  gold {np.nanmean(gold):+.3f}  kl {batch.kl.mean():.4f}  "
+        f"rm_score {batch.rm_scores.mean():+.3f}  gold {gold_text}  kl {batch.kl.mean():.4f}  "
         f"length {batch.lengths.mean():.1f}  (setup {built:.1f}s)"
     )
     return 0
@@ -447,11 +456,13 @@ def _add_rollout(sub: Subparsers) -> None:
         help="roll the policy out in the batched env and print a summary",
         description=_rollout.__doc__,
     )
-    p.add_argument("--num-envs", type=int, default=64, help="rows of the batched env (default: 64)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (default: 32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    add_config_argument(p, None, "EnvConfig")
+    p.add_argument("--num-envs", type=int, default=None, help="rows of the batched env (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response length limit (default: 32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="prompt draws and sampling (default: 0)")
     p.add_argument("--show", type=int, default=8, help="episodes to print (default: 8)")
+    add_overrides(p, "reward_model=my_pkg.rewards:brevity prompts=prompts.jsonl")
     p.set_defaults(handler=_rollout)
 
 

@@ -381,3 +381,12 @@ def test_a_users_agent_reward_and_prompts_in_a_sweep_from_yaml_alone(tmp_path):
         assert row["gold_score"] in ("", "nan"), "no gold for the user's prompts and reward"
     assert load_config(SweepConfig, run_dir / "sweep.yaml").env.reward_model == "my_rlhf.rewards:brevity"
     assert "no gold" in (run_dir / "report.md").read_text().lower()
+
+
+def test_the_rollout_command_takes_any_env_setting(user_module, capsys):
+    from rlhf_gym.cli import main
+
+    code = main(["rollout", "--num-envs", "4", "--max-new-tokens", "6", "--show", "1",
+                 "reward_model=user_rlhf:brevity", "prompts=user_rlhf:PROMPTS"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "reward user_rlhf:brevity" in out and "3 prompts" in out and "gold (no gold)" in out
