@@ -145,7 +145,9 @@ def test_swept_fields_single_seeds_and_missing_gold_in_the_table():
         lines[2] == "| best_of_n | 0 | 4 | 2 | 0.200 ± 1.271 | 1.000 ± 0.000 | 0.500 ± 0.000 |"
     )  # 12.706*0.1414/1.414
     assert lines[3] == "| best_of_n | 0 | 16 | 1 | 0.250 | 1.000 | 0.500 |"  # one seed: mean only
-    assert lines[4] == "| ppo | 0 |  | 2 | n/a | 1.000 ± 0.000 | 0.500 ± 0.000 |"  # no gold reward at all
+    assert (
+        lines[4] == "| ppo | 0 |  | 2 | no gold | 1.000 ± 0.000 | 0.500 ± 0.000 |"
+    )  # none at all (issue 13)
 
 
 def test_a_seed_twice_in_one_configuration_is_an_error():

@@ -21,7 +21,7 @@ import pandas as pd
 
 from rlhf_base.deprecation import moved_names
 from rlhf_base.io import atomic_write
-from rlhf_gym.report.gao import GaoFit, fit_gao, fits_table, gao_fits, reference_gold
+from rlhf_gym.report.gao import MIN_LEVELS, MIN_POINTS, GaoFit, fit_gao, fits_table, gao_fits, reference_gold
 from rlhf_gym.report.plots import plot_frontier, plot_learning_curves, plot_overoptimisation
 from rlhf_gym.report.schema import (
     CURVE_METRICS,
@@ -30,6 +30,7 @@ from rlhf_gym.report.schema import (
     RESULT_METRICS,
     OldColumnsWarning,
     config_columns,
+    gold_coverage,
     old_names_message,
     read_curves,
     read_results,
@@ -49,6 +50,7 @@ __all__ = [
     "config_columns",
     "fit_gao",
     "gao_fits",
+    "gold_coverage",
     "make_report",
     "markdown_table",
     "mean_ci",
@@ -87,15 +89,59 @@ def _sampling_note(results: pd.DataFrame, sampling: list[str]) -> str:
     )
 
 
+def _gold_note(results: pd.DataFrame) -> str:
+    """What report.md says about gold reward when some or all cells lack it ("" when every cell has it)."""
+    have, total = gold_coverage(results)
+    if have == 0:
+        return (
+            "**No gold reward in this sweep**: `gold_score` is empty (NaN) in every row of results.csv, as "
+            'the env writes it for a task without a gold reward. The gold column reads "no gold", the '
+            "plots show proxy reward (`rm_score`) only, and there is no over-optimisation plot or fit (both "
+            "measure gold reward). Proxy reward against KL is still reported, but a proxy gain cannot be "
+            "told from reward hacking without gold."
+        )
+    if have < total:
+        return (
+            f"**Gold reward in {have} of {total} cells only**: the other cells' `gold_score` is NaN. Gold "
+            'means are over the cells that have it, and the table says "(k of n seeds)" where a '
+            "configuration's mean rests on some of its seeds only; gold panels say how many cells they show."
+        )
+    return ""
+
+
+def _fits_section(fits: dict[str, GaoFit], ref_gold: float, ref_source: str) -> list[str]:
+    """The over-optimisation section of report.md: the form, the table, each fit's caveats as a list."""
+    caveats = [f"- {fit.agent} ({fit.form}): {c}." for fit in fits.values() for c in fit.caveats]
+    return [
+        "## Over-optimisation fits (Gao, Schulman & Hilton 2022)",
+        "",
+        "Gold gain R = gold - gold(pi_ref) against d = sqrt(KL), fitted by least squares to "
+        "R_bon(d) = d (a - b d) for agents that learn nothing (best-of-n) and R_rl(d) = d (a - b log d) "
+        "for agents that learn "
+        "(arXiv:2210.10760). b > 0: the gain peaks at d* and optimising the proxy further costs gold."
+        + (f" pi_ref's gold ({ref_gold:.4f}) is from {ref_source}." if ref_source else "")
+        + f" A fit on fewer than {MIN_POINTS} points or {MIN_LEVELS} distinct KL levels is indicative only, "
+        "and a peak outside the range of d fitted is an extrapolation; the plot draws each fit over its "
+        "data only.",
+        "",
+        fits_table(fits),
+        *(["Read with care:", "", *caveats, ""] if caveats else []),
+    ]
+
+
 def make_report(run_dir: str | Path) -> dict[str, Path]:
     """Write report.md, frontier.png, learning_curves.png and overoptimisation.png into `run_dir`.
 
     Reads `run_dir/results.csv` and, when present, `run_dir/curves.csv` (without it the learning curves
     are skipped, RL over-optimisation points are the cells' final values, and report.md says so).
 
+    A sweep without gold reward (`gold_score` NaN in every row: a task with no gold) gets a report of
+    proxy reward against KL, "no gold" in the table, and no over-optimisation plot or fits (report.md says
+    so at the top); one with gold in some cells only says how many.
+
     Returns:
         The paths written, by name: "report", "frontier", "learning_curves" (when curves exist),
-        "overoptimisation".
+        "overoptimisation" (when some cell has gold).
 
     Raises:
         FileNotFoundError: No results.csv (the message names it and says to run `rlhf-gym sweep`).
@@ -110,53 +156,75 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
         notes += [old_names_message("curves.csv", renamed)] if renamed else []
     summary = summarise(results)
     sampling = sorted(sampling_agents(results))
+    has_gold = gold_coverage(results)[0] > 0
     paths = {"frontier": plot_frontier(results, run_dir / "frontier.png")}
     if curves is not None:
-        paths["learning_curves"] = plot_learning_curves(curves, run_dir / "learning_curves.png")
+        paths["learning_curves"] = plot_learning_curves(
+            curves, run_dir / "learning_curves.png", sampling=sampling
+        )
     else:
         notes.append(
-            "No curves.csv: learning curves skipped, and RL over-optimisation fits use each cell's final "
-            "values only."
+            "No curves.csv: learning curves skipped"
+            + (", and RL over-optimisation fits use each cell's final values only." if has_gold else ".")
         )
-    paths["overoptimisation"] = plot_overoptimisation(results, curves, run_dir / "overoptimisation.png")
-    fits = gao_fits(results, curves)
-    ref_gold, ref_source = reference_gold(results, curves)
+    if has_gold:
+        paths["overoptimisation"] = plot_overoptimisation(results, curves, run_dir / "overoptimisation.png")
+    gold_note = _gold_note(results)
 
     text = [
         f"# Sweep report: {run_dir.name}",
         "",
         f"{len(results)} cells, {len(summary)} configurations, from `results.csv`"
         + (f" and `curves.csv` ({len(curves)} rows)." if curves is not None else "."),
+        *(["", gold_note, ""] if gold_note else []),
         "Each entry is the mean over seeds ± the half-width of its 95% confidence interval "
-        "(Student t with seeds - 1 degrees of freedom); no ± means a single seed. "
+        "(Student t with seeds - 1 degrees of freedom); no ± means a single seed; `mean [low, high]` is an "
+        "interval clipped at a bound the metric cannot cross (KL, length and time are never negative). "
         "gold is `gold_score`, proxy is `rm_score` (the reward model's score)."
         + _sampling_note(results, sampling),
         "",
         markdown_table(summary),
         "## Plots",
         "",
-        "- [frontier.png](frontier.png): gold and proxy reward against KL to pi_ref.",
+        "- [frontier.png](frontier.png): "
+        + (
+            "gold and proxy reward against KL to pi_ref."
+            if has_gold
+            else "proxy reward against KL to pi_ref (no gold)."
+        ),
     ]
     if "learning_curves" in paths:
-        text.append("- [learning_curves.png](learning_curves.png): proxy and gold reward per iteration.")
+        text.append(
+            "- [learning_curves.png](learning_curves.png): "
+            + ("proxy and gold reward per iteration" if has_gold else "proxy reward per iteration (no gold)")
+            + (
+                f"; {', '.join(sampling)}, which learn nothing, as a level (mean over iterations and seeds, "
+                "with its CI band) across the axis."
+                if sampling
+                else "."
+            )
+        )
+    if has_gold:
+        text.append(
+            "- [overoptimisation.png](overoptimisation.png): gold against proxy, and gold gain against sqrt(KL)."
+        )
     text += [
-        "- [overoptimisation.png](overoptimisation.png): gold against proxy, and gold gain against sqrt(KL).",
         "",
         "![frontier](frontier.png)",
         "",
         *(["![learning curves](learning_curves.png)", ""] if "learning_curves" in paths else []),
-        "![over-optimisation](overoptimisation.png)",
-        "",
-        "## Over-optimisation fits (Gao, Schulman & Hilton 2022)",
-        "",
-        "Gold gain R = gold - gold(pi_ref) against d = sqrt(KL), fitted by least squares to "
-        "R_bon(d) = d (a - b d) for agents that learn nothing (best-of-n) and R_rl(d) = d (a - b log d) "
-        "for agents that learn "
-        "(arXiv:2210.10760). b > 0: the gain peaks at d* and optimising the proxy further costs gold."
-        + (f" pi_ref's gold ({ref_gold:.4f}) is from {ref_source}." if ref_source else ""),
-        "",
-        fits_table(fits),
+        *(["![over-optimisation](overoptimisation.png)", ""] if has_gold else []),
     ]
+    if has_gold:
+        ref_gold, ref_source = reference_gold(results, curves)
+        text += _fits_section(gao_fits(results, curves), ref_gold, ref_source)
+    else:
+        text += [
+            "## Over-optimisation fits (Gao, Schulman & Hilton 2022)",
+            "",
+            "None: no gold reward in this sweep (the fits measure gold gained over pi_ref).",
+            "",
+        ]
     if notes:
         text += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     report = run_dir / "report.md"

@@ -5,6 +5,11 @@ d = sqrt(KL(pi || pi_ref)), `R_bon(d) = d (a - b d)` for best-of-n and `R_rl(d) 
 it rises, peaks and falls while the proxy reward keeps rising. Both forms are linear in (a, b), so
 :func:`fit_gao` solves them by least squares; the peak is at d* = a / 2b (best-of-n) or exp(a/b - 1) (RL).
 Which form an agent gets is its own declaration (`learns`, see `schema.sampling_agents`), not its name.
+
+A fit says how far it can be trusted (issue 13): one on fewer than `MIN_POINTS` points or `MIN_LEVELS`
+distinct KL levels is "indicative only" (two coefficients from six noisy cells of a few seeds), and a peak
+outside the range of d fitted is "extrapolated". `GaoFit.caveats` holds these; the report prints them in
+the fits table and the plot's legend. A task without gold reward has no fit at all ("no gold reward").
 """
 
 from __future__ import annotations
@@ -18,7 +23,23 @@ import pandas as pd
 
 from rlhf_gym.report.schema import sampling_agents
 
-__all__ = ["GaoFit", "fit_gao", "fits_table", "gao_fits", "reference_gold"]
+__all__ = [
+    "MIN_LEVELS",
+    "MIN_POINTS",
+    "GaoFit",
+    "fit_gao",
+    "fits_table",
+    "format_form",
+    "gao_fits",
+    "reference_gold",
+]
+
+#: Below this many points (d > 0, finite gain) a fit is "indicative only": with two coefficients, fewer leave
+#: too few degrees of freedom to tell the curve's bend from the noise of a few seeds.
+MIN_POINTS = 8
+#: Below this many distinct d (KL levels; best-of-n's n values) likewise: three levels fix a two-coefficient
+#: curve through the origin with one level to spare, whatever the seeds at each.
+MIN_LEVELS = 4
 
 
 def _basis(d: np.ndarray, kind: str) -> np.ndarray:
@@ -62,6 +83,17 @@ def fit_gao(
     return float(a), float(b)
 
 
+def _signed(value: float) -> str:
+    """ " + 0.3" / " - 0.3": a term's sign as the operator, so a negative value never reads "- -0.3"."""
+    return f" {'-' if value < 0 else '+'} {abs(value):.3g}"
+
+
+def format_form(a: float, b: float, kind: str) -> str:
+    """The fitted curve as it reads: `d (0.5 - 0.2 d)`, `d (0.5 + 0.2 log d)` for b < 0, `d (-0.1 - 0.2 d)`."""
+    term = "d" if kind == "bon" else "log d"
+    return f"d ({a:.3g}{_signed(-b)} {term})"
+
+
 @dataclass(frozen=True, eq=False)
 class GaoFit:
     """One agent's gold-gain curve against d = sqrt(KL), and the points it was fitted to."""
@@ -95,9 +127,52 @@ class GaoFit:
         return self.a / (2 * self.b) if self.kind == "bon" else math.exp(min(self.a / self.b - 1, 700))
 
     @property
+    def used(self) -> np.ndarray:
+        """(P,) bool: the points a fit uses (finite gain, d > 0; both forms are 0 at d = 0)."""
+        return np.isfinite(self.d) & np.isfinite(self.gain) & (self.d > 0)
+
+    @property
+    def points(self) -> int:
+        return int(self.used.sum())
+
+    @property
+    def levels(self) -> int:
+        """Distinct d among the points used (rounded to 1e-9: the same n's KL written twice is one level)."""
+        return int(np.unique(np.round(self.d[self.used], 9)).size)
+
+    @property
+    def d_min(self) -> float:
+        return float(self.d[self.used].min()) if self.points else math.nan
+
+    @property
     def d_max(self) -> float:
-        finite = self.d[np.isfinite(self.d) & np.isfinite(self.gain)]
-        return float(finite.max()) if finite.size else math.nan
+        return float(self.d[self.used].max()) if self.points else math.nan
+
+    @property
+    def form(self) -> str:
+        """The fitted curve with its coefficients (`format_form`), or "" without a fit."""
+        return format_form(self.a, self.b, self.kind) if self.fitted else ""
+
+    @property
+    def peak_in_data(self) -> bool:
+        """Whether the fitted peak d* lies within the range of d fitted (False without a peak)."""
+        return math.isfinite(self.d_peak) and self.d_min <= self.d_peak <= self.d_max
+
+    @property
+    def caveats(self) -> tuple[str, ...]:
+        """Why a fit should be read with care: too few points or KL levels, a peak outside the data."""
+        if not self.fitted:
+            return ()
+        out = []
+        if self.points < MIN_POINTS or self.levels < MIN_LEVELS:
+            levels = f", {self.levels} KL levels" if self.levels < MIN_LEVELS else ""
+            out.append(f"fit on {self.points} points{levels}: indicative only")
+        if math.isfinite(self.d_peak) and not self.peak_in_data:
+            out.append(
+                f"peak outside the data (d* = {self.d_peak:.3g}, data d in [{self.d_min:.3g}, {self.d_max:.3g}]): "
+                "extrapolated"
+            )
+        return tuple(out)
 
 
 def reference_gold(results: pd.DataFrame, curves: pd.DataFrame | None) -> tuple[float, str]:
@@ -147,28 +222,28 @@ def gao_fits(results: pd.DataFrame, curves: pd.DataFrame | None = None) -> dict[
 
 
 def fits_table(fits: Mapping[str, GaoFit]) -> str:
-    """The fits as a Markdown table: form, coefficients, points, and the peak (or why there is none)."""
+    """The fits as a Markdown table: form, coefficients, points, and the peak (or why there is none).
+
+    The note column carries the fit's caveats (`GaoFit.caveats`: too few points, a peak outside the data).
+    """
     lines = [
         "| agent | form | a | b | points | source | peak d* | KL at peak | gold gain at peak | note |",
         "|:---|:---|---:|---:|---:|:---|---:|---:|---:|:---|",
     ]
     for fit in fits.values():
         form = "d (a - b d)" if fit.kind == "bon" else "d (a - b log d)"
-        points = int((np.isfinite(fit.d) & np.isfinite(fit.gain) & (fit.d > 0)).sum())
         if not fit.fitted:
-            lines.append(f"| {fit.agent} | {form} | | | {points} | {fit.source} | | | | {fit.note} |")
+            lines.append(f"| {fit.agent} | {form} | | | {fit.points} | {fit.source} | | | | {fit.note} |")
             continue
-        peak, note = fit.d_peak, ""
+        peak, notes = fit.d_peak, list(fit.caveats)
         if math.isinf(peak):
             cells = ["none", "", ""]
-            note = "b <= 0: gold still rising, no over-optimisation seen"
+            notes.append("b <= 0: gold still rising, no over-optimisation seen")
         else:
             cells = [f"{peak:.3f}", f"{peak**2:.3f}", f"{float(fit.predict(peak)):.3f}"]
-            if peak > fit.d_max:
-                note = f"peak extrapolated beyond the data (d <= {fit.d_max:.3f})"
         lines.append(
-            f"| {fit.agent} | {form} | {fit.a:.4f} | {fit.b:.4f} | {points} | {fit.source} | "
+            f"| {fit.agent} | {form} | {fit.a:.4f} | {fit.b:.4f} | {fit.points} | {fit.source} | "
             + " | ".join(cells)
-            + f" | {note} |"
+            + f" | {'; '.join(notes)} |"
         )
     return "\n".join(lines) + "\n"

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from rlhf_base.deprecation import REMOVED_IN
@@ -54,6 +55,7 @@ __all__ = [
     "check_columns",
     "config_columns",
     "curve_rows",
+    "gold_coverage",
     "old_names_message",
     "read_curves",
     "read_results",
@@ -248,6 +250,16 @@ def config_columns(df: pd.DataFrame) -> list[str]:
     """The columns naming a configuration: agent, beta, then the swept fields, in file order."""
     rest = [c for c in df.columns if c not in _NOT_CONFIG and c not in ("agent", "beta")]
     return [c for c in ("agent", "beta") if c in df.columns] + rest
+
+
+def gold_coverage(df: pd.DataFrame) -> tuple[int, int]:
+    """(rows with a finite `gold_score`, rows) of results or curves.
+
+    (0, N) is a task without gold reward: the env writes `gold_score` = NaN for every episode, and the
+    report then draws no gold panel and fits nothing on gold; 0 < have < N is gold in some cells only.
+    """
+    gold = pd.to_numeric(df["gold_score"], errors="coerce").to_numpy(dtype=float)
+    return int(np.isfinite(gold).sum()), len(df)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,15 @@
 Seeds are the replicates of a configuration (see `schema.config_columns`), and every number in the table
 is a mean over them with a Student t interval (:func:`mean_ci`), since a sweep has a handful of seeds and
 the normal 1.96 would understate the uncertainty (4.30 is the right factor for 3 seeds).
+
+At few seeds a t interval is wide, and for a metric that cannot be negative (KL, length, time: `LOWER_BOUNDS`)
+it can run below zero. :func:`interval` clips it at the bound: the table then prints `mean [low, high]` and
+the plots draw asymmetric error bars, never a KL below 0 (issue 13). Metrics without a bound (the rewards)
+keep the symmetric interval.
+
+A metric's NaN cells (a task without gold reward writes `gold_score` = NaN) are left out of its mean, and the
+summary counts the cells that have it (`<metric>_n`), so a mean over some of a configuration's seeds is
+shown as such, never silently averaged.
 """
 
 from __future__ import annotations
@@ -25,7 +34,9 @@ from rlhf_gym.report.schema import (
 )
 
 __all__ = [
+    "LOWER_BOUNDS",
     "format_value",
+    "interval",
     "markdown_table",
     "mean_ci",
     "reference_mean_ci",
@@ -42,6 +53,18 @@ _TABLE_METRICS = (
     ("length", "length", ".1f"),
     ("wall_time", "time (s)", ".1f"),
 )
+
+#: Lower bounds of metrics that have one: KL(pi || pi_ref) >= 0 (a k1 estimate's mean can dip below 0, the
+#: KL cannot), an entropy, a length, seconds and tokens. Rewards have none.
+LOWER_BOUNDS = {
+    "kl": 0.0,
+    "kl_bound": 0.0,
+    "entropy": 0.0,
+    "length": 0.0,
+    "wall_time": 0.0,
+    "tokens": 0.0,
+    "iterations": 0.0,
+}
 
 #: t_{0.975, df} for df = 1..30, the two-sided 95% Student t quantile (standard tables, e.g. the NIST/SEMATECH
 #: e-Handbook's critical values of Student's t); tests/test_report.py checks each against a numerical integral of the t density.
@@ -89,6 +112,24 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float, int]:
     return float(x.mean()), t_quantile_975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n), n
 
 
+def interval(mean: float, ci: float, metric: str) -> tuple[float, float]:
+    """The 95% interval (low, high) of `metric` around `mean`, clipped at the metric's bound (`LOWER_BOUNDS`).
+
+    A NaN `ci` (one seed) gives (mean, mean) clipped likewise; a metric without a bound keeps mean ± ci.
+    A mean below the bound (a k1 KL estimate of -0.01) clips too: both ends are then at least the bound.
+    """
+    half = 0.0 if not math.isfinite(ci) else ci
+    low, high = mean - half, mean + half
+    bound = LOWER_BOUNDS.get(metric)
+    if bound is not None:
+        low, high = max(low, bound), max(high, bound)
+    return low, high
+
+
+#: The summary's columns per metric: mean, CI half-width, and the number of finite values averaged.
+_STATS = ("mean", "ci", "n")
+
+
 def _sorted(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return df.sort_values(list(by), na_position="last", kind="stable").reset_index(drop=True)
 
@@ -101,9 +142,10 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         One row per configuration, sorted by agent then the swept values: the configuration columns,
-        `seeds` (the rows averaged), then `<metric>_mean` and `<metric>_ci` for each metric present (and for
-        pi_ref's `ref_*` metrics). A metric's NaN values (a task without gold) are left out of its mean;
-        the CI is NaN with fewer than two finite values.
+        `seeds` (the rows averaged), then `<metric>_mean`, `<metric>_ci` and `<metric>_n` (how many of the
+        configuration's cells have a finite value) for each metric present (and for pi_ref's `ref_*`
+        metrics). A metric's NaN values (a task without gold) are left out of its mean; the CI is NaN with
+        fewer than two finite values.
 
     Raises:
         DataError: A required column is missing, or a configuration has the same seed twice (a cell written
@@ -125,14 +167,14 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             )
         row["seeds"] = len(group)
         for m in metrics:
-            row[f"{m}_mean"], row[f"{m}_ci"], _ = mean_ci(group[m].to_numpy(dtype=float))
+            row[f"{m}_mean"], row[f"{m}_ci"], row[f"{m}_n"] = mean_ci(group[m].to_numpy(dtype=float))
         rows.append(row)
-    columns = [*config, "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "ci"))]
+    columns = [*config, "seeds", *(f"{m}_{s}" for m in metrics for s in _STATS)]
     return _sorted(pd.DataFrame(rows, columns=columns), config)
 
 
 def _summary_config(summary: pd.DataFrame) -> list[str]:
-    stats = {f"{m}_{s}" for m in (*RESULT_METRICS, *REF_METRICS) for s in ("mean", "ci")}
+    stats = {f"{m}_{s}" for m in (*RESULT_METRICS, *REF_METRICS) for s in _STATS}
     return [c for c in summary.columns if c not in stats and c != "seeds"]
 
 
@@ -151,11 +193,26 @@ def reference_mean_ci(summary: pd.DataFrame, metric: str) -> tuple[float, float]
     return mean, ci if spread else math.nan
 
 
-def _cell(mean: float, ci: float, spec: str) -> str:
-    """Format a table entry: "0.412 ± 0.031", the mean alone without a CI, "n/a" without a mean."""
+def _cell(
+    metric: str, mean: float, ci: float, spec: str, n: float = math.nan, seeds: float = math.nan
+) -> str:
+    """Format a table entry.
+
+    "0.412 ± 0.031"; "0.050 [0.000, 0.350]" when the interval is clipped at the metric's bound (`interval`);
+    the mean alone without a CI; "no gold" (gold) or "n/a" (any other metric) without a mean; and
+    " (2 of 3 seeds)" after it when only some of the configuration's `seeds` cells have the metric.
+    """
     if not np.isfinite(mean):
-        return "n/a"
-    return f"{mean:{spec}}" if not np.isfinite(ci) else f"{mean:{spec}} ± {ci:{spec}}"
+        return "no gold" if metric == "gold_score" else "n/a"
+    if not np.isfinite(ci):
+        text = f"{mean:{spec}}"
+    else:
+        low, high = interval(mean, ci, metric)
+        clipped = (low, high) != (mean - ci, mean + ci)
+        text = f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]" if clipped else f"{mean:{spec}} ± {ci:{spec}}"
+    if np.isfinite(n) and np.isfinite(seeds) and 0 < n < seeds:
+        text += f" ({n:.0f} of {seeds:.0f} seeds)"
+    return text
 
 
 def format_value(value: object) -> str:
@@ -174,6 +231,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
     """The summary as a Markdown table: configuration, seeds, then "mean ± CI" for gold, proxy, KL, ...
 
     "KL upper bound" (`kl_bound`) is shown when some agent reports one; the other agents' cells read n/a.
+    Gold reads "no gold" where a configuration (or pi_ref) has none, and a metric present in only some of a
+    configuration's seeds says how many (see `_cell`); an interval clipped at a bound reads `mean [low, high]`.
 
     Rows keep the summary's order (agent, then swept values); pi_ref comes first when the sweep recorded it.
     """
@@ -188,10 +247,17 @@ def markdown_table(summary: pd.DataFrame) -> str:
     if any(np.isfinite(mean) for mean, _ in ref.values()):
         cells = ["pi_ref", *[""] * (len(config) - 1), ""]
         for m, _, spec in shown:
-            cells.append(_cell(*ref[m], spec) if m in ref else f"{0:{spec}}" if m == "kl" else "")
+            if m == "gold_score" and not np.isfinite(ref[m][0]) and summary[f"{m}_mean"].notna().any():
+                cells.append("n/a")  # the sweep has gold, but pi_ref's was not recorded
+            else:
+                cells.append(_cell(m, *ref[m], spec) if m in ref else f"{0:{spec}}" if m == "kl" else "")
         lines.append("| " + " | ".join(cells) + " |")
     for values in summary.to_dict("records"):
-        cells = [format_value(values[c]) for c in config] + [str(values["seeds"])]
-        cells += [_cell(values[f"{m}_mean"], values[f"{m}_ci"], spec) for m, _, spec in shown]
+        seeds = values["seeds"]
+        cells = [format_value(values[c]) for c in config] + [str(seeds)]
+        cells += [
+            _cell(m, values[f"{m}_mean"], values[f"{m}_ci"], spec, values.get(f"{m}_n", math.nan), seeds)
+            for m, _, spec in shown
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
