@@ -325,7 +325,8 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
         _append_rows(run_dir / "results.csv", [row])
         if progress:
             print(
-                f"[sweep {config.name}] {cell.id}: gold {row['gold_score']:+.3f} proxy {row['rm_score']:+.3f} "
+                f"[sweep {config.name}] {cell.id}: gold {_signed(row['gold_score'], 'none')} "
+                f"proxy {row['rm_score']:+.3f} "
                 f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
                 flush=True,
             )
@@ -373,6 +374,11 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
     if failures:
         raise CellsFailed(run_dir, failures)
     return run_dir
+
+
+def _signed(value: float, missing: str) -> str:
+    """`+0.123`, or `missing` for a NaN (a task without gold)."""
+    return missing if value != value else f"{value:+.3f}"
 
 
 class CellsFailed(RuntimeError):

@@ -380,7 +380,7 @@ def test_a_users_agent_reward_and_prompts_in_a_sweep_from_yaml_alone(tmp_path):
         )  # brevity: minus words / 4
         assert row["gold_score"] in ("", "nan"), "no gold for the user's prompts and reward"
     assert load_config(SweepConfig, run_dir / "sweep.yaml").env.reward_model == "my_rlhf.rewards:brevity"
-    assert "no gold" in (run_dir / "report.md").read_text().lower()
+    assert "no gold reward in this sweep" in (run_dir / "report.md").read_text().lower()
 
 
 def test_the_rollout_command_takes_any_env_setting(user_module, capsys):
