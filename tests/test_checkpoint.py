@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.registry import get_agent_class, resolve_config
 from rlhf_base.checkpoint import (
     checkpoint_iteration,
     global_rng_state,
@@ -27,6 +28,7 @@ from rlhf_base.checkpoint import (
     set_global_rng_state,
     write_checkpoint,
 )
+from text_env.config import EnvConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOCK = {"wall_time", "sb3_collect_tokens_per_s"}  # seconds, not results: never equal between two runs
@@ -115,3 +117,35 @@ def test_a_new_checkpoint_replaces_the_old_one_and_clears_a_killed_saves_leftove
     assert latest_checkpoint(tmp_path) == path and checkpoint_iteration(path) == 2
     assert torch.equal(load_state(path)["x"], torch.ones(2))
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Each built-in agent's state
+# --------------------------------------------------------------------------------------------------------
+def build_agent(name: str):
+    envs = EnvConfig(num_envs=4, max_new_tokens=6).make()  # its own core: PPO's beta must not leak
+    agent_cls = get_agent_class(name)
+    return agent_cls(envs, resolve_config(agent_cls, None, AGENT_SETTINGS[name]))
+
+
+@pytest.mark.parametrize("name", list(AGENT_SETTINGS))
+def test_an_agent_restored_from_its_state_goes_on_exactly_as_the_saved_one(name, tmp_path):
+    saved = build_agent(name)
+    saved.learn(2)
+    save_state({"agent": saved.state_dict(), "rng": global_rng_state()}, tmp_path)
+    want = saved.learn(2)
+
+    restored = build_agent(name)  # fresh: its RNGs, weights and optimiser are those of iteration 0
+    state = load_state(tmp_path)
+    restored.load_state_dict(state["agent"])
+    set_global_rng_state(state["rng"])  # last: building an agent draws from the global RNGs (SB3 seeds them)
+    got = restored.learn(2)
+
+    assert [row["iteration"] for row in got] == [3.0, 4.0]
+    assert_same_rows(got, want)
+    assert_same_rows(restored.history, saved.history)
+    for p, q in zip(restored.envs.policy.parameters(), saved.envs.policy.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert restored.envs.beta == saved.envs.beta
+    if name == "ppo":  # the controller moved beta, and the value head learned
+        assert saved.envs.beta != 0.05 and torch.equal(restored.value_head.weight, saved.value_head.weight)
