@@ -28,6 +28,7 @@ from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the
 from text_env.sampler import Rollout
 
 __all__ = [
+    "CHECKPOINT_METHODS",
     "ENV_SETTINGS",
     "METRIC_KEYS",
     "Agent",
@@ -37,10 +38,13 @@ __all__ = [
     "agent_learns",
     "check_finite",
     "check_kl_settings",
+    "env_state",
     "evaluate_policy",
+    "load_env_state",
     "load_policy",
     "rollout_metrics",
     "save_policy",
+    "supports_checkpoints",
 ]
 
 #: Settings the env owns, one owner each (issue 11): an agent config that names one is an error that says
@@ -50,6 +54,9 @@ ENV_SETTINGS = {
     "num_envs": "the env owns the batch size: set env.num_envs (EnvConfig.num_envs), or pass "
     "make_agent(name, env, config, num_envs=B) when batching a single env",
 }
+
+#: The methods `rlhf-gym train` needs for checkpoints and `--resume` (issue 13); see `Agent`'s docstring.
+CHECKPOINT_METHODS = ("state_dict", "load_state_dict")
 
 #: Called after every iteration with the agent and that iteration's metrics; return False to stop early.
 Callback = Callable[[Any, dict[str, float]], bool | None]
@@ -71,6 +78,14 @@ class Agent(Protocol):
     metrics (at least `METRIC_KEYS`) are appended to `history` and then passed to `callback(agent,
     metrics)`, and a callback returning False stops after that iteration; a NaN/inf loss raises
     `NonFiniteLossError` before the update, with nothing of that iteration recorded.
+
+    Checkpoints (optional, not protocol members either; `supports_checkpoints`): `state_dict()` returns
+    everything later iterations depend on, as nested dicts/lists of tensors, numpy arrays and JSON values
+    (weights, optimiser state, the agent's own RNGs, counters such as a moving-average baseline, the env's
+    state via `env_state`, and `history`), and `load_state_dict(state)` puts it back into an agent built
+    with the same env and config, so that its next iterations are those the saved agent would have run.
+    As with torch's, the tensors returned are the live ones: write them out (`rlhf_base.checkpoint`) before
+    training on. The process's global RNGs are the trainer's to save (`rlhf_base.checkpoint.global_rng_state`).
     """
 
     name: str  # registry name, e.g. "ppo"
@@ -95,6 +110,23 @@ class Agent(Protocol):
     def save(self, path: str | Path) -> None: ...
 
     def load(self, path: str | Path) -> None: ...
+
+
+def supports_checkpoints(agent: Any) -> bool:
+    """True if `agent` (or its class) has `state_dict` and `load_state_dict` (`CHECKPOINT_METHODS`)."""
+    return all(callable(getattr(agent, name, None)) for name in CHECKPOINT_METHODS)
+
+
+def env_state(envs: Any) -> dict[str, Any]:
+    """The env's part of an agent's checkpoint: its one `beta` (which PPO's adaptive controller writes) and
+    the state of its prompt RNG (`np_random`, drawn from when a rollout is given no prompts)."""
+    return {"beta": float(envs.beta), "np_random": envs.np_random.bit_generator.state}
+
+
+def load_env_state(envs: Any, state: dict[str, Any]) -> None:
+    """Put back what `env_state` returned."""
+    envs.beta = state["beta"]
+    envs.np_random.bit_generator.state = state["np_random"]
 
 
 def agent_learns(agent: Any) -> bool:

@@ -34,13 +34,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 import text_env
-from agents.base import Callback, act_with_policy, load_policy, rollout_metrics, save_policy
+from agents.base import (
+    Callback,
+    act_with_policy,
+    env_state,
+    load_env_state,
+    load_policy,
+    rollout_metrics,
+    save_policy,
+)
 from agents.loop import Iteration, run_iterations
 from rlhf_base.best_of_n import best_of_n_kl_estimate
 from rlhf_base.maths import best_of_n_kl
@@ -247,3 +255,20 @@ class BestOfNAgent:
     def load(self, path: str | Path) -> None:
         """Sample from a saved policy (e.g. best-of-n on top of an RL-trained one); safetensors only."""
         load_policy(self.envs.policy, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next rounds depend on, for a checkpoint: the sampling and prompt RNGs, the env's state and
+        the metrics so far. No weights: best-of-n trains nothing (the policy comes from the env's config)."""
+        return {
+            "generator": self.generator.get_state(),
+            "rng": self.rng.bit_generator.state,
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place."""
+        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]

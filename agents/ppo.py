@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -75,7 +75,9 @@ from agents.base import (
     act_with_policy,
     check_finite,
     check_kl_settings,
+    env_state,
     evaluate_policy,
+    load_env_state,
     load_policy,
     save_policy,
 )
@@ -390,3 +392,29 @@ class PPOAgent:
         if (path / VALUE_HEAD_FILE).exists():
             self.value_head.load_state_dict(load_tensors(path / VALUE_HEAD_FILE, device=policy.device))
             self.beta = float(load_tensors_metadata(path / VALUE_HEAD_FILE).get("beta", self.beta))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next iterations depend on, for a checkpoint: the policy, the value head, Adam's state, the
+        prompt, sampling and shuffling RNGs, the env's state (its beta is the adaptive KL controller's one
+        state), and the metrics so far. Tensors are the live ones (see `agents.base.Agent`)."""
+        return {
+            "policy": self.envs.policy.state_dict(),
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "np_random": self.np_random.bit_generator.state,
+            "generator": self.generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place."""
+        self.envs.policy.load_state_dict(state["policy"])
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.np_random.bit_generator.state = state["np_random"]
+        self.generator.set_state(state["generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ from agents.base import (
     ENV_SETTINGS,
     Callback,
     act_with_policy,
+    env_state,
     evaluate_policy,
+    load_env_state,
     load_policy,
     rollout_metrics,
     save_policy,
@@ -280,3 +282,25 @@ class RAFTAgent:
         """Load policy weights saved by `save` into `envs.policy` (same architecture); resets the optimiser."""
         load_policy(self.envs.policy, path)
         self.optimizer = self._make_optimizer()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next rounds depend on, for a checkpoint: the policy, AdamW's state (kept across rounds),
+        the prompt and sampling RNGs, the env's state, and the metrics so far. Dropout during fine-tuning
+        draws from torch's global RNG, which the trainer saves (`rlhf_base.checkpoint.global_rng_state`)."""
+        return {
+            "policy": self.envs.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "generator": self.generator.get_state(),
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place."""
+        self.envs.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ from agents.base import (
     act_with_policy,
     check_finite,
     check_kl_settings,
+    env_state,
     evaluate_policy,
+    load_env_state,
     load_policy,
     save_policy,
 )
@@ -363,3 +365,26 @@ class ReinforceAgent:
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
         load_policy(self.envs.policy, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next iterations depend on, for a checkpoint: the policy, AdamW's state, the sampling and
+        prompt RNGs, the moving-average baseline so far, the env's state, and the metrics so far."""
+        return {
+            "policy": self.envs.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": self.rng.bit_generator.state,
+            "ema_state": self.ema_state,
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place."""
+        self.envs.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.rng.bit_generator.state = state["rng"]
+        self.ema_state = state["ema_state"]
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]

@@ -41,7 +41,9 @@ from agents.base import (
     Callback,
     act_with_policy,
     check_finite,
+    env_state,
     evaluate_policy,
+    load_env_state,
     load_policy,
     save_policy,
 )
@@ -352,6 +354,52 @@ class _SB3Agent:
         head = Path(path) / VALUE_HEAD_FILE
         if head.is_file():  # a checkpoint from another agent has no value head: keep the current one
             self.value_head.load_state_dict(load_tensors(head, device=self.policy.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next iterations depend on, for a checkpoint, taken from SB3 piece by piece (its own `save`
+        writes a zip with pickled parts): the policy (LM and value head) and its optimiser, SB3's counters
+        (`num_timesteps`, `_n_updates`), the observation and episode starts its next rollout continues from
+        (collection stops at a step count, mid-episode), each single env's episode in progress and prompt
+        RNG, the evaluation sampler, the env's state, and the metrics so far.
+
+        Not saved: SB3's rollout buffer, which every collection refills from scratch; SB3's logger, made
+        anew by every `model.learn`. SB3 samples actions and shuffles minibatches with torch's and numpy's
+        global RNGs, which the trainer saves (`rlhf_base.checkpoint.global_rng_state`); with them restored
+        a resumed run repeats the uninterrupted one exactly.
+        """
+        model = self.model
+        return {
+            "policy": self.policy.state_dict(),
+            "optimizer": self.policy.optimizer.state_dict(),
+            "num_timesteps": int(model.num_timesteps),
+            "n_updates": int(model._n_updates),
+            "last_obs": None if model._last_obs is None else dict(model._last_obs),
+            "last_episode_starts": model._last_episode_starts,
+            "single_envs": [env.state_dict() for env in self.vec_env.envs],
+            "generator": self.generator.get_state(),
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place.
+
+        SB3 seeded its vec env for a first `reset()` when the agent was built; that reset only comes with
+        iteration 1 (`reset_num_timesteps`), so after a resume the restored observation is used instead.
+        """
+        model = self.model
+        self.policy.load_state_dict(state["policy"])
+        self.policy.optimizer.load_state_dict(state["optimizer"])
+        model.num_timesteps, model._n_updates = state["num_timesteps"], state["n_updates"]
+        last_obs = state["last_obs"]
+        model._last_obs = None if last_obs is None else {k: np.array(v) for k, v in last_obs.items()}
+        starts = state["last_episode_starts"]
+        model._last_episode_starts = None if starts is None else np.array(starts)
+        for env, env_state_ in zip(self.vec_env.envs, state["single_envs"], strict=True):
+            env.load_state_dict(env_state_)
+        self.generator.set_state(state["generator"])
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]
 
 
 class SB3PPOAgent(_SB3Agent):

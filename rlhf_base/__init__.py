@@ -9,6 +9,7 @@
 - `io`: atomic writes, safetensors, record files (JSONL/JSON/CSV/Parquet).
 - `optim`: the one Adam every trainer uses.
 - `runlog`: the one run logger: a run's scalars to CSV (flushed row by row), JSON lines and TensorBoard.
+- `checkpoint`: training state (weights, optimiser, RNGs, counters) as safetensors + JSON, written atomically.
 - `deprecation`: aliases that keep moved public names working, with a warning that names the new place.
 
 See `docs/architecture.md` for the floors above it.

@@ -15,19 +15,24 @@ one writer they share, so every run folder reads the same way:
   without a gold reward) would only break TensorBoard's plots.
 * **`run_dir=None` writes nothing**: every method is then a no-op, so code that logs optionally needs no
   branches.
+* **A resumed run continues its files** (`resume=STEP`): the rows an interrupted run wrote past the
+  checkpoint it resumes from are dropped, so no row appears twice, and TensorBoard hides its events past
+  that step (`SummaryWriter(purge_step=...)`).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from csv import DictReader, DictWriter
 from pathlib import Path
 from typing import IO, Any
 
-from rlhf_base.io import append_jsonl
+from rlhf_base.io import append_jsonl, atomic_write
 
 __all__ = ["RunLog"]
 
@@ -44,6 +49,11 @@ class RunLog:
             opens), or None.
         tensorboard: the TensorBoard folder in `run_dir`, or None for no TensorBoard.
         prefix: put before every TensorBoard tag, e.g. "sft/" or "ppo/" to group a run's scalars.
+        resume: continue the files of an interrupted run from this step (the checkpoint it resumes from)
+            instead of truncating them: rows whose `step_key` value is above it are dropped (they will be
+            logged again), the others kept, and TensorBoard hides that run's events at later steps. None:
+            start afresh.
+        step_key: the column holding a row's step, read when resuming.
     """
 
     def __init__(
@@ -55,6 +65,8 @@ class RunLog:
         jsonl: str | None = None,
         tensorboard: str | None = "tensorboard",
         prefix: str = "",
+        resume: int | None = None,
+        step_key: str = "step",
     ) -> None:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.prefix = prefix
@@ -64,19 +76,29 @@ class RunLog:
         self._file: IO[str] | None = None
         self._writer: DictWriter | None = None
         self._tb: Any = None  # SummaryWriter, made on the first scalar
+        self._purge_step = None if resume is None else int(resume) + 1
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = (lambda row: float(row[step_key]) <= resume) if resume is not None else None
         if csv is not None:
             self.csv_path = self.run_dir / csv
             self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.csv_path.open("w", newline="", encoding="utf-8")
-            if self.fields is not None:
-                self._open_writer(self.fields, header=True)
+            header = self._keep_csv_rows(kept) if kept is not None and self.csv_path.is_file() else None
+            if header:
+                self._file = self.csv_path.open("a", newline="", encoding="utf-8")
+                self._open_writer(header, header=False)
+            else:
+                self._file = self.csv_path.open("w", newline="", encoding="utf-8")
+                if self.fields is not None:
+                    self._open_writer(self.fields, header=True)
         if jsonl is not None:
             self.jsonl_path = self.run_dir / jsonl
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl_path.write_text("", encoding="utf-8")
+            if kept is not None and self.jsonl_path.is_file():
+                self._keep_jsonl_rows(kept)
+            else:
+                self.jsonl_path.write_text("", encoding="utf-8")
         if tensorboard is not None:
             self.tensorboard_dir = self.run_dir / tensorboard
 
@@ -126,6 +148,36 @@ class RunLog:
         self.close()
 
     # ---- the pieces -------------------------------------------------------------------------------------
+    def _keep_csv_rows(self, kept: Callable[[Mapping[str, Any]], bool]) -> list[str] | None:
+        """Rewrite the CSV with only the rows `kept` accepts (atomically); return its header (None: empty)."""
+        with self.csv_path.open(newline="", encoding="utf-8") as f:
+            reader = DictReader(f)
+            rows = [row for row in reader if _readable(kept, row)]
+            header = list(reader.fieldnames or [])
+        if not header:
+            return None
+        if self._strict:  # fixed columns: the kept rows are rewritten under them
+            header, rows = self.fields, [{k: row.get(k) for k in self.fields} for row in rows]
+        text = io.StringIO(newline="")
+        writer = DictWriter(text, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.csv_path, text.getvalue())
+        return header
+
+    def _keep_jsonl_rows(self, kept: Callable[[Mapping[str, Any]], bool]) -> None:
+        """Rewrite the JSON lines with only the rows `kept` accepts, each line as it was (a torn one dropped)."""
+        lines = self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the last line of a run killed mid-write
+            if isinstance(row, dict) and _readable(kept, row):
+                keep.append(line if line.endswith("\n") else line + "\n")
+        atomic_write(self.jsonl_path, "".join(keep))
+
     def _open_writer(self, fields: list[str], header: bool) -> None:
         self.fields = fields
         self._writer = DictWriter(self._file, fieldnames=fields)  # extra keys raise
@@ -159,5 +211,13 @@ class RunLog:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter  # seconds to import: only runs that log pay
 
-            self._tb = SummaryWriter(str(self.tensorboard_dir))
+            self._tb = SummaryWriter(str(self.tensorboard_dir), purge_step=self._purge_step)
         return self._tb
+
+
+def _readable(kept: Callable[[Mapping[str, Any]], bool], row: Mapping[str, Any]) -> bool:
+    """`kept(row)`, False for a row whose step cannot be read (a torn last line)."""
+    try:
+        return bool(kept(row))
+    except (KeyError, TypeError, ValueError):
+        return False

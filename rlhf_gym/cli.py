@@ -232,8 +232,11 @@ def add_train_rm_command(sub: Subparsers) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
     """Train one agent on the env: builds the env and agent from their configs, learns, evaluates and saves
-    (policy/, metrics.csv/jsonl, tensorboard/, summary.json, env.yaml, agent.yaml)."""
+    (policy/, metrics.csv/jsonl, tensorboard/, summary.json, env.yaml, agent.yaml, and checkpoints/ every
+    --checkpoint-every iterations). --resume continues a killed run from its latest checkpoint, exactly as
+    if it had not stopped."""
     from agents.registry import available
+    from rlhf_base.checkpoint import CheckpointError
     from rlhf_gym.train import train
 
     if args.agent not in available():
@@ -241,10 +244,30 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
     try:
         run_dir = args.run_dir or f"runs/train-{args.agent}"
-        train(args.agent, run_dir, args.config, args.env_config, overrides, progress=not args.no_progress)
-    except ConfigError as e:
+        train(
+            args.agent,
+            run_dir,
+            args.config,
+            args.env_config,
+            overrides,
+            progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
+    except (ConfigError, CheckpointError) as e:
         return fail("train", e)
     return 0
+
+
+def _checkpoint_every(value: str) -> int:
+    """argparse `type` for `--checkpoint-every`: an integer >= 0."""
+    try:
+        every = int(value)
+    except ValueError:
+        every = -1
+    if every < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: no checkpoints), got {value!r}")
+    return every
 
 
 def add_train_command(sub: Subparsers) -> None:
@@ -261,6 +284,20 @@ def add_train_command(sub: Subparsers) -> None:
     p.add_argument("--run-dir", default=None, help="output folder (default: runs/train-NAME)")
     p.add_argument("--device", default=None, help="overrides env.device")
     p.add_argument("--no-progress", action="store_true", help="no line per iteration")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_checkpoint_every,
+        default=None,
+        metavar="K",
+        help="write RUN_DIR/checkpoints/ every K iterations and at the last, for --resume; 0: none "
+        "(default: 5, or none for an agent without state_dict/load_state_dict)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its latest checkpoint, with its saved env.yaml and "
+        "agent.yaml (settings given must match them); metrics past the checkpoint are rewritten",
+    )
     add_overrides(p, "iterations=10 env.beta=0.1 (env.* keys go to the env config)")
     p.set_defaults(handler=_train)
 

@@ -1,24 +1,108 @@
-"""`rlhf-gym train --agent NAME`: train one agent on the env and write its metrics and policy to a run folder."""
+"""`rlhf-gym train --agent NAME`: train one agent on the env and write its metrics and policy to a run folder.
+
+Checkpoints and resume (issue 13): every `checkpoint_every` iterations, and at the last, the run folder gets
+`checkpoints/iteration-NNNNNN/` (`rlhf_base.checkpoint`: safetensors + JSON, written atomically, the older
+ones deleted after): the agent's `state_dict()` (weights, optimiser, its RNGs and counters, the env's beta
+and prompt RNG, the metrics so far), the process's global RNGs, and the pi_ref evaluation of the start.
+`train(..., resume=True)` rebuilds the env and agent from the run's env.yaml and agent.yaml, loads the
+latest checkpoint, cuts metrics.csv/metrics.jsonl back to its iteration (TensorBoard hides the later
+events), and runs the remaining iterations: on the same device and threads, the result is the one an
+uninterrupted run gives, to the bit (`tests/test_checkpoint.py`), except the clock columns (`wall_time`
+counts from the resume, SB3's tokens/s).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
+from agents.base import CHECKPOINT_METHODS, supports_checkpoints
 from agents.registry import get_agent_class, resolve_config
-from rlhf_base.config import load_config, save_config
+from rlhf_base.checkpoint import (
+    CHECKPOINTS_DIR,
+    CheckpointError,
+    global_rng_state,
+    latest_checkpoint,
+    load_state,
+    set_global_rng_state,
+    write_checkpoint,
+)
+from rlhf_base.config import ConfigError, config_to_dict, load_config, save_config
 from rlhf_base.io import atomic_write
 from rlhf_base.runlog import RunLog
 from text_env.config import EnvConfig
 
-__all__ = ["train"]
+__all__ = ["DEFAULT_CHECKPOINT_EVERY", "train"]
+
+#: Iterations between checkpoints when `train` is not told (for agents with `state_dict`/`load_state_dict`).
+DEFAULT_CHECKPOINT_EVERY = 5
 
 
 def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     """`env.beta=0.1` goes to the env config, everything else to the agent's."""
     env = [o.removeprefix("env.") for o in overrides if o.startswith("env.")]
     return env, [o for o in overrides if not o.startswith("env.")]
+
+
+def _first_difference(saved: Any, now: Any, path: str = "") -> str | None:
+    """The first dotted key whose value differs between two `config_to_dict` trees, with both values."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*saved, *(k for k in now if k not in saved)]:
+            found = _first_difference(saved.get(key), now.get(key), f"{path}{key}.")
+            if found:
+                return found
+        return None
+    return None if saved == now else f"{path.rstrip('.')} is {now!r} now, {saved!r} in the run"
+
+
+def _resume_configs(
+    run_dir: Path,
+    agent_cls: type,
+    agent_config: Any,
+    env_config: Any,
+    env_over: list[str],
+    agent_over: list[str],
+) -> tuple[EnvConfig, Any]:
+    """The run's saved configs; what is given now (files, overrides) must resolve to the same, or an error."""
+    saved_env = load_config(EnvConfig, run_dir / "env.yaml")
+    saved_agent = resolve_config(agent_cls, run_dir / "agent.yaml")
+    env_cfg = load_config(EnvConfig, env_config or run_dir / "env.yaml", env_over)
+    cfg = resolve_config(agent_cls, agent_config or run_dir / "agent.yaml", agent_over)
+    for what, saved, now in (("env.", saved_env, env_cfg), ("", saved_agent, cfg)):
+        difference = _first_difference(config_to_dict(saved), config_to_dict(now))
+        if difference:
+            raise ConfigError(
+                f"--resume: {what}{difference} ({run_dir}/{'env' if what else 'agent'}.yaml); a resumed run "
+                "keeps its config: pass the same settings, or none (--resume alone reloads them)"
+            )
+    return env_cfg, cfg
+
+
+def _checkpoint_interval(agent_cls: type, agent_name: str, checkpoint_every: int | None, resume: bool) -> int:
+    """Iterations between checkpoints (0: none), or an error if the agent cannot be checkpointed as asked."""
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 0):
+        raise ValueError(
+            f"checkpoint_every must be an integer >= 0 (0: no checkpoints), got {checkpoint_every!r}"
+        )
+    if supports_checkpoints(agent_cls):
+        return DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None else int(checkpoint_every)
+    methods = " and ".join(f"{m}()" for m in CHECKPOINT_METHODS)
+    if resume or checkpoint_every:
+        raise CheckpointError(
+            f"agent {agent_name!r} ({agent_cls.__name__}) has no {methods}, which checkpoints and --resume "
+            "need (see agents.base.Agent); add them, or train with --checkpoint-every 0 and without --resume"
+        )
+    if checkpoint_every is None:
+        warnings.warn(
+            f"agent {agent_name!r} has no {methods}: train writes no checkpoints for it and cannot resume it "
+            "(pass checkpoint_every=0, --checkpoint-every 0, to say that is intended)",
+            stacklevel=3,
+        )
+    return 0
 
 
 def train(
@@ -28,32 +112,89 @@ def train(
     env_config: str | Path | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> list[dict[str, float]]:
     """Build the env and agent from configs, learn, evaluate, save; every iteration's metrics land on disk.
 
     `agent_config` and `env_config` are YAML files overriding the defaults of the agent's `Config` and of
     `EnvConfig` (None: the defaults, which suit the default task); `overrides` go to the agent, or to the
     env with an `env.` prefix.
+
+    Args:
+        checkpoint_every: write `run_dir/checkpoints/iteration-NNNNNN/` every this many iterations and at
+            the last (0: none). None: `DEFAULT_CHECKPOINT_EVERY` for an agent with `state_dict` and
+            `load_state_dict`, none (with a warning) for one without.
+        resume: continue the run in `run_dir` from its latest checkpoint (see the module docstring); the
+            configs default to the run's own, and any given must resolve to them. False: start afresh,
+            deleting the folder's old checkpoints.
+
+    Returns:
+        The metrics of every iteration of the run (a resumed run's restored ones included).
+
+    Raises:
+        ConfigError: a config is invalid, or (resume) differs from the run's.
+        CheckpointError: (resume) the folder has no checkpoint or one of another agent; or the agent has
+            no `state_dict`/`load_state_dict` and checkpoints or a resume were asked for.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     env_over, agent_over = _split_overrides(list(overrides or []))
-    env_cfg = load_config(EnvConfig, env_config, env_over)
     agent_cls = get_agent_class(agent_name)
-    cfg = resolve_config(agent_cls, agent_config, agent_over)
-    save_config(env_cfg, run_dir / "env.yaml")
-    save_config(cfg, run_dir / "agent.yaml")
+    every = _checkpoint_interval(agent_cls, agent_name, checkpoint_every, resume)
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    if resume:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint in {checkpoints}, nothing to resume; start the run again without --resume"
+            )
+        state = load_state(found)
+        if state["train"]["agent"] != agent_name:
+            raise CheckpointError(
+                f"--resume: {found} is a checkpoint of agent {state['train']['agent']!r}, not {agent_name!r}"
+            )
+        env_cfg, cfg = _resume_configs(run_dir, agent_cls, agent_config, env_config, env_over, agent_over)
+    else:
+        env_cfg = load_config(EnvConfig, env_config, env_over)
+        cfg = resolve_config(agent_cls, agent_config, agent_over)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(env_cfg, run_dir / "env.yaml")
+        save_config(cfg, run_dir / "agent.yaml")
+        shutil.rmtree(checkpoints, ignore_errors=True)  # an earlier run's: --resume must never pick them up
 
     envs = env_cfg.make()
     agent = agent_cls(envs, cfg)
-    baseline = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
+    total = getattr(cfg, "iterations", None)  # the budget learn() runs by default
+    done: list[dict[str, float]] = []
+    if resume:  # after building, which draws from the global RNGs: the checkpoint's states replace them
+        agent.load_state_dict(state["agent"])
+        set_global_rng_state(state["rng"])
+        baseline, done = state["train"]["reference"], list(agent.history)
+        if total is None:
+            raise CheckpointError(f"--resume needs the iteration budget, {type(cfg).__name__}.iterations")
+        if progress:
+            print(f"[{agent_name}] resuming after iteration {len(done)} from {found}", flush=True)
+    else:
+        baseline = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
     # A row per iteration as it comes: metrics.csv, metrics.jsonl, and tensorboard/ under "AGENT/".
-    run_log = RunLog(run_dir, csv="metrics.csv", jsonl="metrics.jsonl", prefix=f"{agent_name}/")
+    run_log = RunLog(
+        run_dir,
+        csv="metrics.csv",
+        jsonl="metrics.jsonl",
+        prefix=f"{agent_name}/",
+        resume=len(done) if resume else None,
+        step_key="iteration",
+    )
     start = time.perf_counter()
 
     def log(agent_, metrics: dict[str, float]) -> None:
         step = int(metrics["iteration"])
         run_log.log({"agent": agent_name, **metrics}, step)
+        if every and (step % every == 0 or step == total):  # after the row: a checkpoint's rows are on disk
+            run = {"agent": agent_name, "iteration": step, "reference": baseline}
+            write_checkpoint(
+                checkpoints, step, {"agent": agent_.state_dict(), "rng": global_rng_state(), "train": run}
+            )
         if progress:
             print(
                 f"[{agent_name}] it {step:3d}  rm {metrics['rm_score']:+.3f}  gold {metrics['gold_score']:+.3f}  "
@@ -62,7 +203,10 @@ def train(
             )
 
     with run_log:
-        history = agent.learn(callback=log)
+        if resume:
+            history = done + agent.learn(iterations=max(0, total - len(done)), callback=log)
+        else:
+            history = agent.learn(callback=log)
     final = agent.evaluate(num_episodes=envs.num_envs * 2, seed=10_000)
     agent.save(run_dir / "policy")
     summary = {

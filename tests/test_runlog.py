@@ -116,3 +116,25 @@ def test_after_close_nothing_is_written_and_closing_twice_is_harmless(tmp_path):
     assert len(read_csv(tmp_path / "metrics.csv")[1]) == 1
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 1
     assert read_tensorboard(tmp_path / "tensorboard") == {"step": [(1, 1.0)], "loss": [(1, 0.5)]}
+
+
+def test_resume_keeps_the_rows_up_to_the_checkpoint_and_hides_later_tensorboard_events(tmp_path):
+    """A run killed after writing rows 1-4 (the last JSON line torn), resumed from its checkpoint at step 2,
+    ends with each step once: rows 3 and 4 are rewritten, not duplicated, in every file."""
+    with RunLog(tmp_path, jsonl="m.jsonl", prefix="ppo/") as log:
+        for step in range(1, 5):
+            log.log({"iteration": float(step), "loss": 10.0 + step}, step=step)
+    with open(tmp_path / "m.jsonl", "a") as f:
+        f.write('{"iteration": 5.0, "lo')  # killed mid-line
+    with RunLog(tmp_path, jsonl="m.jsonl", prefix="ppo/", resume=2, step_key="iteration") as log:
+        _, kept = read_csv(tmp_path / "metrics.csv")
+        assert [row["iteration"] for row in kept] == ["1.0", "2.0"]
+        for step in range(3, 5):
+            log.log({"iteration": float(step), "loss": 20.0 + step}, step=step)
+    header, rows = read_csv(tmp_path / "metrics.csv")
+    assert header == ["iteration", "loss"]
+    assert [float(row["loss"]) for row in rows] == [11.0, 12.0, 23.0, 24.0]
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss"] for line in lines] == [11.0, 12.0, 23.0, 24.0]
+    tensorboard = read_tensorboard(tmp_path / "tensorboard")["ppo/loss"]
+    assert tensorboard == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]

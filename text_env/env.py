@@ -118,6 +118,17 @@ class TextGenEnv(EnvSurface, gym.Env):
             self._last_info = {**self._last_info, **info}
         return self._episodes.observation(0), reward, bool(finished[0]), False, info
 
+    def state_dict(self) -> dict[str, Any]:
+        """The episode in progress and the prompt RNG's state, for a checkpoint taken mid-episode (SB3 stops
+        collecting at a step count, not at an episode's end). Not part of Gymnasium's API; an rlhf-gym
+        extension read by `agents.sb3`."""
+        return {"np_random": self.np_random.bit_generator.state, "episode": self._episodes.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into an env on the same task and settings."""
+        self.np_random.bit_generator.state = state["np_random"]
+        self._episodes.load_state_dict(state["episode"])
+
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             return None

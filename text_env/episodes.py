@@ -83,6 +83,32 @@ class EpisodeBatch:
         self.done |= finished
         return finished
 
+    #: The arrays that change as episodes run (the prompt table is the task's, rebuilt with the env).
+    STATE = (
+        "input_ids",
+        "attention_mask",
+        "prompt_index",
+        "num_generated",
+        "done",
+        "started",
+        "logprobs",
+        "has_logprobs",
+    )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the episodes in progress, for a checkpoint taken mid-episode (an SB3 rollout's)."""
+        return {name: getattr(self, name).copy() for name in self.STATE}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Put back a `state_dict()` of a batch of the same shape."""
+        for name in self.STATE:
+            mine, value = getattr(self, name), np.asarray(state[name])
+            if value.shape != mine.shape:
+                raise ValueError(
+                    f"episode state {name!r} has shape {value.shape}; this batch's is {mine.shape}"
+                )
+            mine[...] = value
+
     def observation(self, rows: np.ndarray | slice = slice(None)) -> dict[str, np.ndarray]:
         """Copies, so that a caller holding an obs never sees it change under it."""
         return {"input_ids": self.input_ids[rows].copy(), "attention_mask": self.attention_mask[rows].copy()}
