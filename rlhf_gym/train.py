@@ -157,13 +157,14 @@ def train(
     else:
         env_cfg = load_config(EnvConfig, env_config, env_over)
         cfg = resolve_config(agent_cls, agent_config, agent_over)
+
+    envs = env_cfg.make()  # before the folder is touched: a bad model or reward loses nothing written
+    agent = agent_cls(envs, cfg)
+    if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(env_cfg, run_dir / "env.yaml")
         save_config(cfg, run_dir / "agent.yaml")
         shutil.rmtree(checkpoints, ignore_errors=True)  # an earlier run's: --resume must never pick them up
-
-    envs = env_cfg.make()
-    agent = agent_cls(envs, cfg)
     total = getattr(cfg, "iterations", None)  # the budget learn() runs by default
     done: list[dict[str, float]] = []
     if resume:  # after building, which draws from the global RNGs: the checkpoint's states replace them

@@ -390,3 +390,17 @@ def test_the_rollout_command_takes_any_env_setting(user_module, capsys):
                  "reward_model=user_rlhf:brevity", "prompts=user_rlhf:PROMPTS"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "reward user_rlhf:brevity" in out and "3 prompts" in out and "gold (no gold)" in out
+
+
+def test_train_with_a_bad_reward_loses_nothing_already_written(user_module, tmp_path):
+    from rlhf_gym.train import train
+
+    run_dir = tmp_path / "run"
+    train("best_of_n", run_dir, overrides=["iterations=1", "samples_per_prompt=2", "prompts_per_iteration=2",
+                                          "env.num_envs=4", "env.max_new_tokens=6"], progress=False)  # fmt: skip
+    written = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(PluginError, match=r"one_arg\(prompts\) cannot be called"):
+        train("best_of_n", run_dir, overrides=["env.reward_model=user_rlhf:one_arg"], progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == written
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
