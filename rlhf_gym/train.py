@@ -10,6 +10,7 @@ from agents.registry import get_agent_class, resolve_config
 from rlhf_base.config import load_config, save_config
 from rlhf_base.io import atomic_write
 from rlhf_base.runlog import RunLog
+from rlhf_gym.pipeline import check_env_paths
 from text_env.config import EnvConfig
 
 __all__ = ["train"]
@@ -34,11 +35,15 @@ def train(
     `agent_config` and `env_config` are YAML files overriding the defaults of the agent's `Config` and of
     `EnvConfig` (None: the defaults, which suit the default task); `overrides` go to the agent, or to the
     env with an `env.` prefix.
+
+    Raises:
+        ConfigError: a bad key or value, or a local path the env config names that does not exist.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     env_over, agent_over = _split_overrides(list(overrides or []))
     env_cfg = load_config(EnvConfig, env_config, env_over)
+    check_env_paths(env_cfg, env_config)  # a missing model or reward model fails now, saying what makes it
     agent_cls = get_agent_class(agent_name)
     cfg = resolve_config(agent_cls, agent_config, agent_over)
     save_config(env_cfg, run_dir / "env.yaml")
