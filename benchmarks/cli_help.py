@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,18 +26,29 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def commands() -> list[list[str]]:
-    """`--help`, then `COMMAND --help` for every subcommand, in the order `rlhf-gym --help` lists them."""
-    from rlhf_gym.cli import build_parser
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return [["--help"], *([name, "--help"] for name in sub.choices)]
+
+def commands() -> list[list[str]]:
+    """`--help`, then `COMMAND --help` for every subcommand, in the order `rlhf-gym --help` lists them (read
+    from that listing, as a user would: the benchmarks sit below the CLI and do not import it)."""
+    listing = subprocess.run(
+        [sys.executable, "-m", "rlhf_gym.cli", "--help"],
+        cwd=ROOT,
+        env=_env(),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    section = listing.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    names = re.findall(r"^    ([a-z][\w-]*)(?:\s|$)", section, flags=re.MULTILINE)
+    return [["--help"], *([name, "--help"] for name in names)]
 
 
 def wall_ms(argv: list[str], repeats: int) -> list[float]:
     """Milliseconds per run of `python ARGV` in a fresh process, `repeats` times after one warm-up."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = _env()
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
