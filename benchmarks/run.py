@@ -9,6 +9,8 @@ Sections (each also runs alone as `python -m benchmarks.<name>`):
     trl      our REINFORCE/RLOO against TRL's RLOOTrainer and GRPOTrainer (in a venv of their own) on the
              same model, reward model, prompts and settings: s/iteration and gold after the same budget
     sb3      a whole SB3 PPO iteration (collection + update) against our rollout, batch 16
+    cli      wall time of `rlhf-gym --help` and of each `rlhf-gym COMMAND --help` in fresh processes
+             (seconds to run: the CLI must not import torch to list its options)
 
 Writes `benchmarks/out/results.json` and `benchmarks/out/results.md` (and each section's own JSON), and
 prints the machine it ran on. Figures from different runs do not compare: the machine's load changes.
@@ -27,7 +29,7 @@ from typing import Any
 
 TRL_PROMPTS = (16, 64)  # prompts per batch in the trl section, k = 4 samples each
 TRL_BUDGET_S = 45.0  # training seconds per side and scale
-SECTIONS = ("rollout", "fixes", "scaling", "trl", "sb3")
+SECTIONS = ("rollout", "fixes", "scaling", "trl", "sb3", "cli")
 
 
 def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], str]:
@@ -73,6 +75,11 @@ def run_section(name: str, quick: bool, device: str) -> tuple[dict[str, Any], st
 
         result = sb3_speed.run(quick=quick)
         return result, sb3_speed.markdown(result)
+    if name == "cli":
+        from benchmarks import cli_help
+
+        result = cli_help.run(quick=quick)
+        return result, cli_help.markdown(result)
     raise ValueError(f"unknown section {name!r}; valid: {list(SECTIONS)}")
 
 

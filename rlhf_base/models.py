@@ -31,6 +31,7 @@ __all__ = [
     "cache_dir",
     "frozen_copy",
     "fuse_gelu",
+    "is_local_model",
     "load_causal_lm",
     "register_model",
     "resolve_device",
@@ -175,9 +176,24 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
     return lm, tokenizer
 
 
+def is_local_model(name: str | os.PathLike) -> bool:
+    """Whether `load_causal_lm` reads `name` from disk rather than the hub: an existing path, a `.gguf` file,
+    or a name that cannot be a hub id (`org/model`): one starting with ".", "/" or "~", or with two or more
+    slashes (`runs/default/sft`). Built-in names are neither."""
+    name = str(name)
+    if name in builtin_models():
+        return False
+    return (
+        Path(name).expanduser().exists()
+        or name.endswith(".gguf")
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+    )
+
+
 def _load_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    looks_local = is_local_model(name)
     if looks_local and not (path / "config.json").is_file():
         raise ValueError(
             f"model {name!r}: no such model directory (expected a folder with config.json, as written by "

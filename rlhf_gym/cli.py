@@ -6,13 +6,16 @@ are plain functions (`run_sft`, `label_pairs`, `train_reward_model`, `train`, `r
 imports its stage when it runs, so `rlhf-gym --help` does not load torch or transformers.
 
     rlhf-gym demo                                     # the whole pipeline on the embedded default
-    rlhf-gym pipeline --config default agents.seeds=[0,1,2]
+    rlhf-gym pipeline --config default 'agents.seeds=[0,1,2]'
     rlhf-gym sft      --run-dir runs/sft learning_rate=3e-4
     rlhf-gym label    --run-dir runs/label num_pairs=2000 tau=0.1
     rlhf-gym train-rm --run-dir runs/rm pairs=runs/label/pairs.jsonl
     rlhf-gym train    --agent ppo iterations=10 env.beta=0.1
     rlhf-gym sweep    --config sweep --report
     rlhf-gym report   runs/sweep
+
+An error is one line, `rlhf-gym COMMAND: error: MESSAGE`, with exit status 2 (Ctrl-C: 130); `--debug`,
+before or after the subcommand, prints its traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import math
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +37,7 @@ from rlhf_gym.configs import builtin_configs, config_file
 
 __all__ = [
     "COMMANDS",
+    "EXAMPLES",
     "add_label_command",
     "add_pipeline_command",
     "add_report_command",
@@ -40,6 +45,9 @@ __all__ = [
     "add_sweep_command",
     "add_train_command",
     "add_train_rm_command",
+    "build_parser",
+    "error_message",
+    "fail",
     "main",
     "print_summary",
     "run_label",
@@ -47,6 +55,8 @@ __all__ = [
 ]
 
 Subparsers = argparse._SubParsersAction
+#: The example command lines of the module docstring: the top-level help's epilog, and each command's.
+EXAMPLES = tuple(line.strip() for line in (__doc__ or "").splitlines() if line.startswith("    rlhf-gym "))
 BUILTIN_AGENTS = "ppo, reinforce, best_of_n, raft, sb3_ppo, sb3_a2c"  # the help's list; the registry decides
 
 
@@ -87,8 +97,22 @@ def add_common_arguments(parser: argparse.ArgumentParser, fields: str, run_dir: 
     add_overrides(parser, example)
 
 
-def fail(command: str, error: Exception) -> int:
-    print(f"rlhf-gym {command}: error: {error}", file=sys.stderr)
+#: Errors raised for bad input, whose message is written for the user: shown as they are. Any other error
+#: is shown with its type's name and a pointer to `--debug`.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, OSError, ImportError)
+
+
+def error_message(error: BaseException) -> str:
+    """One line for the user: the message of a bad-input error (ConfigError, DataError, ValueError,
+    FileNotFoundError ...), else the error's type and message and how to see where it came from."""
+    if isinstance(error, USER_ERRORS) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error} (rerun with --debug for the traceback)"
+
+
+def fail(command: str, error: BaseException) -> int:
+    """Print `rlhf-gym COMMAND: error: MESSAGE` to stderr; return the exit status of a usage error, 2."""
+    print(f"rlhf-gym {command}: error: {error_message(error)}", file=sys.stderr)
     return 2
 
 
@@ -101,10 +125,7 @@ def _sft(args: argparse.Namespace) -> int:
     from rlhf_gym.sft import SFTConfig, run_sft
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    try:
-        config = load_config(SFTConfig, args.config, overrides)
-    except ConfigError as e:
-        return fail("sft", e)
+    config = load_config(SFTConfig, args.config, overrides)
     run_dir = Path(args.run_dir or f"runs/sft-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics = run_sft(config, run_dir, progress=not args.quiet)
     print(
@@ -151,15 +172,9 @@ def run_label(args: argparse.Namespace) -> int:
     from rlhf_base.io import atomic_write
     from rlhf_gym.label import LabelConfig, label_pairs
 
-    try:
-        config = load_config(LabelConfig, args.config, args.overrides)
-    except ConfigError as e:
-        return fail("label", e)
+    config = load_config(LabelConfig, args.config, args.overrides)
     run_dir = Path(args.run_dir)
-    try:
-        pairs, report = label_pairs(config, device=args.device, progress=not args.no_progress)
-    except (DataError, ValueError) as e:
-        return fail("label", e)
+    pairs, report = label_pairs(config, device=args.device, progress=not args.no_progress)
     write_pairs(pairs, run_dir / "pairs.jsonl")
     atomic_write(run_dir / "label_report.json", json.dumps(report, indent=2) + "\n")
     save_config(config, run_dir / "label_config.yaml")
@@ -190,11 +205,8 @@ def run_train_rm(args: argparse.Namespace) -> int:
     from reward_models.train import RewardTrainConfig, train_reward_model
     from rlhf_base.config import load_config, save_config
 
-    try:
-        config = load_config(RewardTrainConfig, args.config, args.overrides)
-        pairs = load_pairs(config.pairs)
-    except (ConfigError, DataError) as e:
-        return fail("train-rm", e)
+    config = load_config(RewardTrainConfig, args.config, args.overrides)
+    pairs = load_pairs(config.pairs)
     run_dir = Path(args.run_dir)
     model, metrics = train_reward_model(
         pairs, config, run_dir=run_dir, device=args.device, progress=not args.no_progress
@@ -308,15 +320,17 @@ def _sweep(args: argparse.Namespace) -> int:
     import dataclasses
 
     from rlhf_base.config import load_config
-    from rlhf_gym.sweep import CellsFailed, SweepConfig, check_cells, expand_cells, run_sweep
+    from rlhf_gym.pipeline import check_env_paths
+    from rlhf_gym.sweep import CellsFailed, SweepConfig, cell_configs, check_cells, expand_cells, run_sweep
 
-    try:
-        config = load_config(SweepConfig, args.config, args.overrides)
-        if args.workers is not None:
-            config = dataclasses.replace(config, workers=args.workers)
-        check_cells(expand_cells(config), config)  # a bad grid or override key fails here, before any cell
-    except ConfigError as e:
-        return fail("sweep", e)
+    config = load_config(SweepConfig, args.config, args.overrides)
+    if args.workers is not None:
+        config = dataclasses.replace(config, workers=args.workers)
+    cells = expand_cells(config)
+    check_cells(cells, config)  # a bad grid or override key fails here, before any cell
+    envs = [config.env, *(cell_configs(cell, config)[0] for cell in cells)]
+    for env in {(env.model, env.reward_model, env.prompts): env for env in envs}.values():
+        check_env_paths(env, args.config)  # so does a missing model (the pipeline's, when it has not run)
     try:
         run_dir, failed = run_sweep(config), None
     except CellsFailed as e:  # the other cells finished: report them, then say which failed (exit 1)
@@ -340,7 +354,7 @@ def add_sweep_command(sub: Subparsers) -> None:
     add_config_argument(p, "sweep", "SweepConfig")
     p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
-    add_overrides(p, "'seeds=[0,1]' 'betas=[0.05]' ppo.iterations=20")
+    add_overrides(p, "'seeds=[0,1]' 'betas=[0.05]' 'overrides=[ppo.iterations=20]'")
     p.set_defaults(handler=_sweep)
 
 
@@ -404,11 +418,8 @@ def _pipeline(args: argparse.Namespace) -> int:
     from rlhf_gym.sweep import check_cells, expand_cells
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    try:
-        config = load_config(PipelineConfig, args.config, overrides)
-        check_cells(expand_cells(config.agents), config.agents)  # the agents stage's grid, checked up front
-    except ConfigError as e:
-        return fail(args.command, e)
+    config = load_config(PipelineConfig, args.config, overrides)
+    check_cells(expand_cells(config.agents), config.agents)  # the agents stage's grid, checked up front
     return print_summary(run_pipeline(config))
 
 
@@ -515,7 +526,7 @@ def _add_bench(sub: Subparsers) -> None:
 
     p = sub.add_parser(
         "bench",
-        help="the performance benchmarks (rollout, scaling, TRL, SB3) in one run: markdown + JSON",
+        help="the performance benchmarks (rollout, scaling, TRL, SB3, CLI help) in one run: markdown + JSON",
         description="Every performance figure of the README, measured side by side in one run.",
     )
     add_arguments(p)
@@ -537,21 +548,53 @@ COMMANDS: tuple[Callable[[Subparsers], Any], ...] = (
 )
 
 
+DEBUG_HELP = "on an error, print the full traceback rather than one line"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-gym", description="RLHF as reinforcement learning proper.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf-gym",
+        description="RLHF as reinforcement learning proper: a subcommand per stage, from SFT to the report.",
+        epilog="examples:\n"
+        + "\n".join(f"  {line}" for line in EXAMPLES)
+        + "\n\n`rlhf-gym COMMAND --help` lists a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for install in COMMANDS:
         install(sub)
+    for name, command in sub.choices.items():
+        # `--debug` after the subcommand too; SUPPRESS keeps the value of one given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        examples = [" ".join(e.split("#")[0].split()) for e in EXAMPLES if e.split()[1] == name]
+        if examples and command.epilog is None:
+            command.epilog = f"example{'s' * (len(examples) > 1)}: {'; '.join(examples)}"
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; return its exit status.
+
+    An error prints `rlhf-gym COMMAND: error: MESSAGE` (one line, as argparse's usage errors) and returns 2;
+    `--debug` prints the traceback instead. Ctrl-C returns 130 (128 + SIGINT, the shell's convention).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+            return 2
+        return fail(args.command, error)
 
 
 if __name__ == "__main__":

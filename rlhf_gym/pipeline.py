@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from reward_models.train import RewardTrainConfig, train_reward_model
-from rlhf_base.config import config_to_dict, save_config
+from rlhf_base.config import ConfigError, config_to_dict, save_config
 from rlhf_base.deprecation import moved_names
 from rlhf_base.io import atomic_write
+from rlhf_gym.configs import CONFIGS_DIR
 from rlhf_gym.label import LabelConfig, label_pairs
 from rlhf_gym.sft import SFTConfig, run_sft
 from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
+from text_env.config import EnvConfig
 
-__all__ = ["STAGES", "PipelineConfig", "run_pipeline"]
+__all__ = ["STAGES", "PipelineConfig", "check_env_paths", "run_pipeline"]
 
 STAGES = ("pretrain", "sft", "label", "reward_model", "agents", "report")
+#: What a pipeline leaves in its run folder (runs/NAME/...) that an env config can name: pi_ref, the RM.
+ENV_OUTPUTS = ("sft", "reward_model")
 
 
 @dataclass
@@ -40,6 +44,63 @@ class PipelineConfig:
     label: LabelConfig = field(default_factory=LabelConfig)  # step 2a: pi_ref samples -> preference pairs
     reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig)  # step 2b: pairs -> r(x, y)
     agents: SweepConfig = field(default_factory=SweepConfig)  # step 3: agents x betas x seeds on the env
+
+
+def _pipeline_command(path: str) -> str | None:
+    """The command whose pipeline writes `path` (RUNS_ROOT/NAME/sft or reward_model), if it is one."""
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[0] != PipelineConfig.runs_root or parts[2] not in ENV_OUTPUTS:
+        return None
+    if parts[1] == PipelineConfig.name:
+        return "`rlhf-gym pipeline` (or `make demo`)"
+    return f"`rlhf-gym pipeline name={parts[1]}`"
+
+
+def check_env_paths(env: EnvConfig, source: str | Path | None = None) -> None:
+    """Fail now, with a hint, if `env` names a local file that is not there: a sweep or a training run would
+    otherwise fail later, in a worker, after building models or running the cells before it.
+
+    Checks `env.prompts`, `env.reward_model` and `env.gold_reward` when they name a path (not a
+    `module:attr` object or an `hf:` dataset), and `env.model` when it is a local path (`is_local_model`; a
+    hub id or built-in name is left to the loader).
+
+    Args:
+        source: the config file the env came from, named in the hint (a built-in one as configs/NAME.yaml).
+
+    Raises:
+        ConfigError: a named path does not exist; when it is a pipeline's output (runs/NAME/sft or
+            reward_model, as `configs/sweep.yaml` names), the message says to run the pipeline first.
+    """
+    from rlhf_base.models import is_local_model
+    from rlhf_base.plugins import is_import_spec
+
+    def local(value: str | None) -> str | None:
+        """`value` if it names a file or folder; None for a Python object (`module:attr`), a hub dataset
+        (`hf:NAME`) or the gold reward's words (`task`, `none`), which their loaders check."""
+        if value is None or is_import_spec(value) or str(value).startswith("hf:"):
+            return None
+        return None if value in ("task", "none") else value
+
+    named = {"model": env.model if env.model is not None and is_local_model(env.model) else None}
+    named |= {key: local(getattr(env, key)) for key in ("reward_model", "gold_reward", "prompts")}
+    missing = {key: str(path) for key, path in named.items() if path is not None and not Path(path).exists()}
+    if not missing:
+        return
+    message = "; ".join(f"the file {path} named by env.{key} does not exist" for key, path in missing.items())
+    message += f" (relative to {Path.cwd()})"
+    if source is not None and Path(source).resolve().parent == CONFIGS_DIR:
+        source = f"configs/{Path(source).name}"
+    made_by: dict[str, list[str]] = {}
+    for path in missing.values():
+        if command := _pipeline_command(path):
+            made_by.setdefault(command, []).append(path)
+    for command, paths in made_by.items():
+        if source is not None:
+            message += f"; `{source}` uses the pipeline's outputs: run {command} first"
+        else:
+            outputs = "are the pipeline's outputs" if len(paths) > 1 else "is the pipeline's output"
+            message += f"; {' and '.join(paths)} {outputs}: run {command} first"
+    raise ConfigError(message)
 
 
 class _Stages:

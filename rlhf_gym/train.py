@@ -34,6 +34,7 @@ from rlhf_base.checkpoint import (
 from rlhf_base.config import ConfigError, config_to_dict, load_config, save_config
 from rlhf_base.io import atomic_write
 from rlhf_base.runlog import RunLog
+from rlhf_gym.pipeline import check_env_paths
 from text_env.config import EnvConfig
 
 __all__ = ["DEFAULT_CHECKPOINT_EVERY", "train"]
@@ -133,7 +134,8 @@ def train(
         The metrics of every iteration of the run (a resumed run's restored ones included).
 
     Raises:
-        ConfigError: a config is invalid, or (resume) differs from the run's.
+        ConfigError: a config is invalid (a bad key or value, or a local path the env config names that
+            does not exist), or (resume) differs from the run's.
         CheckpointError: (resume) the folder has no checkpoint or one of another agent; or the agent has
             no `state_dict`/`load_state_dict` and checkpoints or a resume were asked for.
     """
@@ -158,6 +160,7 @@ def train(
         env_cfg = load_config(EnvConfig, env_config, env_over)
         cfg = resolve_config(agent_cls, agent_config, agent_over)
 
+    check_env_paths(env_cfg, env_config)  # a missing model or reward model fails now, saying what makes it
     envs = env_cfg.make()  # before the folder is touched: a bad model or reward loses nothing written
     agent = agent_cls(envs, cfg)
     if not resume:

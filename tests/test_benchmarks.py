@@ -126,3 +126,15 @@ def test_each_ablation_variant_turns_one_fix_off(core):
     with unfused_gelu(models):
         assert has_unfused()
     assert not has_unfused()
+
+
+def test_cli_help_benchmark_times_every_command_and_reports_the_medians():
+    from benchmarks import cli_help
+    from rlhf_gym.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert cli_help.commands() == [["--help"], *([name, "--help"] for name in sub.choices)]
+    assert "cli" in SECTIONS
+    rows = [{"command": "rlhf-gym --help", "median_ms": 90.0, "min_ms": 80.0}]
+    text = cli_help.markdown({"repeats": 3, "python_startup_ms": 30.0, "commands": rows})
+    assert "| `rlhf-gym --help` | 90 | 60 |" in text and "bare `python -c pass` takes 30 ms" in text

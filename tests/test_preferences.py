@@ -12,7 +12,7 @@ import pytest
 
 from reward_models.data import load_pairs, write_pairs
 from rlhf_base.io import DataError
-from rlhf_gym.cli import add_label_command
+from rlhf_gym.cli import add_label_command, main
 from rlhf_gym.label import (
     LabelConfig,
     label_pairs,
@@ -198,8 +198,7 @@ def test_label_command_writes_pairs_and_report_with_a_saved_policy(tmp_path, cor
 
 
 def test_label_command_rejects_an_unknown_config_key(tmp_path, capsys):
-    args = _label_parser().parse_args(["label", "--run-dir", str(tmp_path), "num_pair=10"])
-    assert args.handler(args) == 2
+    assert main(["label", "--run-dir", str(tmp_path), "num_pair=10"]) == 2  # errors reach the user via main
     err = capsys.readouterr().err
     assert "unknown key 'num_pair'" in err and "did you mean 'num_pairs'" in err and "tau" in err
     assert not (tmp_path / "pairs.jsonl").exists()

@@ -35,7 +35,7 @@ from reward_models import (
 from reward_models.data import write_pairs
 from reward_models.model import LOGPROB_FEATURE_SCALE, sequence_logprob_stats
 from rlhf_base.config import ConfigError, load_config
-from rlhf_gym.cli import add_train_rm_command
+from rlhf_gym.cli import add_train_rm_command, main
 from rlhf_gym.label import LabelConfig, label_pairs
 from text_env.tasks.reviews import build_tokenizer
 
@@ -463,16 +463,12 @@ def test_unknown_or_renamed_config_key_names_the_valid_or_new_key(tmp_path, caps
         load_config(RewardTrainConfig, None, ["learning_rte=1e-3"])
     with pytest.raises(ConfigError, match=r"'lr' was renamed to 'learning_rate' in RewardTrainConfig"):
         load_config(RewardTrainConfig, None, ["lr=1e-3"])
-    args = _train_rm_parser().parse_args(["train-rm", "--run-dir", str(tmp_path), "epoch=2"])
-    assert args.handler(args) == 2
+    assert main(["train-rm", "--run-dir", str(tmp_path), "epoch=2"]) == 2  # errors reach the user via main
     assert "did you mean 'epochs'" in capsys.readouterr().err
 
 
 def test_train_rm_command_reports_a_missing_pairs_file(tmp_path, capsys):
-    args = _train_rm_parser().parse_args(
-        ["train-rm", "--run-dir", str(tmp_path), f"pairs={tmp_path}/none.jsonl"]
-    )
-    assert args.handler(args) == 2
+    assert main(["train-rm", "--run-dir", str(tmp_path), f"pairs={tmp_path}/none.jsonl"]) == 2
     assert "none.jsonl" in capsys.readouterr().err
 
 

@@ -25,7 +25,7 @@ from agents.sft import (
 from rlhf_base.config import ConfigError, load_config
 from rlhf_base.io import DataError
 from rlhf_base.models import trainable_copy
-from rlhf_gym.cli import add_sft_command
+from rlhf_gym.cli import add_sft_command, main
 from rlhf_gym.sft import SFTConfig, train_sft
 from text_env.tasks.reviews import sample_demonstrations
 
@@ -223,9 +223,8 @@ def test_sft_command_writes_a_loadable_reference(tmp_path, capsys):
     assert load_config(SFTConfig, run_dir / "sft_config.yaml").num_demonstrations == 64
     envs = gym.make_vec("text_env/TextGen-v0", num_envs=2, model=str(run_dir / "sft"), max_new_tokens=4)
     envs.reset(seed=0)
-    bad = parser.parse_args(["sft", "--run-dir", str(run_dir), "epoch=2"])
     capsys.readouterr()
-    assert bad.handler(bad) == 2  # one line on stderr, no traceback
+    assert main(["sft", "--run-dir", str(run_dir), "epoch=2"]) == 2  # one line on stderr, no traceback
     assert re.match(
         r"rlhf-gym sft: error: unknown key 'epoch'.*did you mean 'epochs'", capsys.readouterr().err
     )

@@ -144,6 +144,8 @@ def captured(monkeypatch) -> list[Any]:
 
 def test_commands_find_built_in_configs_from_any_directory(tmp_path, monkeypatch, captured):
     monkeypatch.chdir(tmp_path)
+    for output in ("sft", "reward_model"):  # the built-in sweep's pi_ref and reward model: the pipeline's
+        (tmp_path / "runs" / "default" / output).mkdir(parents=True)
     assert cli.main(["sweep"]) == 0  # default: the built-in "sweep"
     assert cli.main(["sweep", "--config", "smollm2"]) == 0
     assert cli.main(["pipeline"]) == 0

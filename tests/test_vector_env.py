@@ -29,22 +29,72 @@ def test_make_vec_returns_batched_observations(core):
 def test_finished_rows_are_absorbing_until_reset(core):
     envs = text_env.TextGenVectorEnv(num_envs=3, core=core)
     envs.reset(seed=0)
+    assert envs.done.tolist() == [False, False, False]
     eos, word = envs.tokenizer.eos_token_id, envs.tokenizer.convert_tokens_to_ids("good")
     obs, rewards, terminated, _, info = envs.step(np.array([eos, word, word]))
-    assert terminated.tolist() == [True, False, False]
+    assert terminated.tolist() == [True, False, False] and envs.done.tolist() == [True, False, False]
     assert (
         info["_rm_score"].tolist() == [True, False, False]
         and rewards[0] == info["rm_score"][0] - 0.05 * info["kl"][0]
     )
     before = obs["input_ids"][0].copy()
-    obs, rewards, terminated, _, info = envs.step(np.array([word, eos, word]))
+    obs, rewards, terminated, truncated, info = envs.step(np.array([word, eos, word]))
     assert np.array_equal(obs["input_ids"][0], before), "a finished row ignores its action"
-    assert rewards[0] == 0.0 and terminated.tolist() == [True, True, False]
+    assert rewards[0] == 0.0 and terminated.tolist() == [False, True, False], "an episode ends once"
+    assert not truncated.any() and envs.done.tolist() == [True, True, False]
     assert info["_rm_score"].tolist() == [False, True, False]
     assert not envs.all_done
+    done = envs.done
+    done[2] = True  # a copy: the env's flags are read-only
+    assert envs.done.tolist() == [True, True, False]
     obs, _ = envs.reset(options={"reset_mask": [True, False, False]})
     _, _, terminated, _, _ = envs.step(np.array([word, word, word]))
-    assert terminated.tolist() == [False, True, False], "only the masked row restarted"
+    assert not terminated.any() and envs.done.tolist() == [False, True, False], (
+        "only the masked row restarted"
+    )
+
+
+def _play(envs, rng: np.random.Generator, steps: int, returns: list, lengths: list) -> None:
+    """Step `envs` with random tokens (EOS a third of the time) for `steps` steps, appending each ended
+    episode's reward and response length, as the env's own terminal-step info reports them."""
+    eos = envs.unwrapped.tokenizer.eos_token_id
+    for _ in range(steps):
+        actions = envs.action_space.sample()
+        actions[rng.random(envs.num_envs) < 1 / 3] = eos
+        _, rewards, terminated, truncated, info = envs.step(actions)
+        assert not truncated.any()
+        ended = np.flatnonzero(terminated)
+        np.testing.assert_array_equal(ended, np.flatnonzero(info.get("_response_length", [])))
+        assert not rewards[~terminated].any(), "the reward arrives on the terminal step only"
+        returns += rewards[ended].tolist()
+        lengths += info["response_length"][ended].tolist() if len(ended) else []
+
+
+def test_gymnasiums_episode_statistics_count_each_episode_once(core):
+    """Gymnasium's own `RecordEpisodeStatistics` on the vector env: 8 rows are 8 episodes, with the env's
+    returns and lengths, however long the rows are stepped after ending; a reset_mask restart adds those."""
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    from text_env.core import EnvCore
+
+    small = EnvCore(reference=core.reference, tokenizer=core.tokenizer, max_new_tokens=6)
+    envs = RecordEpisodeStatistics(text_env.TextGenVectorEnv(num_envs=8, core=small))
+    envs.action_space.seed(0)
+    rng, returns, lengths = np.random.default_rng(0), [], []
+    envs.reset(seed=0)
+    _play(envs, rng, 6 + 3, returns, lengths)  # every row ends within 6 steps; 3 more are no-ops
+    assert envs.unwrapped.all_done and envs.episode_count == 8 and len(returns) == 8
+    assert min(lengths) < 6 and max(lengths) == 6, "rows end at EOS and at the limit"
+    np.testing.assert_allclose(list(envs.return_queue), returns, atol=1e-6)
+    assert list(envs.length_queue) == lengths
+
+    restart = np.array([True, False, True, False, False, True, False, False])
+    envs.reset(options={"reset_mask": restart})
+    assert envs.unwrapped.done.tolist() == (~restart).tolist()
+    _play(envs, rng, 6 + 2, returns, lengths)
+    assert envs.episode_count == 8 + 3 and len(returns) == 11
+    np.testing.assert_allclose(list(envs.return_queue), returns, atol=1e-6)
+    assert list(envs.length_queue) == lengths
 
 
 def test_vector_env_errors(core):

@@ -273,7 +273,7 @@ def _rollout(
     steps: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # per step: rows, log q, entropy
     # Reused every step; the env ignores the entries of rows that have ended (pad, 0).
     actions, action_logprobs = np.full(num_rows, pad_id, dtype=np.int64), np.zeros(num_rows, np.float32)
-    done = np.zeros(num_rows, dtype=bool)  # (B,) the env's `terminated` of each row: all start together
+    done = np.zeros(num_rows, dtype=bool)  # (B,) rows ended so far (`envs.done`): all start together
     for t in range(n):
         ended = done[rows]  # (b,) host-side: ended, not yet dropped from the batch
         q_logprobs = options.logprobs(logits, step=t)  # (b, V) log q: the distribution sampled from
@@ -293,7 +293,8 @@ def _rollout(
         else:
             host = torch.stack([tokens.double(), step_logprobs.double()]).cpu().numpy()
             actions[rows], action_logprobs[rows] = host[0], host[1]
-        obs, _, done, _, _ = envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
+        obs, _, terminated, _, _ = envs.step(actions, logprobs=action_logprobs, defer_scoring=True)
+        done |= terminated  # `terminated` marks only the step a row ends on
         if done.all():
             break
         # (b, 1) the new token is real unless its row had ended

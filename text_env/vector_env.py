@@ -25,11 +25,21 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
 
     ## Autoreset mode: DISABLED, on purpose
     RLHF collects a batch of B complete responses, then learns from it. All B episodes start together at
-    `reset()`; rows end at their own EOS and then stay finished (absorbing) until the next `reset()`:
-    their actions are ignored, their reward is 0 and `terminated` stays True. This keeps the rows aligned
-    with the sampler's KV cache (row i of the cache is row i of the env), which NEXT_STEP or SAME_STEP
-    autoreset would break by starting new prompts mid-batch. `reset(options={"reset_mask": m})` restarts
-    only the rows where `m` is True, as Gymnasium's DISABLED mode prescribes.
+    `reset()`; rows end at their own EOS and then stay finished (absorbing) until the next `reset()`. This
+    keeps the rows aligned with the sampler's KV cache (row i of the cache is row i of the env), which
+    NEXT_STEP or SAME_STEP autoreset would break by starting new prompts mid-batch.
+    `reset(options={"reset_mask": m})` restarts only the rows where `m` is True, as Gymnasium's DISABLED mode
+    prescribes.
+
+    ## Episode End
+    A row's episode ends on EOS or when its response reaches `max_new_tokens` (scored, so not a truncation):
+    `terminated` is True for that row on that one step, as Gymnasium's vector envs report an episode end
+    once. Stepping a finished row again before `reset` is an absorbing no-op: its action is ignored, its
+    observation does not change, and it gets reward 0, `terminated` False and `truncated` False (a row
+    never truncates). So Gymnasium's own `wrappers.vector.RecordEpisodeStatistics` counts each episode
+    once, with its return and length. Which rows have finished is the read-only `done` (B,) array, and
+    `all_done` says whether all have; a sampler that loops to the end of the batch reads those (or ORs the
+    `terminated` it gets) rather than the last step's `terminated` alone.
 
     ## Spaces
     `single_observation_space` and `single_action_space` are those of `TextGenEnv`; the batched spaces are
@@ -46,14 +56,14 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
     and their KL is that of q against the env's reference (`text_env.sampling`).
 
     ## Deferred scoring: the batch API
-    `step(actions, defer_scoring=True)` ends rows as usual (`terminated` True) but pays them 0 for now and
-    leaves them `pending`; `score_pending()` then scores every pending row in one batched forward per model
-    and returns a compact `Scores` record (`rows`, and per row `reward`, `rm_score`, `kl`, `gold_score`,
-    `logprobs`, `ref_logprobs`, `prompt`, `response`, `response_length`), not Gymnasium's padded info. A
-    sampler that learns only from whole batches uses it: one reference and
-    one reward-model forward per batch instead of one per distinct finishing step (rows end at their own EOS,
-    so a batch of 64 finishes on ~20 different steps). An agent that acts step by step keeps the default,
-    where the terminal reward arrives on the terminal step.
+    `step(actions, defer_scoring=True)` ends rows as usual (`terminated` True on their last step) but pays
+    them 0 for now and leaves them `pending`; `score_pending()` then scores every pending row in one batched
+    forward per model and returns a compact `Scores` record (`rows`, and per row `reward`, `rm_score`, `kl`,
+    `gold_score`, `logprobs`, `ref_logprobs`, `prompt`, `response`, `response_length`), not Gymnasium's
+    padded info. A sampler that learns only from whole batches uses it: one reference and one reward-model
+    forward per batch instead of one per distinct finishing step (rows end at their own EOS, so a batch of 64
+    finishes on ~20 different steps). An agent that acts step by step keeps the default, where the terminal
+    reward arrives on the terminal step.
 
     ## Reset options
     `prompt_indices`: (B,) prompts for the reset rows (e.g. k consecutive copies of a prompt for RLOO);
@@ -64,7 +74,7 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
     `num_envs`, and what `TextGenEnv` shares (`text_env.surface.EnvSurface`): `beta` (settable: the env owns
     the one KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`,
     `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`,
-    `sampling`, `response_start`, `speed`. Per row, read-only: `pending` and `all_done`. The row flags and
+    `sampling`, `response_start`, `speed`. Per row, read-only: `done`, `pending`, and `all_done`. The row flags and
     prompts otherwise come from what `reset` and `step` return; `core` and the episode buffers are not part
     of the contract.
     """
@@ -90,6 +100,12 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
         return cls(num_envs=num_envs, core=env.unwrapped.core)
 
     @property
+    def done(self) -> np.ndarray:
+        """(B,) bool: rows whose episode has ended (or that were never reset), until `reset` restarts them
+        (a copy). `step`'s `terminated` is True only on the step a row ends; this stays True after it."""
+        return self._episodes.done.copy()
+
+    @property
     def pending(self) -> np.ndarray:
         """(B,) bool: rows that ended under `defer_scoring` and await `score_pending()` (a copy)."""
         return self._pending.copy()
@@ -99,7 +115,7 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
         """Deprecated: the env's internal episode buffers. Use what `reset`/`step`/`score_pending` return."""
         warnings.warn(
             "TextGenVectorEnv.episodes is internal and will be removed in rlhf-gym "
-            f"{REMOVED_IN}: read the row flags from step()'s `terminated`, the prompts from reset()'s "
+            f"{REMOVED_IN}: read the row flags from `done` (or step()'s `terminated`), the prompts from reset()'s "
             "info['prompt_index'], and the scores from score_pending()",
             DeprecationWarning,
             stacklevel=2,
@@ -179,7 +195,7 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
         elif len(rows):
             scores = self.core.score_rows(self._episodes, rows)
             rewards, info = scores.padded_rewards(self.num_envs), scores.vector_info(self.num_envs)
-        terminated = self._episodes.done.copy()
+        terminated = finished  # the step each row ends on only: a finished row stepped again is a no-op
         truncated = np.zeros(self.num_envs, dtype=bool)
         return self._episodes.observation(), rewards, terminated, truncated, info
 
