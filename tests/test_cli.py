@@ -100,6 +100,8 @@ def _check_example(argv: list[str]) -> None:
         env_over, agent_over = _split_overrides(overrides)
         load_config(EnvConfig, args.env_config, env_over)
         resolve_config(get_agent_class(args.agent), args.config, agent_over)
+    elif args.command == "rollout":
+        load_config(EnvConfig, args.config, overrides)
     elif args.command in ("sweep", "pipeline", "demo"):
         config = load_config(
             SweepConfig if args.command == "sweep" else PipelineConfig, args.config, overrides

@@ -246,7 +246,7 @@ def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core
     agent.save(tmp_path / "ppo")
     before = params(envs.policy)
     monkeypatch.setattr(core16.judge, "reward_fn", lambda prompts, responses: [math.nan] * len(responses))
-    with pytest.raises(NonFiniteLossError, match="iteration 2"):
+    with pytest.raises(ValueError, match=r"non-finite score\(s\)"):  # refused where the env scores it
         agent.learn(1)
     assert same(before, envs.policy)  # stopped before optimizer.step()
     reloaded = agents.make_agent("ppo", fresh_envs(core16, 8), {})
@@ -255,8 +255,13 @@ def test_non_finite_reward_stops_before_the_update_and_keeps_the_checkpoint(core
 
 
 def test_infinite_learning_rate_is_caught_before_a_second_step(core16):
-    # lr = inf turns the weights non-finite after the first step; the next loss is caught.
-    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": math.inf, "num_minibatches": 2})
+    # lr = inf turns the weights non-finite after the first step; the next loss is caught. A config refuses
+    # an infinite learning rate, so it is set on the optimiser, as a diverging schedule would.
+    with pytest.raises(ConfigError, match="learning_rate.*NaN or infinity"):
+        agents.make_agent("ppo", fresh_envs(core16, 8), {"learning_rate": math.inf})
+    agent = agents.make_agent("ppo", fresh_envs(core16, 8), {"num_minibatches": 2})
+    for group in agent.optimizer.param_groups:
+        group["lr"] = math.inf
     with pytest.raises(NonFiniteLossError, match="iteration 1"):
         agent.learn(1)
 
