@@ -291,9 +291,10 @@ def read_pairs(pairs: str | None, agent: str = "dpo") -> list[dict[str, Any]]:
     """The pairs of `<agent>.pairs`, or an error that says what to set."""
     if pairs is None:
         raise ValueError(
-            f"{agent} trains on preference pairs: set {agent}.pairs to a JSONL/JSON/CSV/Parquet file with "
-            f"fields prompt, chosen, rejected (e.g. runs/default/pairs.jsonl, written by `rlhf-gym pipeline` "
-            "or `rlhf-gym label`; the pipeline's agents stage sets it itself)"
+            f"{agent} trains on preference pairs and none were given: set {agent}.pairs (in a sweep; "
+            f"`pairs=...` with `rlhf-gym train --agent {agent}`) to a JSONL/JSON/CSV/Parquet file with fields "
+            "prompt, chosen, rejected, e.g. runs/default/pairs.jsonl, which `rlhf-gym pipeline` (or `label`) "
+            "writes; the pipeline's agents stage sets it to its own pairs itself"
         )
     try:
         return load_pairs(pairs)

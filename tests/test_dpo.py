@@ -166,7 +166,10 @@ def test_long_responses_are_cut_as_the_env_cuts_an_episode(core8):
 
 def test_missing_or_malformed_pairs_are_clear_errors(core8, tmp_path):
     envs = fresh_envs(core8, 4)
-    with pytest.raises(ValueError, match=r"set dpo\.pairs to a JSONL.*runs/default/pairs\.jsonl"):
+    with pytest.raises(
+        ValueError,
+        match=r"set dpo\.pairs.*`pairs=\.\.\.` with `rlhf-gym train --agent dpo`.*runs/default/pairs\.jsonl",
+    ):
         DPOAgent(envs, DPOConfig())
     with pytest.raises(DataError, match=r"dpo\.pairs='.*nowhere\.jsonl': preference pair file not found"):
         DPOAgent(envs, DPOConfig(pairs=str(tmp_path / "nowhere.jsonl")))
