@@ -40,6 +40,8 @@ _REGISTRY: dict[str, str | type] = {
     "reinforce": "agents.reinforce:ReinforceAgent",
     "best_of_n": "agents.best_of_n:BestOfNAgent",
     "raft": "agents.raft:RAFTAgent",
+    "dpo": "agents.dpo:DPOAgent",
+    "online_dpo": "agents.online_dpo:OnlineDPOAgent",
     "sb3_ppo": "agents.sb3:SB3PPOAgent",
     "sb3_a2c": "agents.sb3:SB3A2CAgent",
 }

@@ -23,10 +23,10 @@ from rlhf_base.io import atomic_write
 from rlhf_gym.configs import CONFIGS_DIR
 from rlhf_gym.label import LabelConfig, label_pairs
 from rlhf_gym.sft import SFTConfig, run_sft
-from rlhf_gym.sweep import SweepConfig, check_cells, expand_cells, run_sweep
+from rlhf_gym.sweep import SweepConfig, cell_configs, check_cells, expand_cells, run_sweep
 from text_env.config import EnvConfig
 
-__all__ = ["STAGES", "PipelineConfig", "check_env_paths", "run_pipeline"]
+__all__ = ["STAGES", "PipelineConfig", "check_env_paths", "run_pipeline", "with_pairs"]
 
 STAGES = ("pretrain", "sft", "label", "reward_model", "agents", "report")
 #: What a pipeline leaves in its run folder (runs/NAME/...) that an env config can name: pi_ref, the RM.
@@ -132,6 +132,24 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def with_pairs(sweep: SweepConfig, pairs: Path) -> SweepConfig:
+    """`sweep` with `AGENT.pairs=<pairs>` added for each agent whose Config declares a `pairs` field that no
+    cell sets (DPO trains on the very preference pairs the reward model was trained on).
+
+    A value the user gave (an override, a grid axis, the agent's file in `agent_configs`) is kept. Only fixed
+    overrides change, which no cell id depends on, so a resumed sweep still skips its finished cells.
+    """
+    from agents.registry import config_fields, get_agent_class
+
+    cells, added = expand_cells(sweep), []
+    for agent in sweep.agents:
+        if "pairs" not in config_fields(get_agent_class(agent)):
+            continue
+        if all(cell_configs(cell, sweep)[2].pairs is None for cell in cells if cell.agent == agent):
+            added.append(f"{agent}.pairs={pairs}")
+    return dataclasses.replace(sweep, overrides=[*sweep.overrides, *added]) if added else sweep
+
+
 def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "report") -> dict[str, Any]:
     """Run every stage that is not already done; return the paths of what it produced.
 
@@ -218,6 +236,7 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
         config.agents.env, model=str(sft_dir), reward_model=str(rm_dir), device=config.device
     )
     sweep_cfg = dataclasses.replace(config.agents, env=env, runs_root=str(run_dir), name="agents")
+    sweep_cfg = with_pairs(sweep_cfg, pairs_path)  # e.g. dpo.pairs: the pairs the reward model learnt from
     fp_agents = _fingerprint("agents", sweep_cfg, fp_rm)
     agents_dir = run_dir / "agents"
     if stages.done.get("agents_upstream") not in (None, fp_rm) and agents_dir.exists():
