@@ -38,6 +38,8 @@ ENTRY_POINT_GROUP = "rlhf_gym.agents"
 _REGISTRY: dict[str, str | type] = {
     "ppo": "agents.ppo:PPOAgent",
     "reinforce": "agents.reinforce:ReinforceAgent",
+    "grpo": "agents.grpo:GRPOAgent",
+    "dr_grpo": "agents.grpo:DrGRPOAgent",
     "best_of_n": "agents.best_of_n:BestOfNAgent",
     "raft": "agents.raft:RAFTAgent",
     "sb3_ppo": "agents.sb3:SB3PPOAgent",
