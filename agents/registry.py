@@ -40,6 +40,7 @@ _REGISTRY: dict[str, str | type] = {
     "reinforce": "agents.reinforce:ReinforceAgent",
     "grpo": "agents.grpo:GRPOAgent",
     "dr_grpo": "agents.grpo:DrGRPOAgent",
+    "remax": "agents.remax:ReMaxAgent",
     "best_of_n": "agents.best_of_n:BestOfNAgent",
     "raft": "agents.raft:RAFTAgent",
     "sb3_ppo": "agents.sb3:SB3PPOAgent",
