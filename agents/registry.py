@@ -41,6 +41,7 @@ _REGISTRY: dict[str, str | type] = {
     "grpo": "agents.grpo:GRPOAgent",
     "dr_grpo": "agents.grpo:DrGRPOAgent",
     "remax": "agents.remax:ReMaxAgent",
+    "reinforce_pp": "agents.reinforce_pp:ReinforcePPAgent",
     "best_of_n": "agents.best_of_n:BestOfNAgent",
     "raft": "agents.raft:RAFTAgent",
     "sb3_ppo": "agents.sb3:SB3PPOAgent",
