@@ -7,8 +7,8 @@ decode one greedily, y_bar = argmax, then step along
     grad J = E[(R(x, y) - R(x, y_bar)) * grad sum_t log pi(y_t | x, y_<t)]
 
 The greedy response does not depend on the sampled one, so the baseline adds no bias; it tracks each
-prompt's difficulty as a critic would, at the cost of one extra (greedy) rollout per iteration and no value
-model. ReMax reports it cuts the gradient's variance below REINFORCE with a batch-mean baseline.
+prompt's difficulty as a critic would (the paper's argument for its lower variance), at the cost of one extra
+(greedy) rollout per iteration and no value model.
 
 * **R is the env's reward** for both: `rm_score - beta * kl`, k1 in the reward (the env's `beta`), so the
   update climbs `E[rm_score] - beta * KL(pi || pi_ref)` as REINFORCE's default does.

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 Subparsers = argparse._SubParsersAction
-BUILTIN_AGENTS = "ppo, reinforce, best_of_n, raft, sb3_ppo, sb3_a2c"  # the help's list; the registry decides
+BUILTIN_AGENTS = "ppo, reinforce, grpo, dr_grpo, remax, reinforce_pp, best_of_n, raft, sb3_ppo, sb3_a2c"  # the help's list; the registry decides
 
 
 # --------------------------------------------------------------------------------------------------------

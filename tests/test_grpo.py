@@ -3,6 +3,7 @@ computation, the config's errors, and that both train and learn."""
 
 from __future__ import annotations
 
+import csv
 import math
 import statistics
 
@@ -17,6 +18,7 @@ from agents.grpo import DrGRPOAgent, DrGRPOConfig, GRPOAgent, GRPOConfig, group_
 from rlhf_base.config import ConfigError
 from tests.helpers import fresh_envs, params
 from tests.test_agent_wiring import BETA, TOL, hand_forward, moved_envs, snapshot, spy
+from text_env.config import EnvConfig
 from text_env.core import EnvCore
 
 LN2 = math.log(2.0)
@@ -243,3 +245,30 @@ def test_grpo_raises_the_reward_model_score_above_pi_ref(name):
     agent.learn(10)
     after = evaluate_policy(envs, num_episodes=128, seed=123)
     assert after["rm_score"] > before["rm_score"] + 0.15, (before["rm_score"], after["rm_score"])
+
+
+def test_the_critic_free_agents_run_in_a_sweep_and_its_report(tmp_path):
+    """GRPO, Dr. GRPO, ReMax and REINFORCE++ through a sweep (worker process, CSVs) and the report."""
+    from rlhf_gym.report import make_report
+    from rlhf_gym.sweep import SweepConfig, run_sweep
+
+    names = ["grpo", "dr_grpo", "remax", "reinforce_pp"]
+    config = SweepConfig(
+        agents=names,
+        seeds=[0],
+        env=EnvConfig(max_new_tokens=6, num_envs=4),
+        overrides=["agent.iterations=2", "grpo.samples_per_prompt=2", "dr_grpo.samples_per_prompt=2"],
+        eval_episodes=4,
+        workers=1,
+        runs_root=str(tmp_path),
+        name="critic_free",
+    )
+    run_dir = run_sweep(config, progress=False)
+    with open(run_dir / "results.csv", newline="") as f:
+        rows = {r["agent"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(names)
+    for row in rows.values():
+        assert row["learns"] == "True" and row["iterations"] == "2"
+        assert all(math.isfinite(float(row[key])) for key in ("rm_score", "kl", "reward", "length"))
+    text = make_report(run_dir)["report"].read_text()
+    assert all(f"| {name} |" in text for name in names)
