@@ -1,5 +1,5 @@
-"""Agents that act on the text env: PPO, REINFORCE (RLOO), best-of-n, RAFT, DPO (offline and online),
-stable-baselines3, and yours.
+"""Agents that act on the text env: PPO, REINFORCE (RLOO), GRPO, Dr. GRPO, ReMax, REINFORCE++, best-of-n,
+RAFT, DPO (offline and online), stable-baselines3, and yours.
 
 from agents import make_agent, available
 agent = make_agent("ppo", envs, {"iterations": 20})

@@ -10,6 +10,7 @@ an agent's iterations (budget, numbering, clock, tokens, metrics stream, callbac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ __all__ = [
     "rollout_metrics",
     "save_policy",
     "supports_checkpoints",
+    "take_rows",
 ]
 
 #: Settings the env owns, one owner each (issue 11): an agent config that names one is an error that says
@@ -178,6 +180,23 @@ def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: in
         "wall_time": float(wall_time),
         "tokens": float(tokens),
     }
+
+
+def take_rows(batch: Rollout, rows: torch.Tensor) -> Rollout:
+    """Rows `rows` (a 1-D index tensor) of a rollout, e.g. a minibatch: every per-row field indexed alike."""
+    index = rows.cpu().numpy()
+    tensors = {
+        f.name: getattr(batch, f.name)[rows.to(getattr(batch, f.name).device)]
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(
+        batch,
+        prompts=[batch.prompts[i] for i in index],
+        responses=[batch.responses[i] for i in index],
+        prompt_indices=batch.prompt_indices[index],
+        **tensors,
+    )
 
 
 @torch.no_grad()

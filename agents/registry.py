@@ -38,6 +38,10 @@ ENTRY_POINT_GROUP = "rlhf_gym.agents"
 _REGISTRY: dict[str, str | type] = {
     "ppo": "agents.ppo:PPOAgent",
     "reinforce": "agents.reinforce:ReinforceAgent",
+    "grpo": "agents.grpo:GRPOAgent",
+    "dr_grpo": "agents.grpo:DrGRPOAgent",
+    "remax": "agents.remax:ReMaxAgent",
+    "reinforce_pp": "agents.reinforce_pp:ReinforcePPAgent",
     "best_of_n": "agents.best_of_n:BestOfNAgent",
     "raft": "agents.raft:RAFTAgent",
     "dpo": "agents.dpo:DPOAgent",

@@ -81,6 +81,7 @@ __all__ = [
     "ReinforceConfig",
     "advantages",
     "clipped_reinforce_loss",
+    "group_prompt_indices",
     "policy_logprobs",
     "reinforce_loss",
 ]
@@ -209,6 +210,16 @@ def clipped_reinforce_loss(
     return loss if token_mean else loss * mask.sum() / mask.shape[0]  # the token sum per sequence, averaged
 
 
+def group_prompt_indices(rng: np.random.Generator, num_prompts: int, num_envs: int, k: int) -> np.ndarray:
+    """(num_envs,) prompt ids for a rollout of groups: num_envs / k distinct prompts, k consecutive copies each.
+
+    The layout `rloo_baseline` and GRPO's group statistics assume (sample j of group i at row i * k + j);
+    prompts repeat across groups only when there are fewer prompts than groups.
+    """
+    groups = num_envs // k
+    return np.repeat(rng.choice(num_prompts, size=groups, replace=groups > num_prompts), k)
+
+
 def policy_logprobs(
     policy: PreTrainedModel,
     batch: Rollout,
@@ -289,9 +300,9 @@ class ReinforceAgent:
 
     def _prompt_indices(self) -> np.ndarray:
         """(B,) prompts of the next rollout: num_envs / k distinct prompts, k consecutive copies each."""
-        num_prompts, k = self.envs.num_envs // self.samples_per_prompt, self.samples_per_prompt
-        total = len(self.envs.prompts)
-        return np.repeat(self.rng.choice(total, size=num_prompts, replace=num_prompts > total), k)
+        return group_prompt_indices(
+            self.rng, len(self.envs.prompts), self.envs.num_envs, self.samples_per_prompt
+        )
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None

@@ -26,6 +26,7 @@ __all__ = [
     "KL_GRANULARITIES",
     "KL_PLACEMENTS",
     "best_of_n_kl",
+    "clipped_surrogate",
     "discounted_returns",
     "entropy_from_logits",
     "gae",
@@ -403,18 +404,19 @@ def rloo_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 # PPO losses
 # --------------------------------------------------------------------------------------------------------
-def ppo_policy_loss(
+def clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate loss (Schulman et al. 2017, arXiv:1707.06347, eq. 7), averaged over tokens.
+    """PPO's clipped surrogate per token (Schulman et al. 2017, arXiv:1707.06347, eq. 7), not yet averaged.
 
-    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))`` with
-    ``ratio = pi(a|s) / pi_old(a|s)``: the pessimistic (larger) loss removes any incentive to move the ratio
-    beyond ``1 +- eps`` in the direction the advantage favours.
+    ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))`` with ``ratio = pi(a|s) / pi_old(a|s)``: the
+    pessimistic (larger) loss removes any incentive to move the ratio beyond ``1 +- eps`` in the direction
+    the advantage favours. How the tokens are then averaged is the algorithm's choice: PPO's token mean
+    (:func:`ppo_policy_loss`), GRPO's mean of per-response means, Dr. GRPO's sums over a constant.
 
     Args:
         logprobs: Log-probabilities of the taken tokens under the current policy, shape ``(B, T)``.
@@ -424,9 +426,10 @@ def ppo_policy_loss(
         clip_range: The clipping epsilon.
 
     Returns:
-        ``(loss, stats)``: the scalar loss, and python floats ``clip_fraction`` (share of valid tokens with
-        ``|ratio - 1| > eps``, as in cleanrl and OpenAI baselines) and ``approx_kl`` (masked mean of
-        ``(ratio - 1) - log ratio``, the k3 estimator of KL(pi_old || pi), as in cleanrl).
+        ``(losses, stats)``: ``(B, T)`` per-token losses, 0 at padding, and python floats ``clip_fraction``
+        (share of valid tokens with ``|ratio - 1| > eps``, as in cleanrl and OpenAI baselines) and
+        ``approx_kl`` (masked mean of ``(ratio - 1) - log ratio``, the k3 estimator of KL(pi_old || pi), as
+        in cleanrl).
     """
     # Select before exp(): a large junk log-ratio at padding would overflow and turn gradients into nan.
     log_ratio = _select(logprobs - old_logprobs, mask)  # (B, T)
@@ -434,12 +437,31 @@ def ppo_policy_loss(
     advantages = _select(advantages, mask)  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B, T)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    losses = _select(torch.max(pg_losses, pg_losses_clipped), mask)  # (B, T)
 
     with torch.no_grad():
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).to(ratio.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
-    return loss, {"clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+    return losses, {"clip_fraction": clip_fraction.item(), "approx_kl": approx_kl.item()}
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate loss, averaged over tokens: ``masked_mean(clipped_surrogate(...), mask)``.
+
+    Every valid token of the batch weighs the same (Ouyang et al. 2022; TRL). See :func:`clipped_surrogate`
+    for the per-token loss, the arguments and the stats.
+
+    Returns:
+        ``(loss, stats)``: the scalar loss and :func:`clipped_surrogate`'s stats.
+    """
+    losses, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)  # (B, T)
+    return masked_mean(losses, mask), stats
 
 
 def ppo_value_loss(

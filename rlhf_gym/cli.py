@@ -57,7 +57,10 @@ __all__ = [
 Subparsers = argparse._SubParsersAction
 #: The example command lines of the module docstring: the top-level help's epilog, and each command's.
 EXAMPLES = tuple(line.strip() for line in (__doc__ or "").splitlines() if line.startswith("    rlhf-gym "))
-BUILTIN_AGENTS = "ppo, reinforce, best_of_n, raft, sb3_ppo, sb3_a2c"  # the help's list; the registry decides
+#: The help's list of agents; the registry decides.
+BUILTIN_AGENTS = (
+    "ppo, reinforce, grpo, dr_grpo, remax, reinforce_pp, dpo, online_dpo, best_of_n, raft, sb3_ppo, sb3_a2c"
+)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from rlhf_base.maths import (
     KL_GRANULARITIES,
     KL_PLACEMENTS,
     best_of_n_kl,
+    clipped_surrogate,
     discounted_returns,
     entropy_from_logits,
     gae,
@@ -335,6 +336,20 @@ def test_ppo_policy_loss_by_hand():
     # d loss / d logprob_t = -A_t r_t / 4 where unclipped, 0 where clipped or padding
     loss.backward()
     assert_close(logprobs.grad, [[-1.0 * 1.1 / 4, 0.0, 0.0, -1.0 * 0.5 / 4, 0.0]])
+
+
+def test_clipped_surrogate_per_token_by_hand_and_ppo_averages_it():
+    # The case above, token by token: max(-A r, -A clip(r, 0.8, 1.2)) = [-1.1, -2.4, 0.8, -0.5], 0 at padding.
+    ratios = [1.1, 1.5, 0.5, 0.5]
+    advantages = t([[1.0, 2.0, -1.0, 1.0, JUNK]])
+    old_logprobs = t([[-1.0, -2.0, -0.5, -3.0, -1.0]])
+    logprobs = old_logprobs + t([[math.log(r) for r in ratios] + [1e3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    losses, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, 0.2)
+    assert_close(losses, [[-1.1, -2.4, 0.8, -0.5, 0.0]])
+    loss, ppo_stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    assert_close(loss, losses.sum() / 4)
+    assert stats == ppo_stats
 
 
 def test_ppo_policy_loss_on_policy_is_minus_mean_advantage():
