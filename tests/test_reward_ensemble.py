@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import gymnasium as gym
 import pytest
@@ -237,3 +238,16 @@ def test_a_member_folder_without_a_model_is_named(tmp_path):
     (tmp_path / "ensemble.json").write_text('{"members": ["a"], "combine": "mean"}')
     with pytest.raises(FileNotFoundError, match=r"ensemble\.json: members\[0\] 'a': no reward model at"):
         load_reward_model(tmp_path)
+
+
+def test_train_runs_an_agent_against_an_ensemble_folder(ensemble, tmp_path):
+    """`env.reward_model=FOLDER` of an ensemble, as `rlhf-gym train` and every sweep cell build their env."""
+    from rlhf_gym.train import train
+
+    path = ensemble[0].save(tmp_path / "ens")
+    overrides = [
+        f"env.reward_model={path}", "env.num_envs=8", "env.max_new_tokens=6",
+        "iterations=1", "samples_per_prompt=2", "prompts_per_iteration=4",
+    ]  # fmt: skip
+    history = train("best_of_n", tmp_path / "run", overrides=overrides, progress=False)
+    assert history and all(math.isfinite(row["rm_score"]) for row in history)
