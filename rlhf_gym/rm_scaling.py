@@ -39,7 +39,7 @@ import numpy as np
 
 from reward_models.data import load_pairs, write_pairs
 from reward_models.loading import body_shape
-from reward_models.train import RewardTrainConfig, evaluate_reward_model, train_reward_model
+from reward_models.train import RewardTrainConfig, train_reward_model
 from rlhf_base.config import config_to_dict, save_config
 from rlhf_base.io import atomic_path, atomic_write
 from rlhf_gym.label import LabelConfig, label_pairs
@@ -87,7 +87,8 @@ class RMScalingConfig:
     label: LabelConfig = field(default_factory=LabelConfig)  # the labeller (tau, task, seed, ...); its
     # num_pairs (max(pair_counts) + eval_pairs) and model (the one above) are set here
     reward_model: RewardTrainConfig = field(default_factory=RewardTrainConfig)  # each cell's recipe; its
-    # pairs, num_pairs and body are set per cell; logprob_model defaults to `model` (as the pipeline's)
+    # num_pairs and body are set per cell, pairs and eval_fraction unused (the held-out set is given);
+    # logprob_model defaults to `model` (as the pipeline's)
     save_models: bool = True  # keep each cell's reward model under models/<body>-<pairs>/
     device: str = "cpu"  # labelling and training: "cpu", "cuda", "auto"
 
@@ -182,7 +183,6 @@ def _cell(
     model, metrics = train_reward_model(
         pool, train_config, eval_pairs=held_out, device=config.device, progress=progress
     )
-    held = evaluate_reward_model(model, held_out, batch_size=train_config.eval_batch_size)
     prompts = [p["prompt"] for p in held_out] * 2
     responses = [p["chosen"] for p in held_out] + [p["rejected"] for p in held_out]
     gold = [p["gold_chosen"] for p in held_out] + [p["gold_rejected"] for p in held_out]
@@ -193,12 +193,12 @@ def _cell(
         "body": body,
         "num_pairs": num_pairs,
         "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "accuracy": held["accuracy"],
-        "accuracy_decided": held.get("accuracy_decided", math.nan),
-        "label_ceiling": held.get("label_ceiling", math.nan),
-        "gold_agreement": held.get("gold_agreement", math.nan),
+        "accuracy": metrics["eval_accuracy"],  # the last epoch's evaluation on `held_out`
+        "accuracy_decided": metrics.get("eval_accuracy_decided", math.nan),
+        "label_ceiling": metrics.get("eval_label_ceiling", math.nan),
+        "gold_agreement": metrics.get("eval_gold_agreement", math.nan),
         "spearman": rank_correlation(scores, gold),
-        "eval_loss": held["loss"],
+        "eval_loss": metrics["eval_loss"],
         "train_loss": metrics["train_loss"],
         "seconds": metrics["seconds"],
     }

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Model
+from transformers import GPT2Model, LlamaConfig, LlamaForCausalLM
 
 from reward_models import RewardTrainConfig, build_reward_model, load_reward_model, train_reward_model
 from reward_models.loading import BODY_SIZES, body_shape
@@ -17,6 +17,7 @@ from rlhf_base.config import ConfigError, load_config
 from rlhf_gym.cli import main
 from rlhf_gym.label import LabelConfig, label_pairs
 from rlhf_gym.rm_scaling import COLUMNS, RMScalingConfig, rank_correlation
+from text_env.tasks.reviews import build_tokenizer
 
 PROMPTS = ["the plot was", "i", "overall , the film", "this movie"]
 RESPONSES = ["great .", "hated the film .", "was not very good .", "is about a dog . i loved it"]
@@ -51,6 +52,27 @@ def test_a_sized_body_is_fresh_reads_pi_ref_and_round_trips(core, tmp_path):
     loaded = load_reward_model(model.save(tmp_path / "rm"))
     assert loaded.body.config.n_layer == 2
     assert torch.equal(loaded.score(PROMPTS, RESPONSES), model.score(PROMPTS, RESPONSES))
+
+
+@pytest.mark.parametrize("features", [True, None])
+def test_a_sized_body_takes_a_hugging_face_backbones_vocabulary(features, tmp_path):
+    """An HF causal LM as the backbone: a fresh GPT-2 body in its vocabulary; with log-prob features its
+    frozen LM is that causal LM, without them (None: an HF backbone's default) only its tokenizer is used."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        )
+    )  # fmt: skip
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    model = build_reward_model(str(tmp_path / "lm"), body="1x32", logprob_features=features)
+    assert isinstance(model.body, GPT2Model) and model.body.config.vocab_size == len(tokenizer)
+    assert model.max_length == 64 and model.logprob_features is bool(features)
+    loaded = load_reward_model(model.save(tmp_path / "rm"))
+    torch.testing.assert_close(loaded.score(PROMPTS, RESPONSES), model.score(PROMPTS, RESPONSES))
 
 
 # --------------------------------------------------------------------------------------------------------
