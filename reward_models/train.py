@@ -5,17 +5,22 @@ Under the Bradley-Terry model a labeller prefers `y_w` over `y_l` with probabili
 (Stiennon et al. 2020, eq. 1; Ouyang et al. 2022, eq. 1). An optional per-pair margin `m` asks for
 `r_w - r_l > m` (Llama 2, Touvron et al. 2023, eq. 2). Each step scores the chosen and the rejected responses
 of a batch in one forward pass, as TRL's `RewardTrainer` does.
+
+`ensemble_size: k` trains k such models that differ in their seed (and, with `ensemble_bootstrap`, in a
+bootstrap resample of the training pairs) on one held-out split and one normalisation sample, and returns
+them as a `RewardEnsemble` (Coste et al. 2024; see `reward_models.ensemble`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,7 +28,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reward_models.data import load_pairs
-from reward_models.loading import build_reward_model
+from reward_models.ensemble import RewardEnsemble
+from reward_models.loading import body_shape, build_reward_model
 from reward_models.model import RewardModel
 from rlhf_base.io import atomic_write
 from rlhf_base.optim import adam
@@ -64,6 +70,11 @@ class RewardTrainConfig:
     backbone: str | None = (
         None  # None: tiny-reviews GPT-2 body + scalar head; else an HF dir/id (sequence classifier)
     )
+    # The body's size: None/"pretrained" = the backbone's own pretrained body; "tiny" | "small" | "base" or
+    # "LAYERSxWIDTH[xHEADS]" (e.g. "6x192") = a freshly initialised GPT-2 body of that size in the backbone's
+    # vocabulary (reward_models.loading.BODY_SIZES), the head still reading the frozen LM's log-probs
+    body: str | None = None
+    num_pairs: int | None = None  # use the first N pairs of the file (held-out ones included); None: all
     logprob_features: bool | None = (
         None  # head also reads the frozen LM's log-prob stats; None: on for tiny-reviews, off for HF ids
     )
@@ -85,6 +96,11 @@ class RewardTrainConfig:
         1024  # responses (both sides of the pairs: pi_ref's samples) that set score mean 0, std 1
     )
     seed: int = 0  # seeds the split, the batch order and the head's initialisation
+    ensemble_size: int = 1  # k > 1: train k members (seeds seed, seed+1, ...) saved as one RewardEnsemble
+    # how the members' scores combine: mean | worst (min, WCO) | uwo (mean - uwo_lambda * variance, UWO)
+    ensemble_combine: Literal["mean", "worst", "uwo"] = "mean"
+    uwo_lambda: float = 1.0  # UWO's weight on the members' (population) variance, in normalised units
+    ensemble_bootstrap: bool = False  # each member also trains on its own bootstrap resample of the pairs
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -97,6 +113,13 @@ class RewardTrainConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.normalise_samples < 2:
             raise ValueError(f"normalise_samples must be >= 2, got {self.normalise_samples}")
+        body_shape(self.body)  # an unknown size fails here, naming the valid ones
+        if self.num_pairs is not None and self.num_pairs < 2:
+            raise ValueError(f"num_pairs must be >= 2 (or None: all), got {self.num_pairs}")
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
+        if not (self.uwo_lambda >= 0 and math.isfinite(self.uwo_lambda)):
+            raise ValueError(f"uwo_lambda must be a finite number >= 0, got {self.uwo_lambda}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -141,9 +164,12 @@ def _pair_metrics(
 
 
 def evaluate_reward_model(
-    model: RewardModel, pairs: Any, *, batch_size: int = 256, margin_field: str | None = None
+    model: Any, pairs: Any, *, batch_size: int = 256, margin_field: str | None = None
 ) -> dict[str, float]:
     """Held-out metrics of `model` on `pairs`: BT `loss`, `accuracy` (share with r_w > r_l), mean raw `margin`.
+
+    `model` is a `RewardModel` (scored raw, before normalisation) or any reward with `.score(prompts,
+    responses)`: a `RewardEnsemble` (its combined, member-normalised scores), an adapter, a function's.
 
     When the pairs carry `gold_chosen`/`gold_rejected` (written by the labeller, for evaluation only), also
     `gold_agreement`: the share of pairs, gold ties excluded, that the model orders as the gold reward does,
@@ -153,8 +179,15 @@ def evaluate_reward_model(
     """
     pairs = load_pairs(pairs)
     prompts = [p["prompt"] for p in pairs]
-    r_w = model.raw_score(prompts, [p["chosen"] for p in pairs], batch_size)
-    r_l = model.raw_score(prompts, [p["rejected"] for p in pairs], batch_size)
+    raw_score = getattr(model, "raw_score", None)
+
+    def scores(responses: list[str]) -> torch.Tensor:
+        if callable(raw_score):
+            return raw_score(prompts, responses, batch_size)
+        return torch.as_tensor(model.score(prompts, responses), dtype=torch.float32).detach().cpu()
+
+    r_w = scores([p["chosen"] for p in pairs])
+    r_l = scores([p["rejected"] for p in pairs])
     margins = _margins(pairs, margin_field)
     metrics = _pair_metrics(r_w, r_l, None if margins is None else torch.as_tensor(margins))
     metrics["num_pairs"] = len(pairs)
@@ -175,6 +208,36 @@ def evaluate_reward_model(
 # --------------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------------
+def _first_pairs(pairs: list[dict[str, Any]], num_pairs: int | None) -> list[dict[str, Any]]:
+    """The first `num_pairs` pairs (the labeller writes them in random order, so a prefix is a random
+    subsample, and a larger one contains a smaller one)."""
+    if num_pairs is None:
+        return pairs
+    if num_pairs > len(pairs):
+        raise ValueError(f"num_pairs={num_pairs}, but the preference pairs hold only {len(pairs)}")
+    return pairs[:num_pairs]
+
+
+def _split(
+    pairs: list[dict[str, Any]], eval_fraction: float, rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """`(train, held_out)`: a seeded shuffle; at least one pair on each side when there are two or more."""
+    order = rng.permutation(len(pairs))
+    num_eval = 0 if eval_fraction == 0 else max(1, round(len(pairs) * eval_fraction))
+    num_eval = min(num_eval, len(pairs) - 1)
+    return [pairs[i] for i in order[num_eval:]], [pairs[i] for i in order[:num_eval]]
+
+
+def _normalisation_sample(
+    train_pairs: list[dict[str, Any]], size: int, rng: np.random.Generator
+) -> tuple[list[str], list[str]]:
+    """`size` (prompt, response)s drawn from both sides of the pairs: pi_ref's samples when the labeller
+    drew them."""
+    responses = [(p["prompt"], p[side]) for p in train_pairs for side in ("chosen", "rejected")]
+    picked = rng.choice(len(responses), size=min(size, len(responses)), replace=False)
+    return [responses[i][0] for i in picked], [responses[i][1] for i in picked]
+
+
 def train_reward_model(
     pairs: Any,
     config: RewardTrainConfig | None = None,
@@ -182,52 +245,64 @@ def train_reward_model(
     model: RewardModel | None = None,
     run_dir: str | Path | None = None,
     normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
+    eval_pairs: Any = None,
     device: str | torch.device | None = "cpu",
     progress: bool = True,
-) -> tuple[RewardModel, dict[str, Any]]:
+) -> tuple[RewardModel | RewardEnsemble, dict[str, Any]]:
     """Train a reward model with the Bradley-Terry loss, evaluate it on held-out pairs, normalise it.
 
     Args:
-        pairs: preference pairs: a path, a `datasets.Dataset` or a list of `{prompt, chosen, rejected}`.
-        config: the recipe; default `RewardTrainConfig()`.
-        model: a reward model to train further; default a fresh `build_reward_model(config.backbone)`.
+        pairs: preference pairs: a path, a `datasets.Dataset` or a list of `{prompt, chosen, rejected}`;
+            `config.num_pairs` keeps the first N.
+        config: the recipe; default `RewardTrainConfig()`. `ensemble_size > 1` trains an ensemble.
+        model: a reward model to train further; default a fresh `build_reward_model(config.backbone,
+            body=config.body)`.
         run_dir: if given, receives `metrics.csv` (one row per epoch), `metrics.json` and TensorBoard
-            scalars (`tensorboard/`).
+            scalars (`tensorboard/`); an ensemble's members log into `member_0/`, `member_1/`, ...
         normalise_on: `(prompts, responses)` from pi_ref that set the score normalisation; default
             `config.normalise_samples` responses drawn (seeded) from both sides of the pairs, which are
             pi_ref's samples when the labeller drew them.
+        eval_pairs: the held-out pairs (e.g. one set shared by many runs, as `rm-scaling` does); then all
+            of `pairs` train and `config.eval_fraction` is not used. Default: split off `eval_fraction`.
         device: where a fresh model is built (a given model stays where it is).
         progress: show a tqdm bar.
 
     Returns:
-        `(model, metrics)`: the trained, normalised model in eval mode, and final metrics: `train_loss`,
-        `train_accuracy` (last epoch, running), `eval_loss`, `eval_accuracy`, `eval_margin` (when pairs
-        are held out), `gold_agreement`, `label_ceiling` and `accuracy_decided` on the held-out pairs
-        when they carry gold scores, `shift`, `scale`, sizes and `seconds`.
+        `(model, metrics)`: the trained, normalised model in eval mode (a `RewardEnsemble` when
+        `ensemble_size > 1`), and final metrics: `train_loss`, `train_accuracy` (last epoch, running),
+        `eval_loss`, `eval_accuracy`, `eval_margin` (when pairs are held out), `gold_agreement`,
+        `label_ceiling` and `accuracy_decided` on the held-out pairs when they carry gold scores, `shift`,
+        `scale`, sizes and `seconds` (an ensemble's: see `_train_ensemble`).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the message says where and what to try).
         rlhf_base.io.DataError: the pairs are malformed (see `load_pairs`).
+        ValueError: `num_pairs` is more than there are, or `model` is given with `ensemble_size > 1`.
     """
     config = config or RewardTrainConfig()
+    pairs = _first_pairs(load_pairs(pairs), config.num_pairs)
+    if eval_pairs is not None:
+        eval_pairs = [] if isinstance(eval_pairs, list) and not eval_pairs else load_pairs(eval_pairs)
+    if config.ensemble_size > 1:
+        if model is not None:
+            raise ValueError("model= trains one given model; with ensemble_size > 1 the members are built")
+        return _train_ensemble(pairs, config, eval_pairs, run_dir, normalise_on, device, progress)
     start = time.perf_counter()
-    pairs = load_pairs(pairs)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     if model is None:
         model = build_reward_model(
             config.backbone,
+            body=config.body,
             logprob_features=config.logprob_features,
             logprob_model=config.logprob_model,
             device=device,
         )
 
-    # Held-out split: a seeded shuffle; at least one pair on each side when there are two or more.
-    order = rng.permutation(len(pairs))
-    num_eval = 0 if config.eval_fraction == 0 else max(1, round(len(pairs) * config.eval_fraction))
-    num_eval = min(num_eval, len(pairs) - 1)
-    train_pairs = [pairs[i] for i in order[num_eval:]]
-    eval_pairs = [pairs[i] for i in order[:num_eval]]
+    if eval_pairs is None:
+        train_pairs, eval_pairs = _split(pairs, config.eval_fraction, rng)
+    else:
+        train_pairs = pairs
 
     prompts = [p["prompt"] for p in train_pairs]
     b_chosen = model.encode(prompts, [p["chosen"] for p in train_pairs])  # tokenised once, up front
@@ -298,9 +373,7 @@ def train_reward_model(
     log.close()
 
     if normalise_on is None:
-        responses = [(p["prompt"], p[side]) for p in train_pairs for side in ("chosen", "rejected")]
-        picked = rng.choice(len(responses), size=min(config.normalise_samples, len(responses)), replace=False)
-        normalise_on = ([responses[i][0] for i in picked], [responses[i][1] for i in picked])
+        normalise_on = _normalisation_sample(train_pairs, config.normalise_samples, rng)
     metrics.update(model.normalise(*normalise_on, batch_size=config.eval_batch_size))
     metrics.update(
         num_train=len(train_pairs),
@@ -311,3 +384,75 @@ def train_reward_model(
     if run_dir is not None:
         atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return model.eval(), metrics
+
+
+def _train_ensemble(
+    pairs: list[dict[str, Any]],
+    config: RewardTrainConfig,
+    eval_pairs: list[dict[str, Any]] | None,
+    run_dir: str | Path | None,
+    normalise_on: tuple[Sequence[str], Sequence[str]] | None,
+    device: str | torch.device | None,
+    progress: bool,
+) -> tuple[RewardEnsemble, dict[str, Any]]:
+    """`config.ensemble_size` members on one split and one normalisation sample, member i seeded
+    `config.seed + i` (its head's initialisation and batch order; with `ensemble_bootstrap`, its own
+    resample of the training pairs too).
+
+    Metrics: the ensemble's `eval_*` (its combined scores on the held-out pairs) and `eval_member_std` (the
+    members' mean population std over the held-out responses: their disagreement), the members' mean
+    `train_loss`/`train_accuracy`, and per member `members` (each one's own metrics).
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng(config.seed)
+    if eval_pairs is None:
+        train_pairs, eval_pairs = _split(pairs, config.eval_fraction, rng)
+    else:
+        train_pairs = pairs
+    if normalise_on is None:  # one sample for all: the members' scores then share one scale
+        normalise_on = _normalisation_sample(train_pairs, config.normalise_samples, rng)
+    members, member_metrics = [], []
+    for i in range(config.ensemble_size):
+        member_config = dataclasses.replace(config, seed=config.seed + i, ensemble_size=1, num_pairs=None)
+        member_pairs = train_pairs
+        if config.ensemble_bootstrap:
+            picks = np.random.default_rng([config.seed, i]).integers(len(train_pairs), size=len(train_pairs))
+            member_pairs = [train_pairs[j] for j in picks]
+        member, metrics = train_reward_model(
+            member_pairs,
+            member_config,
+            eval_pairs=eval_pairs,
+            run_dir=None if run_dir is None else Path(run_dir) / f"member_{i}",
+            normalise_on=normalise_on,
+            device=device,
+            progress=progress,
+        )
+        members.append(member)
+        member_metrics.append(metrics)
+    ensemble = RewardEnsemble(members, config.ensemble_combine, config.uwo_lambda)
+    metrics: dict[str, Any] = {
+        "ensemble_size": config.ensemble_size,
+        "ensemble_combine": config.ensemble_combine,
+        "uwo_lambda": config.uwo_lambda,
+        "train_loss": float(np.mean([m["train_loss"] for m in member_metrics])),
+        "train_accuracy": float(np.mean([m["train_accuracy"] for m in member_metrics])),
+    }
+    if eval_pairs:
+        held_out = evaluate_reward_model(
+            ensemble, eval_pairs, batch_size=config.eval_batch_size, margin_field=config.margin_field
+        )
+        metrics.update({f"eval_{k}": v for k, v in held_out.items() if k != "num_pairs"})
+        prompts = [p["prompt"] for p in eval_pairs] * 2
+        responses = [p["chosen"] for p in eval_pairs] + [p["rejected"] for p in eval_pairs]
+        spread = ensemble.member_scores(prompts, responses, config.eval_batch_size).std(0, unbiased=False)
+        metrics["eval_member_std"] = float(spread.mean())
+    metrics.update(
+        num_train=len(train_pairs),
+        num_eval=len(eval_pairs),
+        steps=sum(m["steps"] for m in member_metrics),
+        seconds=time.perf_counter() - start,
+        members=member_metrics,
+    )
+    if run_dir is not None:
+        atomic_write(Path(run_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return ensemble.eval(), metrics

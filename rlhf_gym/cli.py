@@ -201,15 +201,19 @@ def add_label_command(sub: Subparsers) -> argparse.ArgumentParser:
 
 
 def run_train_rm(args: argparse.Namespace) -> int:
-    """Train a Bradley-Terry reward model on the pairs named by the config's `pairs`; writes reward_model/
-    (load it with `load_reward_model`, or hand its path to the env as `reward_model=...`), metrics.csv,
-    metrics.json, tensorboard/ and the resolved train_rm_config.yaml."""
+    """Train a Bradley-Terry reward model on the pairs named by the config's `pairs` (the first `num_pairs`
+    of them; `body` sets its size); writes reward_model/ (load it with `load_reward_model`, or hand its path
+    to the env as `reward_model=...`), metrics.csv, metrics.json, tensorboard/ and the resolved
+    train_rm_config.yaml. With `ensemble_size: k`, reward_model/ is an ensemble of k members (ensemble.json,
+    member_0/, ...; combined by `ensemble_combine`: mean, worst or uwo) and each member logs in member_i/."""
     from reward_models.data import load_pairs
     from reward_models.train import RewardTrainConfig, train_reward_model
     from rlhf_base.config import load_config, save_config
 
     config = load_config(RewardTrainConfig, args.config, args.overrides)
     pairs = load_pairs(config.pairs)
+    if config.num_pairs is not None and config.num_pairs > len(pairs):
+        raise ValueError(f"num_pairs={config.num_pairs}, but {config.pairs} holds {len(pairs)}")
     run_dir = Path(args.run_dir)
     model, metrics = train_reward_model(
         pairs, config, run_dir=run_dir, device=args.device, progress=not args.no_progress
@@ -222,8 +226,13 @@ def run_train_rm(args: argparse.Namespace) -> int:
         if metrics["num_eval"]
         else "no held-out pairs"
     )
+    what = (
+        ""
+        if config.ensemble_size == 1
+        else f"an ensemble of {config.ensemble_size} ({config.ensemble_combine}) "
+    )
     print(
-        f"trained on {metrics['num_train']} pairs in {metrics['seconds']:.1f}s: train loss "
+        f"trained {what}on {metrics['num_train']} pairs in {metrics['seconds']:.1f}s: train loss "
         f"{metrics['train_loss']:.3f}, {held_out}\n  -> {run_dir / 'reward_model'}"
     )
     return 0
@@ -530,6 +539,53 @@ def _add_bench(sub: Subparsers) -> None:
     p.set_defaults(handler=_bench)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Studies: rm-scaling
+# --------------------------------------------------------------------------------------------------------
+def _rm_scaling(args: argparse.Namespace) -> int:
+    """Label pairs from pi_ref once, train a reward model per (number of pairs, body size), and report each
+    one's held-out accuracy against the labeller's ceiling and its agreement with the gold order
+    (rm_scaling.csv, rm_scaling.md, rm_scaling.png in the run folder; a rerun resumes)."""
+    from rlhf_base.config import load_config
+    from rlhf_gym.rm_scaling import QUICK_OVERRIDES, RMScalingConfig, run_rm_scaling
+
+    overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
+    overrides += [f"device={args.device}"] if args.device else []
+    try:
+        config = load_config(RMScalingConfig, args.config, overrides)
+    except ConfigError as e:
+        return fail("rm-scaling", e)
+    if args.quick:
+        print(f"--quick: {' '.join(QUICK_OVERRIDES)}")
+    try:
+        summary = run_rm_scaling(config, args.run_dir, progress=not args.no_progress)
+    except (DataError, ValueError) as e:
+        return fail("rm-scaling", e)
+    print("\n" + Path(summary["table"]).read_text())
+    print(f"csv: {summary['csv']}\ntable: {summary['table']}\nplot: {summary['plot']}")
+    return 0
+
+
+def _add_rm_scaling(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "rm-scaling",
+        help="reward model accuracy vs number of pairs x body size, against the labeller's ceiling",
+        description=_rm_scaling.__doc__,
+    )
+    add_config_argument(p, None, "RMScalingConfig")
+    p.add_argument("--run-dir", default="runs/rm-scaling", help="output folder (default: runs/rm-scaling)")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (overrides the config's device)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid a CPU runs in minutes (rlhf_gym.rm_scaling.QUICK_OVERRIDES: 3 pair counts x 2 "
+        "sizes), applied before the KEY=VALUE overrides",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_overrides(p, "'pair_counts=[500,1000]' 'bodies=[tiny,pretrained]' label.tau=0.1")
+    p.set_defaults(handler=_rm_scaling)
+
+
 #: The subcommands, in the order `--help` lists them.
 COMMANDS: tuple[Callable[[Subparsers], Any], ...] = (
     _add_demo,
@@ -542,6 +598,7 @@ COMMANDS: tuple[Callable[[Subparsers], Any], ...] = (
     add_report_command,
     _add_rollout,
     _add_bench,
+    _add_rm_scaling,
 )
 
 

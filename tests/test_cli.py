@@ -36,6 +36,7 @@ def test_every_stage_has_its_subcommand():
         "report",
         "rollout",
         "bench",
+        "rm-scaling",
     }
 
 

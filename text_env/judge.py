@@ -118,7 +118,9 @@ class Judge:
 
         Such a reward model (the pipeline's: its head reads pi_ref's log-prob statistics) can take the
         token log-probs of the reference forward the KL needs anyway (`score_tokens`): one teacher-forced
-        forward of pi_ref per batch instead of two, and no re-tokenising of the text.
+        forward of pi_ref per batch instead of two, and no re-tokenising of the text. A reward model
+        ensemble (`reward_models.RewardEnsemble`) qualifies when every member does, and then one forward
+        serves all k; if any member reads another LM (or none), the whole ensemble takes the text path.
         """
         model = getattr(self.reward_fn, "__self__", None)  # `as_reward_fn` keeps the bound `.score`
         if self.tokenizer is None or model is None or not hasattr(model, "reads_logprobs_of"):
