@@ -103,6 +103,10 @@ def _check_example(argv: list[str]) -> None:
         resolve_config(get_agent_class(args.agent), args.config, agent_over)
     elif args.command == "rollout":
         load_config(EnvConfig, args.config, overrides)
+    elif args.command == "rm-scaling":
+        from rlhf_gym.rm_scaling import RMScalingConfig
+
+        load_config(RMScalingConfig, args.config, overrides)
     elif args.command in ("sweep", "pipeline", "demo"):
         config = load_config(
             SweepConfig if args.command == "sweep" else PipelineConfig, args.config, overrides
