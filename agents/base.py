@@ -34,6 +34,7 @@ __all__ = [
     "METRIC_KEYS",
     "Agent",
     "NonFiniteLossError",
+    "PolicyAgentMixin",
     "Callback",
     "act_with_policy",
     "agent_learns",
@@ -129,6 +130,70 @@ def load_env_state(envs: Any, state: dict[str, Any]) -> None:
     """Put back what `env_state` returned."""
     envs.beta = state["beta"]
     envs.np_random.bit_generator.state = state["np_random"]
+
+
+class PolicyAgentMixin:
+    """`act`, `evaluate`, `save`, `load` and checkpoints for an agent that trains `envs.policy` with
+    `self.optimizer`: the part every policy-gradient or preference agent would otherwise repeat.
+
+    `state_dict()` holds the policy, the optimiser, whichever of the RNGs `RNG_ATTRIBUTES` names the agent
+    has (torch generators and numpy generators), the env's state, the metrics so far, and `_extra_state()`
+    (an agent's own learning state, e.g. DPO's place in its pairs). An algorithm file keeps only its
+    algorithm; PPO, REINFORCE and RAFT predate it and keep their own.
+    """
+
+    RNG_ATTRIBUTES = ("generator", "shuffle_generator", "rng")
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return act_with_policy(self.envs.policy, obs, envs=self.envs)
+
+    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
+        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
+
+    def save(self, path: str | Path) -> None:
+        save_policy(self.envs.policy, self.envs.tokenizer, path)
+
+    def load(self, path: str | Path) -> None:
+        """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
+        load_policy(self.envs.policy, path)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next iterations depend on, for a checkpoint (see the class docstring)."""
+        rngs = {}
+        for name in self.RNG_ATTRIBUTES:
+            rng = getattr(self, name, None)
+            if isinstance(rng, torch.Generator):
+                rngs[name] = rng.get_state()
+            elif isinstance(rng, np.random.Generator):
+                rngs[name] = rng.bit_generator.state
+        return {
+            "policy": self.envs.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rngs": rngs,
+            "env": env_state(self.envs),
+            "history": [dict(row) for row in self.history],
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put back a `state_dict()` into this agent (same env and config), in place."""
+        self.envs.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, rng_state in state["rngs"].items():
+            rng = getattr(self, name)
+            if isinstance(rng, torch.Generator):
+                rng.set_state(rng_state)
+            else:
+                rng.bit_generator.state = rng_state
+        load_env_state(self.envs, state["env"])
+        self.history = [dict(row) for row in state["history"]]
+        self._load_extra_state(state["extra"])
 
 
 def agent_learns(agent: Any) -> bool:

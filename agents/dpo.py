@@ -58,11 +58,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import text_env
 from agents.base import (
     Callback,
-    act_with_policy,
+    PolicyAgentMixin,
     check_finite,
-    evaluate_policy,
     load_policy,
-    save_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.sft import encode_demonstrations
@@ -305,7 +303,7 @@ def read_pairs(pairs: str | None, agent: str = "dpo") -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------
 # The agent
 # --------------------------------------------------------------------------------------------------------
-class DPOAgent:
+class DPOAgent(PolicyAgentMixin):
     """DPO / IPO on `envs.policy` against `envs.reference`, from a preference-pairs file; measured by the env.
 
     Metrics per iteration: the shared `METRIC_KEYS` of a fresh rollout after the iteration's updates, plus,
@@ -409,16 +407,22 @@ class DPOAgent:
         metrics["epochs"] = self.pairs_seen / len(self.data)
         return Iteration(batch, batch.num_tokens, metrics)
 
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, generator=self.generator, envs=self.envs)
-
-    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
-
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` into `envs.policy`; resets the optimiser."""
         load_policy(self.envs.policy, path)
         self.optimizer = self._make_optimizer()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Its place in the pairs (the shuffled order, the cursor, pairs seen) and pi_ref's cached log-probs."""
+        return {
+            "order": self._order,
+            "cursor": self._cursor,
+            "pairs_seen": self.pairs_seen,
+            "ref_logps": self._ref_logps,
+            "ref_known": self._ref_known,
+        }
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._order, self._cursor, self.pairs_seen = state["order"], state["cursor"], state["pairs_seen"]
+        self._ref_logps.copy_(state["ref_logps"])
+        self._ref_known.copy_(state["ref_known"])

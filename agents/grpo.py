@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -49,11 +48,8 @@ import text_env
 from agents.base import (
     ENV_SETTINGS,
     Callback,
-    act_with_policy,
+    PolicyAgentMixin,
     check_finite,
-    evaluate_policy,
-    load_policy,
-    save_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
@@ -199,7 +195,7 @@ def grpo_loss(
 # --------------------------------------------------------------------------------------------------------
 # The agent
 # --------------------------------------------------------------------------------------------------------
-class GRPOAgent:
+class GRPOAgent(PolicyAgentMixin):
     """GRPO (or Dr. GRPO, `variant`) on `envs.policy`: num_envs / G prompts, G samples each, per rollout.
 
     Args:
@@ -295,19 +291,6 @@ class GRPOAgent:
             kl_objective=kl_k3.mean().item(),  # the KL term optimised (k3); the shared `kl` is the env's k1
         )
         return Iteration(batch, batch.num_tokens, metrics)
-
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, envs=self.envs)
-
-    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
-
-    def load(self, path: str | Path) -> None:
-        """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
-        load_policy(self.envs.policy, path)
 
 
 class DrGRPOAgent(GRPOAgent):

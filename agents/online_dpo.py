@@ -35,11 +35,9 @@ import torch
 import text_env
 from agents.base import (
     Callback,
-    act_with_policy,
+    PolicyAgentMixin,
     check_finite,
-    evaluate_policy,
     load_policy,
-    save_policy,
 )
 from agents.dpo import Loss, check_loss_settings, dpo_loss, pair_metrics
 from agents.loop import Iteration, run_iterations
@@ -89,7 +87,7 @@ def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return 2 * decided + 1 - first_wins, 2 * decided + first_wins
 
 
-class OnlineDPOAgent:
+class OnlineDPOAgent(PolicyAgentMixin):
     """Online DPO on `envs.policy` against `envs.reference`, judged by the env's reward model.
 
     Metrics per iteration: the shared `METRIC_KEYS` of the iteration's rollout, plus `loss`, `grad_norm`,
@@ -161,15 +159,6 @@ class OnlineDPOAgent:
             **pair_metrics(logratios[chosen], logratios[rejected], beta),
         )
         return Iteration(batch, batch.num_tokens, metrics)
-
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, generator=self.generator, envs=self.envs)
-
-    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` into `envs.policy`; resets the optimiser."""

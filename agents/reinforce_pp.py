@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -38,11 +37,8 @@ import text_env
 from agents.base import (
     ENV_SETTINGS,
     Callback,
-    act_with_policy,
+    PolicyAgentMixin,
     check_finite,
-    evaluate_policy,
-    load_policy,
-    save_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
@@ -106,7 +102,7 @@ def reinforce_pp_advantages(
     return masked_whiten(returns, mask), returns
 
 
-class ReinforcePPAgent:
+class ReinforcePPAgent(PolicyAgentMixin):
     """REINFORCE++ on `envs.policy`: num_envs distinct prompts per rollout, one sample each.
 
     Args:
@@ -182,16 +178,3 @@ class ReinforcePPAgent:
             kl_objective=batch.kl.mean().item(),  # k1 per token in the reward: the env's own kl
         )
         return Iteration(batch, batch.num_tokens, metrics)
-
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, envs=self.envs)
-
-    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
-
-    def load(self, path: str | Path) -> None:
-        """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
-        load_policy(self.envs.policy, path)

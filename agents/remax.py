@@ -30,7 +30,6 @@ Logged: the shared metrics of the sampled responses, and the baseline's `greedy_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -40,11 +39,8 @@ import text_env
 from agents.base import (
     ENV_SETTINGS,
     Callback,
-    act_with_policy,
+    PolicyAgentMixin,
     check_finite,
-    evaluate_policy,
-    load_policy,
-    save_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import clipped_reinforce_loss, group_prompt_indices, policy_logprobs, reinforce_loss
@@ -101,7 +97,7 @@ def greedy_reward(
     return rm_scores - beta * masked_sum(logprobs - ref_logprobs, mask, dim=-1)
 
 
-class ReMaxAgent:
+class ReMaxAgent(PolicyAgentMixin):
     """ReMax on `envs.policy`: num_envs distinct prompts per rollout, one sample and one greedy response each.
 
     Args:
@@ -177,16 +173,3 @@ class ReMaxAgent:
             "kl_objective": batch.kl.mean().item(),  # k1 in the reward: the env's own kl
         }
         return Iteration(batch, batch.num_tokens + greedy.num_tokens, metrics)
-
-    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return act_with_policy(self.envs.policy, obs, envs=self.envs)
-
-    def evaluate(self, num_episodes: int = 256, seed: int = 0) -> dict[str, float]:
-        return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
-
-    def load(self, path: str | Path) -> None:
-        """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
-        load_policy(self.envs.policy, path)

@@ -56,6 +56,11 @@ AGENT_SETTINGS = {
     "best_of_n": ["samples_per_prompt=2", "prompts_per_iteration=4"],
     "sb3_ppo": ["n_envs=2", "n_steps=8", "timesteps_per_iteration=24", "batch_size=8", "n_epochs=2"],
     "sb3_a2c": ["n_envs=2", "n_steps=5", "timesteps_per_iteration=16"],
+    "grpo": ["samples_per_prompt=2", "num_minibatches=2", "epochs=2"],
+    "dr_grpo": ["samples_per_prompt=2"],
+    "remax": [],
+    "reinforce_pp": ["num_minibatches=2"],
+    "online_dpo": [],
 }
 
 

@@ -3,6 +3,7 @@ a handful of pairs, the errors, the pipeline's `pairs`, and a sweep writing the 
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -342,3 +343,24 @@ def test_a_sweep_runs_dpo_and_online_dpo_and_writes_the_shared_metrics(tmp_path,
         assert row["learns"] == "True" and row["iterations"] == "2" and row["beta"] == "0.1"
         assert all(k in row for k in RESULT_METRICS)
         assert all(math.isfinite(float(row[k])) for k in ("rm_score", "gold_score", "kl", "reward", "tokens"))
+
+
+def test_a_dpo_agent_restored_from_its_state_goes_on_exactly(core8, pairs_file):
+    """Its place in the pairs (order, cursor) is part of its checkpoint, with the shared state."""
+    config = DPOConfig(pairs=str(pairs_file), batch_size=2, steps_per_iteration=3, learning_rate=1e-3)
+    saved = agents.make_agent("dpo", fresh_envs(core8, 4), config)
+    saved.learn(iterations=1)
+    state = saved.state_dict()
+    weights = {k: v.clone() for k, v in state["policy"].items()}
+    state = {**state, "policy": weights, "optimizer": copy.deepcopy(state["optimizer"])}
+    want = saved.learn(iterations=2)
+    restored = agents.make_agent("dpo", fresh_envs(core8, 4), config)
+    restored.load_state_dict(state)
+    got = restored.learn(iterations=2)
+    assert [{k: v for k, v in r.items() if k != "wall_time"} for r in got] == [
+        {k: v for k, v in r.items() if k != "wall_time"} for r in want
+    ]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(params(saved.envs.policy), params(restored.envs.policy), strict=True)
+    )
