@@ -151,7 +151,8 @@ def test_commands_find_built_in_configs_from_any_directory(tmp_path, monkeypatch
     assert cli.main(["pipeline"]) == 0
     assert cli.main(["demo", "agents.workers=1"]) == 0
     first, smollm2, default, demo = captured
-    assert first.betas == [0.02, 0.05, 0.1] and first.env.model == "runs/default/sft"
+    assert first.betas == [0.05] and first.env.model == "runs/default/sft"
+    assert len(first.agents) == 10 and "dpo.pairs=runs/default/pairs.jsonl" in first.overrides
     assert smollm2.name == "smollm2" and smollm2.env.model == "smollm2"
     assert default.label.num_pairs == 4000 and default.agents.seeds == [0]
     assert demo.label.num_pairs == 4000 and demo.agents.workers == 1
