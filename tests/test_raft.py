@@ -37,7 +37,9 @@ def test_select_best_by_hand():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"RAFTConfig\.samples_per_prompt = 1: must be >= 2 \(valid range \[2, inf\)\)"):
+    with pytest.raises(
+        ValueError, match=r"RAFTConfig\.samples_per_prompt = 1: must be >= 2 \(valid range \[2, inf\)\)"
+    ):
         RAFTConfig(samples_per_prompt=1)
     with pytest.raises(ValueError, match=r"keep must be in \[1, samples_per_prompt\)"):
         RAFTConfig(samples_per_prompt=4, keep=4)

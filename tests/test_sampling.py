@@ -65,7 +65,10 @@ def test_the_default_options_return_the_logits_themselves_and_the_rest_transform
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ({"temperature": 0.0}, r"SamplingOptions\.temperature = 0\.0: must be > 0 \(valid range \(0, inf\)\)"),
+        (
+            {"temperature": 0.0},
+            r"SamplingOptions\.temperature = 0\.0: must be > 0 \(valid range \(0, inf\)\)",
+        ),
         ({"top_k": -1}, r"SamplingOptions\.top_k = -1: must be >= 0 \(valid range \[0, inf\)\)"),
         ({"top_p": 0.0}, r"SamplingOptions\.top_p = 0\.0: must be > 0 and <= 1 \(valid range \(0, 1\]\)"),
         ({"min_new_tokens": 2}, "needs eos_token_id"),
