@@ -90,6 +90,10 @@ class Agent(Protocol):
     with the same env and config, so that its next iterations are those the saved agent would have run.
     As with torch's, the tensors returned are the live ones: write them out (`rlhf_base.checkpoint`) before
     training on. The process's global RNGs are the trainer's to save (`rlhf_base.checkpoint.global_rng_state`).
+
+    Config checks (optional too): the `Config` dataclass may declare each number's valid range
+    (`RANGES`, `rlhf_base.ranges`), and the class a static `check_num_envs(config, num_envs)` for what
+    depends on the env's batch size; `train` and `sweep` run both before any model loads.
     """
 
     name: str  # registry name, e.g. "ppo"
