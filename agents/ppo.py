@@ -148,7 +148,7 @@ class PPOConfig:
         "gae_lambda": Range(ge=0, le=1),
         "kl_target": Range(gt=0),
         "kl_horizon": Range(ge=1),
-        "target_kl": Range(gt=0),
+        "target_kl": Range(ge=0),  # 0: stop after the first epoch (approx-KL is >= 0)
     }
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update

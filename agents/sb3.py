@@ -110,7 +110,7 @@ class SB3PPOConfig(SB3Config):
         "batch_size": Range(ge=1),
         "n_epochs": Range(ge=1),
         "clip_range": Range(gt=0),
-        "target_kl": Range(gt=0),
+        "target_kl": Range(ge=0),  # 0: stop once the approx-KL is above 0
     }
 
     batch_size: int = 256  # minibatch size in tokens (env steps)
