@@ -40,6 +40,7 @@ __all__ = [
     "agent_learns",
     "check_finite",
     "check_kl_settings",
+    "check_num_envs",
     "env_state",
     "evaluate_policy",
     "load_env_state",
@@ -89,6 +90,10 @@ class Agent(Protocol):
     with the same env and config, so that its next iterations are those the saved agent would have run.
     As with torch's, the tensors returned are the live ones: write them out (`rlhf_base.checkpoint`) before
     training on. The process's global RNGs are the trainer's to save (`rlhf_base.checkpoint.global_rng_state`).
+
+    Config checks (optional too): the `Config` dataclass may declare each number's valid range
+    (`RANGES`, `rlhf_base.ranges`), and the class a static `check_num_envs(config, num_envs)` for what
+    depends on the env's batch size; `train` and `sweep` run both before any model loads.
     """
 
     name: str  # registry name, e.g. "ppo"
@@ -219,6 +224,21 @@ def check_kl_settings(kl_estimator: str, kl_in: str, kl_granularity: str) -> Non
         if value not in valid:
             hint = f" (the old kl_placement's {value!r} is {old[value]!r})" if value in old else ""
             raise ValueError(f"{key} must be one of {list(valid)}, got {value!r}{hint}")
+
+
+def check_num_envs(agent_cls: type, config: Any, num_envs: int) -> None:
+    """The agent's own check that the env's batch size suits its config, if its class has one.
+
+    A setting that depends on the env (GRPO's and RLOO's `samples_per_prompt` must divide `num_envs`;
+    online DPO's pairs need an even `num_envs`) cannot be checked by the config alone. An agent class
+    checks it in a static method `check_num_envs(config, num_envs)` that raises a ValueError, and calls it
+    from its constructor; `rlhf-gym train` and the sweep's planner call it through this function on the
+    env's config, so a bad pair fails before any model loads or any cell runs. A user's agent may define
+    it too; one without it is not checked.
+    """
+    check = getattr(agent_cls, "check_num_envs", None)
+    if callable(check):
+        check(config, num_envs)
 
 
 def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:

@@ -52,6 +52,7 @@ from agents.base import (
 from agents.loop import Iteration, run_iterations
 from rlhf_base.best_of_n import best_of_n_kl_estimate
 from rlhf_base.maths import best_of_n_kl
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.sampler import Rollout
 
 __all__ = ["BestOfN", "BestOfNAgent", "BestOfNConfig", "selection_kl"]
@@ -67,11 +68,20 @@ class BestOfNConfig:
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"n": "samples_per_prompt"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "samples_per_prompt": Range(ge=1),  # n = 1 is the policy itself, the frontier's KL-0 point
+        "prompts_per_iteration": Range(ge=1),
+        "iterations": Range(ge=1),
+        "seed": SEED,
+    }
 
     samples_per_prompt: int = 16  # n: samples per prompt; the one the reward model scores best is kept
     prompts_per_iteration: int = 64  # prompts per evaluation round of learn()
     iterations: int = 4  # evaluation rounds per learn() call (nothing is learned)
     seed: int = 0  # seeds the prompt draw and the sampling generator
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ dropout, so that at the start pi == pi_ref and the loss is exactly `log 2` (DPO)
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ from rlhf_base.io import DataError
 from rlhf_base.lm import context_length, response_logprobs
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = [
     "LOSSES",
@@ -92,6 +92,15 @@ class DPOConfig:
     """Offline DPO / IPO; beta (IPO's tau) is the env's (`envs.beta`), see the module docstring."""
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "label_smoothing": Range(ge=0, lt=0.5),
+        "batch_size": Range(ge=1),
+        "steps_per_iteration": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "max_grad_norm": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 20  # learn()'s budget: each is steps_per_iteration updates, then one measuring rollout
     # The preference pairs (JSONL/JSON/CSV/Parquet, string fields prompt, chosen, rejected), e.g. the
@@ -106,14 +115,8 @@ class DPOConfig:
     seed: int = 0  # the pair order, the measuring rollouts' prompts and sampling
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_loss_settings(self.loss, self.label_smoothing)
-        for name in ("batch_size", "steps_per_iteration"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("learning_rate", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def check_loss_settings(loss: str, label_smoothing: float) -> None:

@@ -56,6 +56,7 @@ from agents.loop import Iteration, run_iterations
 from agents.reinforce import group_prompt_indices, policy_logprobs
 from rlhf_base.maths import clipped_surrogate, kl_penalty, masked_mean, masked_sum
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = [
     "VARIANTS",
@@ -82,6 +83,19 @@ class GRPOConfig:
         "num_iterations": "epochs",  # TRL's name for the paper's mu
     }
     MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "samples_per_prompt": Range(ge=2),  # each response is compared with the others of its group
+        "learning_rate": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "adam_eps": Range(gt=0),
+        "max_grad_norm": Range(gt=0),
+        "epochs": Range(ge=1),
+        "num_minibatches": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "std_eps": Range(ge=0),
+        "seed": SEED,
+    }
 
     iterations: int = 450  # rollouts (and updates) per learn() call, as REINFORCE's
     variant: Variant = "grpo"  # grpo | dr_grpo (the module docstring: the two formulas)
@@ -97,21 +111,9 @@ class GRPOConfig:
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch order and torch
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if self.samples_per_prompt < 2:
-            raise ValueError(
-                f"samples_per_prompt must be >= 2 (each response is compared with the others of its "
-                f"group), got {self.samples_per_prompt}"
-            )
-        for name in ("epochs", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "clip_range", "max_grad_norm"):
-            if not getattr(self, name) > 0:  # catches NaN too
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.std_eps >= 0:
-            raise ValueError(f"std_eps must be >= 0, got {self.std_eps}")
 
 
 @dataclass
@@ -206,14 +208,20 @@ class GRPOAgent(PolicyAgentMixin):
     name = "grpo"
     Config = GRPOConfig
 
-    def __init__(self, envs: text_env.TextGenVectorEnv, config: GRPOConfig | None = None) -> None:
-        config = self.Config() if config is None else config
+    @staticmethod
+    def check_num_envs(config: GRPOConfig, num_envs: int) -> None:
+        """The env's batch size against `config` (`agents.base.check_num_envs`: also run by `train` and the
+        sweep's planner on the env's config, before any model loads)."""
         k = config.samples_per_prompt
-        if envs.num_envs % k:
+        if num_envs % k:
             raise ValueError(
-                f"num_envs={envs.num_envs} is not divisible by samples_per_prompt={k}: each rollout holds "
+                f"num_envs={num_envs} is not divisible by samples_per_prompt={k}: each rollout holds "
                 f"num_envs / {k} groups of {k} samples; choose num_envs a multiple of {k}"
             )
+
+    def __init__(self, envs: text_env.TextGenVectorEnv, config: GRPOConfig | None = None) -> None:
+        config = self.Config() if config is None else config
+        self.check_num_envs(config, envs.num_envs)
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)

@@ -44,6 +44,7 @@ from agents.loop import Iteration, run_iterations
 from agents.reinforce import policy_logprobs
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = ["OnlineDPOAgent", "OnlineDPOConfig", "rank_pairs"]
 
@@ -56,6 +57,13 @@ class OnlineDPOConfig:
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "label_smoothing": Range(ge=0, lt=0.5),
+        "learning_rate": Range(gt=0),
+        "max_grad_norm": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 300  # rollouts (and updates) per learn() call
     loss: Loss = "sigmoid"  # sigmoid (DPO) | ipo (IPO, with tau = envs.beta)
@@ -65,11 +73,8 @@ class OnlineDPOConfig:
     seed: int = 0  # prompt draws and sampling
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_loss_settings(self.loss, self.label_smoothing)
-        for name in ("learning_rate", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def rank_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,11 +103,17 @@ class OnlineDPOAgent(PolicyAgentMixin):
     name = "online_dpo"
     Config = OnlineDPOConfig
 
-    def __init__(self, envs: text_env.TextGenVectorEnv, config: OnlineDPOConfig | None = None) -> None:
-        if envs.num_envs % 2:
+    @staticmethod
+    def check_num_envs(config: OnlineDPOConfig, num_envs: int) -> None:
+        """The env's batch size (`agents.base.check_num_envs`: also run by `train` and the sweep's planner on
+        the env's config, before any model loads)."""
+        if num_envs % 2:
             raise ValueError(
-                f"online_dpo samples two responses per prompt, so num_envs must be even, got {envs.num_envs}"
+                f"online_dpo samples two responses per prompt, so num_envs must be even, got {num_envs}"
             )
+
+    def __init__(self, envs: text_env.TextGenVectorEnv, config: OnlineDPOConfig | None = None) -> None:
+        self.check_num_envs(config, envs.num_envs)
         self.envs = envs
         self.config = config if config is not None else OnlineDPOConfig()
         self.history: list[dict[str, float]] = []

@@ -95,6 +95,7 @@ from rlhf_base.maths import (
     ppo_value_loss,
 )
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]
@@ -131,6 +132,24 @@ class PPOConfig:
         "kl_placement": "kl_granularity",
     }
     MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "seed": SEED,
+        "learning_rate": Range(gt=0),
+        "adam_eps": Range(gt=0),
+        "epochs": Range(ge=1),
+        "num_minibatches": Range(ge=1),
+        "minibatch_size": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "clip_range_value": Range(gt=0),
+        "vf_coef": Range(ge=0),
+        "max_grad_norm": Range(gt=0),
+        "gamma": Range(ge=0, le=1),
+        "gae_lambda": Range(ge=0, le=1),
+        "kl_target": Range(gt=0),
+        "kl_horizon": Range(ge=1),
+        "target_kl": Range(ge=0),  # 0: stop after the first epoch (approx-KL is >= 0)
+    }
 
     iterations: int = 60  # default budget of learn(): rollouts of B responses, each followed by an update
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch shuffling and init
@@ -156,20 +175,8 @@ class PPOConfig:
     target_kl: float | None = None  # stop an iteration's epochs once their mean approx-KL exceeds this
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_kl_settings(self.kl_estimator, self.kl_in, self.kl_granularity)
-        positive = {"learning_rate": self.learning_rate, "epochs": self.epochs}
-        positive |= {"num_minibatches": self.num_minibatches}
-        positive |= {"clip_range": self.clip_range, "max_grad_norm": self.max_grad_norm}
-        positive |= {"kl_target": self.kl_target, "kl_horizon": self.kl_horizon}
-        for name, value in positive.items():
-            if not value > 0:  # catches NaN too
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.minibatch_size is not None and self.minibatch_size < 1:
-            raise ValueError(f"minibatch_size must be >= 1 or None, got {self.minibatch_size}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
-            raise ValueError(
-                f"gamma and gae_lambda must lie in [0, 1], got {self.gamma} and {self.gae_lambda}"
-            )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ for all samples and for the kept ones, so RAFT sits on the same reward-vs-KL axe
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -43,6 +42,7 @@ from agents.base import (
 from agents.loop import Iteration, run_iterations
 from agents.sft import IGNORE_INDEX, sft_step
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.sampler import Rollout
 
 __all__ = ["RAFTAgent", "RAFTConfig", "rollout_batch", "select_best"]
@@ -59,6 +59,18 @@ class RAFTConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "k": "samples_per_prompt"}
     MOVED_KEYS: ClassVar[dict[str, str]] = {"num_envs": ENV_SETTINGS["num_envs"]}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "samples_per_prompt": Range(ge=2),  # RAFT ranks the samples of a prompt
+        "prompts_per_iteration": Range(ge=1),
+        "keep": Range(ge=1),  # and < samples_per_prompt: keeping all ranks nothing (__post_init__)
+        "epochs": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "batch_size": Range(ge=1),
+        "max_grad_norm": Range(gt=0),
+        "temperature": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 10  # rounds of sample -> rank -> fine-tune that learn() runs by default
     samples_per_prompt: int = 4  # responses sampled per prompt (the paper's K)
@@ -78,24 +90,14 @@ class RAFTConfig:
     seed: int = 0  # prompt choice and sampling RNG
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         k = self.samples_per_prompt
-        if k < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 (RAFT ranks the samples of a prompt), got {k}")
-        if not 1 <= self.keep < k:
+        if not self.keep < k:
             raise ValueError(
                 f"keep must be in [1, samples_per_prompt) = [1, {k}), got {self.keep}: keeping all ranks nothing"
             )
-        for name in ("iterations", "prompts_per_iteration", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.rank_by not in ("rm_score", "reward"):
             raise ValueError(f"rank_by must be 'rm_score' or 'reward', got {self.rank_by!r}")
-        for name in ("learning_rate", "temperature", "max_grad_norm"):
-            value = getattr(self, name)
-            if name == "temperature" and value is None:
-                continue
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from rlhf_base.maths import (
     rloo_baseline,
 )
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.sampler import Rollout
 from text_env.sampling import SamplingOptions
 
@@ -104,6 +105,19 @@ class ReinforceConfig:
         "entropy_coef": "ent_coef",
         "updates_per_batch": "epochs",
     }
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "samples_per_prompt": Range(ge=1),  # and >= 2 with baseline "rloo" (__post_init__)
+        "ema_decay": Range(ge=0, le=1),
+        "learning_rate": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "adam_eps": Range(gt=0),
+        "max_grad_norm": Range(gt=0),  # a negative norm would flip the gradient (torch scales by it)
+        "ent_coef": Range(ge=0),
+        "epochs": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 450  # rollouts (and updates) per learn() call: ~5 min on one CPU core (default task)
     baseline: Baseline = "rloo"  # moving_average | rloo | whiten (see the module docstring)
@@ -123,7 +137,13 @@ class ReinforceConfig:
     kl_granularity: Literal["token", "sequence"] = "token"  # estimator per token, summed, or per response
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_kl_settings(self.kl_estimator, self.kl_in, self.kl_granularity)
+        if self.baseline == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"baseline 'rloo' needs samples_per_prompt >= 2 (each sample's baseline is the mean of the "
+                f"others of its prompt), got {self.samples_per_prompt}"
+            )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -264,22 +284,23 @@ class ReinforceAgent:
     name = "reinforce"
     Config = ReinforceConfig
 
+    @staticmethod
+    def check_num_envs(config: ReinforceConfig, num_envs: int) -> None:
+        """The env's batch size against `config` (`agents.base.check_num_envs`: also run by `train` and the
+        sweep's planner on the env's config, before any model loads)."""
+        k = config.samples_per_prompt
+        if config.baseline == "rloo" and num_envs % k:
+            raise ValueError(
+                f"num_envs={num_envs} is not divisible by samples_per_prompt={k}: RLOO fills each rollout "
+                f"with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of {k}"
+            )
+        if config.baseline == "whiten" and num_envs < 2:
+            raise ValueError("baseline 'whiten' needs num_envs >= 2 to estimate a standard deviation")
+
     def __init__(self, envs: text_env.TextGenVectorEnv, config: ReinforceConfig) -> None:
         if config.baseline not in BASELINES:
             raise ValueError(f"unknown baseline {config.baseline!r}; valid: {list(BASELINES)}")
-        if config.baseline == "rloo":
-            k = config.samples_per_prompt
-            if k < 2:
-                raise ValueError(f"baseline 'rloo' needs samples_per_prompt >= 2, got {k}")
-            if envs.num_envs % k:
-                raise ValueError(
-                    f"num_envs={envs.num_envs} is not divisible by samples_per_prompt={k}: RLOO fills each "
-                    f"rollout with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of {k}"
-                )
-        elif config.baseline == "whiten" and envs.num_envs < 2:
-            raise ValueError("baseline 'whiten' needs num_envs >= 2 to estimate a standard deviation")
-        if config.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {config.epochs}")
+        self.check_num_envs(config, envs.num_envs)
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)

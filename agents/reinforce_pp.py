@@ -46,6 +46,7 @@ from agents.ppo import token_rewards
 from agents.reinforce import group_prompt_indices, policy_logprobs
 from rlhf_base.maths import discounted_returns, kl_penalty, masked_whiten, ppo_policy_loss
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = ["ReinforcePPAgent", "ReinforcePPConfig", "reinforce_pp_advantages"]
 
@@ -56,6 +57,17 @@ class ReinforcePPConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "ppo_epochs": "epochs"}
     MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "adam_eps": Range(gt=0),
+        "max_grad_norm": Range(gt=0),
+        "epochs": Range(ge=1),
+        "num_minibatches": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 450  # rollouts per learn() call, as REINFORCE's
     learning_rate: float = 3e-4  # AdamW learning rate
@@ -68,12 +80,7 @@ class ReinforcePPConfig:
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch order and torch
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "clip_range", "max_grad_norm"):
-            if not getattr(self, name) > 0:  # catches NaN too
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_ranges(self)
 
 
 def reinforce_pp_advantages(

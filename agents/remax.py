@@ -46,6 +46,7 @@ from agents.loop import Iteration, run_iterations
 from agents.reinforce import clipped_reinforce_loss, group_prompt_indices, policy_logprobs, reinforce_loss
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = ["ReMaxAgent", "ReMaxConfig", "greedy_reward"]
 
@@ -56,6 +57,16 @@ class ReMaxConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "updates_per_batch": "epochs"}
     MOVED_KEYS: ClassVar[dict[str, str]] = ENV_SETTINGS
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "adam_eps": Range(gt=0),
+        "max_grad_norm": Range(gt=0),
+        "epochs": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "seed": SEED,
+    }
 
     iterations: int = 300  # rollouts per learn() call: each costs a sampled and a greedy rollout
     learning_rate: float = 3e-4  # AdamW learning rate
@@ -68,11 +79,7 @@ class ReMaxConfig:
     seed: int = 0  # seeds the prompt draws, the sampling generator and torch
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        for name in ("learning_rate", "clip_range", "max_grad_norm"):
-            if not getattr(self, name) > 0:  # catches NaN too
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_ranges(self)
 
 
 def greedy_reward(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from agents.base import (
 from agents.loop import Iteration, run_iterations
 from rlhf_base.io import load_tensors, save_tensors
 from rlhf_base.lm import position_ids_from_mask
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.sampling import SamplingOptions
 
 __all__ = [
@@ -70,6 +71,20 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class SB3Config:
     """What SB3's PPO and A2C share (SB3's own names, so its docs apply)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "iterations": Range(ge=1),
+        "timesteps_per_iteration": Range(ge=1),
+        "n_envs": Range(ge=1),
+        "n_steps": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "gamma": Range(ge=0, le=1),
+        "gae_lambda": Range(ge=0, le=1),
+        "ent_coef": Range(ge=0),
+        "vf_coef": Range(ge=0),
+        "max_grad_norm": Range(gt=0),
+        "seed": SEED,
+    }
+
     iterations: int = 10  # default learn() budget: evaluations, each after `timesteps_per_iteration` steps
     timesteps_per_iteration: int = 2048  # env steps (= generated tokens) SB3 collects per iteration
     n_envs: int = 16  # single TextGenEnvs in SB3's DummyVecEnv, all sharing the env's models
@@ -83,10 +98,20 @@ class SB3Config:
     normalize_advantage: bool = True  # whiten advantages per minibatch (PPO) / per batch (A2C)
     seed: int = 0  # seeds SB3 (torch's global RNG, env prompt draws) and the evaluation sampler
 
+    def __post_init__(self) -> None:
+        check_ranges(self)  # with a subclass's own RANGES merged in
+
 
 @dataclass
 class SB3PPOConfig(SB3Config):
     """SB3 PPO (Schulman et al. 2017, arXiv:1707.06347) on the LM policy."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batch_size": Range(ge=1),
+        "n_epochs": Range(ge=1),
+        "clip_range": Range(gt=0),
+        "target_kl": Range(ge=0),  # 0: stop once the approx-KL is above 0
+    }
 
     batch_size: int = 256  # minibatch size in tokens (env steps)
     n_epochs: int = 4  # passes over each rollout buffer

@@ -33,6 +33,7 @@ from reward_models.loading import body_shape, build_reward_model
 from reward_models.model import RewardModel
 from rlhf_base.io import atomic_write
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 from rlhf_base.runlog import RunLog
 
 __all__ = ["RewardTrainConfig", "bradley_terry_loss", "evaluate_reward_model", "train_reward_model"]
@@ -63,6 +64,21 @@ class RewardTrainConfig:
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_pairs": Range(ge=2),
+        "learning_rate": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "warmup_fraction": Range(ge=0, lt=1),
+        "epochs": Range(ge=1),
+        "batch_size": Range(ge=1),
+        "max_grad_norm": Range(ge=0),  # 0: no clipping
+        "eval_fraction": Range(ge=0, lt=1),
+        "eval_batch_size": Range(ge=1),
+        "normalise_samples": Range(ge=2),  # a standard deviation needs two
+        "seed": SEED,
+        "ensemble_size": Range(ge=1),
+        "uwo_lambda": Range(ge=0),
+    }
 
     pairs: str = (
         "runs/label/pairs.jsonl"  # preference pairs read by `rlhf-gym train-rm` (.jsonl/.json/.csv/.parquet)
@@ -86,7 +102,7 @@ class RewardTrainConfig:
     warmup_fraction: float = 0.05  # share of all optimiser steps spent warming the learning rate up from 0
     epochs: int = 4  # passes over the training pairs
     batch_size: int = 32  # pairs per optimiser step (one forward over their 2 x batch_size sequences)
-    max_grad_norm: float = 1.0  # gradient-norm clip; <= 0 turns clipping off
+    max_grad_norm: float = 1.0  # gradient-norm clip; 0 turns clipping off (a negative value is refused)
     eval_fraction: float = 0.1  # share of pairs held out (seeded shuffle) for accuracy and margin; 0: none
     eval_batch_size: int = 256  # sequences per forward when evaluating and normalising
     margin_field: str | None = (
@@ -103,23 +119,8 @@ class RewardTrainConfig:
     ensemble_bootstrap: bool = False  # each member also trains on its own bootstrap resample of the pairs
 
     def __post_init__(self) -> None:
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.normalise_samples < 2:
-            raise ValueError(f"normalise_samples must be >= 2, got {self.normalise_samples}")
+        check_ranges(self)
         body_shape(self.body)  # an unknown size fails here, naming the valid ones
-        if self.num_pairs is not None and self.num_pairs < 2:
-            raise ValueError(f"num_pairs must be >= 2 (or None: all), got {self.num_pairs}")
-        if self.ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
-        if not (self.uwo_lambda >= 0 and math.isfinite(self.uwo_lambda)):
-            raise ValueError(f"uwo_lambda must be a finite number >= 0, got {self.uwo_lambda}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 - `lm`: forward-pass helpers for any causal LM (position ids, teacher forcing, length groups).
 - `models`: loading a causal LM and its tokenizer (built-in names, local dirs, hub ids, GGUF), devices.
 - `config`: typed config dataclasses from YAML and dotted overrides, with errors that say where.
+- `ranges`: each numeric config field's valid range (`RANGES`), checked at load and in `__post_init__`.
 - `io`: atomic writes, safetensors, record files (JSONL/JSON/CSV/Parquet).
 - `optim`: the one Adam every trainer uses.
 - `runlog`: the one run logger: a run's scalars to CSV (flushed row by row), JSON lines and TensorBoard.

@@ -24,6 +24,11 @@ Unlike PyYAML's YAML 1.1 default, ``1e-4`` reads as a float rather than the stri
 
 A setting that moved to another component stays named in its old config as a ``MOVED_KEYS`` class
 variable (``{"beta": "set env.beta instead"}``): setting it is an error that says where it lives now.
+
+A number's valid range is a ``RANGES`` class variable (``{"learning_rate": Range(gt=0)}``, see
+:mod:`rlhf_base.ranges`): each value is checked as it is read, and an error names the class, the field, the
+value, where it was set and the range, e.g. ``ReinforceConfig.max_grad_norm = -1.0 in override
+'max_grad_norm=-1': must be > 0 (valid range (0, inf))``.
 """
 
 from __future__ import annotations
@@ -44,8 +49,17 @@ import yaml
 
 from rlhf_base.config_yaml import ConfigError, _merge, _Node, _parse_override, _read_file
 from rlhf_base.io import atomic_write
+from rlhf_base.ranges import Range, check_ranges, range_problem, range_text
 
-__all__ = ["ConfigError", "config_from_dict", "config_to_dict", "load_config", "save_config"]
+__all__ = [
+    "ConfigError",
+    "Range",
+    "check_ranges",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]
 
 T = TypeVar("T")
 
@@ -306,18 +320,25 @@ def _build(
     for key, value in node.items():
         dotted = f"{path}.{key}" if path else key
         current = getattr(base, key) if base is not None else _default(fields[key])
+        valid = range_text(cls, key)
+        valid = f"; valid range {valid}" if valid else ""
         try:
             kwargs[key] = _convert(value, types_[key], current, dotted, node.where[key])
         except _Mismatch as m:
             raise ConfigError(
                 f"bad value for '{dotted}' {node.where[key]}: expected {_type_name(types_[key])}, "
-                f"got {_short(value)} ({_kind(value)})" + (f"; {m.detail}" if m.detail else "")
+                f"got {_short(value)} ({_kind(value)})" + (f"; {m.detail}" if m.detail else "") + valid
             ) from None
         if _has_non_finite(kwargs[key]) and key not in getattr(cls, "NON_FINITE_OK", ()):
             raise ConfigError(
                 f"bad value for '{dotted}' {node.where[key]}: {_short(value)} holds a NaN or infinity; "
-                "settings must be finite numbers"
+                "settings must be finite numbers" + valid
             )
+        out_of_range = range_problem(cls, key, kwargs[key])
+        if out_of_range is not None:  # the field's declared `RANGES` entry (rlhf_base.ranges)
+            subject, problem = out_of_range
+            at = f" at '{dotted}'" if dotted != key else ""
+            raise ConfigError(f"{cls.__name__}.{subject}{at} {node.where[key]}: {problem}")
     if base is None:
         missing = [
             name
@@ -361,9 +382,10 @@ def load_config(
     Raises:
         ConfigError: The file is missing, not valid YAML or not a mapping; a key is unknown (the message
             gives its dotted path, file and line, the closest valid key and all valid keys) or was renamed
-            (the message gives the new name, file and line); a value has
-            the wrong type (the message gives key, place, expected type and value); an override lacks
-            ``=``; or the dataclass's own ``__post_init__`` rejected the result.
+            (the message gives the new name, file and line); a value has the wrong type (the message gives
+            key, place, expected type and value) or lies outside its declared range (``RANGES``: the
+            message gives key, value, place and range); an override lacks ``=``; or the dataclass's own
+            ``__post_init__`` rejected the result.
         TypeError: ``cls`` is not a dataclass type.
 
     ``moved_keys`` (top-level key -> where that setting lives now) adds to the class's own ``MOVED_KEYS``:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.core import EnvCore
 from text_env.judge import as_reward_fn
 from text_env.rewards import resolve_reward
@@ -56,6 +57,14 @@ class LabelConfig:
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"policy": "model"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_pairs": Range(ge=1),
+        "tau": Range(ge=0),  # 0: the labeller always prefers the gold-better response
+        "seed": SEED,
+        "batch_size": Range(ge=1),
+        "max_new_tokens": Range(ge=1),
+        "temperature": Range(gt=0),
+    }
 
     model: str | None = (
         None  # the model whose samples are labelled: None = tiny-reviews; a saved HF causal LM dir (e.g. SFT)
@@ -77,12 +86,7 @@ class LabelConfig:
     temperature: float = 1.0  # sampling temperature for the two responses
 
     def __post_init__(self) -> None:
-        if self.num_pairs < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("num_pairs, batch_size and max_new_tokens must be >= 1")
-        if not (self.tau >= 0 and math.isfinite(self.tau)):
-            raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_ranges(self)
 
 
 def preference_probability(gold_a: np.ndarray, gold_b: np.ndarray, tau: float) -> np.ndarray:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from reward_models.loading import body_shape
 from reward_models.train import RewardTrainConfig, train_reward_model
 from rlhf_base.config import config_to_dict, save_config
 from rlhf_base.io import atomic_path, atomic_write
+from rlhf_base.ranges import Range, check_ranges
 from rlhf_gym.label import LabelConfig, label_pairs
 
 __all__ = ["COLUMNS", "QUICK_OVERRIDES", "RMScalingConfig", "rank_correlation", "run_rm_scaling"]
@@ -74,6 +75,11 @@ QUICK_OVERRIDES = (
 class RMScalingConfig:
     """The grid and what each cell trains on; the defaults are the full study (a GPU's work: see `--quick`)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "pair_counts": Range(ge=2),  # RewardTrainConfig.num_pairs of each cell
+        "eval_pairs": Range(ge=2),
+    }
+
     model: str | None = (
         None  # pi_ref: whose samples are labelled and whose log-probs the heads read; None: tiny-reviews
     )
@@ -93,14 +99,13 @@ class RMScalingConfig:
     device: str = "cpu"  # labelling and training: "cpu", "cuda", "auto"
 
     def __post_init__(self) -> None:
-        if not self.pair_counts or min(self.pair_counts) < 2:
-            raise ValueError(f"pair_counts must be a non-empty list of counts >= 2, got {self.pair_counts}")
+        check_ranges(self)
+        if not self.pair_counts:
+            raise ValueError("pair_counts must name at least one count of training pairs")
         if not self.bodies:
             raise ValueError("bodies must name at least one body size")
         for body in self.bodies:
             body_shape(body)  # an unknown size fails now, not hours in
-        if self.eval_pairs < 2:
-            raise ValueError(f"eval_pairs must be >= 2, got {self.eval_pairs}")
         if self.reward_model.ensemble_size != 1:
             raise ValueError("rm-scaling trains single reward models: reward_model.ensemble_size must be 1")
 

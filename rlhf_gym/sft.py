@@ -36,6 +36,7 @@ from rlhf_base.io import atomic_dir, atomic_write
 from rlhf_base.lm import context_length
 from rlhf_base.models import resolve_device
 from rlhf_base.optim import adam
+from rlhf_base.ranges import SEED, Range, check_ranges
 from rlhf_base.runlog import RunLog
 
 __all__ = ["SFTConfig", "grammatical_fraction", "run_sft", "train_sft"]
@@ -52,6 +53,20 @@ class SFTConfig:
     """
 
     RENAMED: ClassVar[dict[str, str]] = {"lr": "learning_rate", "warmup": "warmup_steps"}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_demonstrations": Range(ge=1),
+        "num_eval_demonstrations": Range(ge=0),
+        "eval_episodes": Range(ge=0),  # 0: skip
+        "epochs": Range(ge=1),
+        "batch_size": Range(ge=1),
+        "learning_rate": Range(gt=0),
+        "warmup_steps": Range(ge=0),
+        "weight_decay": Range(ge=0),
+        "max_grad_norm": Range(gt=0),
+        "max_length": Range(ge=2),  # a prompt token and EOS
+        "seed": SEED,
+        "save_every": Range(ge=0),  # 0: only the final model
+    }
 
     model: str | None = None  # base model: None = built-in tiny-reviews, or a saved HF dir / hub id
     demonstrations: str | None = None  # JSONL/JSON/CSV/Parquet of "prompt", "response"; None = generator
@@ -71,18 +86,7 @@ class SFTConfig:
     save_every: int = 0  # optimiser steps between checkpoints of run_dir/sft (0: only the final model)
 
     def __post_init__(self) -> None:
-        minimums = dict(
-            num_demonstrations=1, num_eval_demonstrations=0, eval_episodes=0, epochs=1, batch_size=1
-        )
-        for name, least in minimums.items():
-            if getattr(self, name) < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-        if self.warmup_steps < 0 or self.save_every < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise ValueError("warmup_steps, save_every and weight_decay must be >= 0 and max_grad_norm > 0")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 (a prompt token and EOS), got {self.max_length}")
+        check_ranges(self)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,14 +20,15 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
 
-from agents.base import ENV_SETTINGS
+from agents.base import ENV_SETTINGS, check_num_envs
 from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, save_config
 from rlhf_base.deprecation import moved_names
+from rlhf_base.ranges import SEED, Range, check_ranges
 from rlhf_base.runlog import RunLog
 from rlhf_gym.report.schema import (
     CURVE_METRICS,
@@ -62,6 +63,14 @@ FAILURES = "failures.jsonl"
 class SweepConfig:
     """A grid of cells; each cell trains one agent from pi_ref and evaluates it."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "betas": Range(ge=0),  # each the env's KL coefficient (EnvConfig.beta)
+        "seeds": SEED,
+        "eval_episodes": Range(ge=1),
+        "workers": Range(ge=1),
+        "threads_per_worker": Range(ge=1),
+    }
+
     name: str = "sweep"  # runs/<name>/ holds the results
     runs_root: str = "runs"  # parent folder of run folders
     agents: list[str] = field(
@@ -80,6 +89,9 @@ class SweepConfig:
     eval_episodes: int = 128  # fresh episodes for each final evaluation
     workers: int = 2  # parallel worker processes (1 = run in this process)
     threads_per_worker: int = 1  # torch threads in each worker
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -200,10 +212,13 @@ def sweep_notes(config: SweepConfig) -> list[str]:
 
 def check_cells(cells: list[Cell], config: SweepConfig) -> None:
     """Resolve every cell's configs before any runs, so that a bad grid or override key (a typo, a renamed
-    field) fails at once, naming the cell, rather than in a worker after the cells before it have run."""
+    field, a value out of its range) or an agent setting the env's batch does not suit (`samples_per_prompt`
+    not dividing `num_envs`) fails at once, naming the cell, rather than in a worker after the cells before
+    it have run."""
     for cell in cells:
         try:
-            cell_configs(cell, config)
+            env_cfg, agent_cls, agent_cfg = cell_configs(cell, config)
+            check_num_envs(agent_cls, agent_cfg, env_cfg.num_envs)
         except (ConfigError, ValueError, TypeError) as e:
             raise ConfigError(f"sweep cell {cell.id}: {e}") from e
 

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from agents.base import CHECKPOINT_METHODS, supports_checkpoints
+from agents.base import CHECKPOINT_METHODS, check_num_envs, supports_checkpoints
 from agents.registry import get_agent_class, resolve_config
 from rlhf_base.checkpoint import (
     CHECKPOINTS_DIR,
@@ -160,6 +160,7 @@ def train(
         env_cfg = load_config(EnvConfig, env_config, env_over)
         cfg = resolve_config(agent_cls, agent_config, agent_over)
 
+    check_num_envs(agent_cls, cfg, env_cfg.num_envs)  # e.g. samples_per_prompt must divide num_envs
     check_env_paths(env_cfg, env_config)  # a missing model or reward model fails now, saying what makes it
     envs = env_cfg.make()  # before the folder is touched: a bad model or reward loses nothing written
     agent = agent_cls(envs, cfg)

@@ -103,9 +103,12 @@ def test_beta_must_be_positive_and_the_config_checked():
         DPOConfig(loss="hinge")
     with pytest.raises(ValueError, match="label_smoothing applies to the sigmoid"):
         OnlineDPOConfig(loss="ipo", label_smoothing=0.1)
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"DPOConfig\.label_smoothing = 0\.5: must be >= 0 and < 0\.5 \(valid range \[0, 0\.5\)\)",
+    ):
         DPOConfig(label_smoothing=0.5)
-    with pytest.raises(ValueError, match="steps_per_iteration must be a positive integer"):
+    with pytest.raises(ValueError, match=r"DPOConfig\.steps_per_iteration = 0: must be >= 1"):
         DPOConfig(steps_per_iteration=0)
 
 

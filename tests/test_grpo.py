@@ -173,11 +173,11 @@ def test_grpo_and_dr_grpo_are_registered_with_their_variant(core8):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"samples_per_prompt": 1}, "samples_per_prompt must be >= 2"),
-        ({"clip_range": 0.0}, "clip_range must be > 0, got 0.0"),
-        ({"epochs": 0}, "epochs must be >= 1, got 0"),
-        ({"num_minibatches": 0}, "num_minibatches must be >= 1, got 0"),
-        ({"learning_rate": -1e-3}, "learning_rate must be > 0"),
+        ({"samples_per_prompt": 1}, r"GRPOConfig\.samples_per_prompt = 1 .*: must be >= 2"),
+        ({"clip_range": 0.0}, r"GRPOConfig\.clip_range = 0\.0 .*: must be > 0"),
+        ({"epochs": 0}, r"GRPOConfig\.epochs = 0 .*: must be >= 1"),
+        ({"num_minibatches": 0}, r"GRPOConfig\.num_minibatches = 0 .*: must be >= 1"),
+        ({"learning_rate": -1e-3}, r"GRPOConfig\.learning_rate = -0\.001 .*: must be > 0"),
         ({"variant": "drgrpo"}, "variant"),
         ({"beta": 0.1}, "the env owns the KL coefficient"),
         ({"k": 4}, "'k' was renamed to 'samples_per_prompt'"),

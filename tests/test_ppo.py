@@ -129,7 +129,7 @@ def test_bad_values_name_the_key(core16):
         agents.make_agent("ppo", envs, {"kl_in": "advantage"})
     with pytest.raises(ValueError, match=r"kl_estimator must be one of \['k1', 'k2', 'k3'\], got 'k4'"):
         PPOConfig(kl_estimator="k4")
-    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+    with pytest.raises(ConfigError, match=r"PPOConfig\.learning_rate = 0\.0 .*: must be > 0"):
         agents.make_agent("ppo", text_env.TextGenVectorEnv(num_envs=4, core=core16), {"learning_rate": 0.0})
 
 

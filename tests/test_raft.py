@@ -37,13 +37,15 @@ def test_select_best_by_hand():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="samples_per_prompt must be >= 2"):
+    with pytest.raises(
+        ValueError, match=r"RAFTConfig\.samples_per_prompt = 1: must be >= 2 \(valid range \[2, inf\)\)"
+    ):
         RAFTConfig(samples_per_prompt=1)
     with pytest.raises(ValueError, match=r"keep must be in \[1, samples_per_prompt\)"):
         RAFTConfig(samples_per_prompt=4, keep=4)
-    with pytest.raises(ValueError, match="prompts_per_iteration must be a positive integer"):
+    with pytest.raises(ValueError, match=r"RAFTConfig\.prompts_per_iteration = 0: must be >= 1"):
         RAFTConfig(prompts_per_iteration=0)
-    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"RAFTConfig\.learning_rate = nan: must be a finite number > 0"):
         RAFTConfig(learning_rate=float("nan"))
     with pytest.raises(ConfigError, match="unknown key 'top_k'"):
         load_config(RAFTConfig, None, ["top_k=2"])

@@ -103,7 +103,7 @@ def test_num_envs_not_divisible_by_k_is_a_clear_error(core16):
     envs = text_env.TextGenVectorEnv(num_envs=6, core=core16)
     with pytest.raises(ValueError, match="num_envs=6 is not divisible by samples_per_prompt=4"):
         agents.make_agent("reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 4})
-    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+    with pytest.raises(ValueError, match="baseline 'rloo' needs samples_per_prompt >= 2"):
         agents.make_agent("reinforce", envs, {"baseline": "rloo", "samples_per_prompt": 1})
 
 

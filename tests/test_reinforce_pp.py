@@ -106,9 +106,9 @@ def test_reinforce_pp_is_registered(core8):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"clip_range": 0.0}, "clip_range must be > 0, got 0.0"),
-        ({"epochs": 0}, "epochs must be >= 1, got 0"),
-        ({"num_minibatches": 0}, "num_minibatches must be >= 1, got 0"),
+        ({"clip_range": 0.0}, r"ReinforcePPConfig\.clip_range = 0\.0 .*: must be > 0"),
+        ({"epochs": 0}, r"ReinforcePPConfig\.epochs = 0 .*: must be >= 1"),
+        ({"num_minibatches": 0}, r"ReinforcePPConfig\.num_minibatches = 0 .*: must be >= 1"),
         ({"beta": 0.1}, "the env owns the KL coefficient"),
     ],
 )

@@ -98,9 +98,9 @@ def test_remax_is_registered(core8):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"clip_range": -0.1}, "clip_range must be > 0, got -0.1"),
-        ({"epochs": 0}, "epochs must be >= 1, got 0"),
-        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"clip_range": -0.1}, r"ReMaxConfig\.clip_range = -0\.1 .*: must be > 0"),
+        ({"epochs": 0}, r"ReMaxConfig\.epochs = 0 .*: must be >= 1"),
+        ({"learning_rate": 0.0}, r"ReMaxConfig\.learning_rate = 0\.0 .*: must be > 0"),
         ({"beta": 0.1}, "the env owns the KL coefficient"),
         ({"samples_per_prompt": 2}, "samples_per_prompt"),  # one sample per prompt: no such key
     ],

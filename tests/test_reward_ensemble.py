@@ -200,9 +200,9 @@ def test_train_rm_command_trains_and_saves_an_ensemble(labelled, tmp_path):
 def test_config_refuses_an_unknown_combination_and_a_negative_lambda():
     with pytest.raises(ConfigError, match=r"ensemble_combine.*'mean'.*'worst'.*'uwo'"):
         load_config(RewardTrainConfig, None, ["ensemble_combine=median"])
-    with pytest.raises(ConfigError, match=r"uwo_lambda must be a finite number >= 0"):
+    with pytest.raises(ConfigError, match=r"RewardTrainConfig\.uwo_lambda = -1\.0 .*: must be >= 0"):
         load_config(RewardTrainConfig, None, ["uwo_lambda=-1"])
-    with pytest.raises(ConfigError, match=r"ensemble_size must be >= 1"):
+    with pytest.raises(ConfigError, match=r"RewardTrainConfig\.ensemble_size = 0 .*: must be >= 1"):
         load_config(RewardTrainConfig, None, ["ensemble_size=0"])
 
 

@@ -65,9 +65,12 @@ def test_the_default_options_return_the_logits_themselves_and_the_rest_transform
 @pytest.mark.parametrize(
     "bad, match",
     [
-        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
-        ({"top_k": -1}, "top_k must be an int >= 0"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        (
+            {"temperature": 0.0},
+            r"SamplingOptions\.temperature = 0\.0: must be > 0 \(valid range \(0, inf\)\)",
+        ),
+        ({"top_k": -1}, r"SamplingOptions\.top_k = -1: must be >= 0 \(valid range \[0, inf\)\)"),
+        ({"top_p": 0.0}, r"SamplingOptions\.top_p = 0\.0: must be > 0 and <= 1 \(valid range \(0, 1\]\)"),
         ({"min_new_tokens": 2}, "needs eos_token_id"),
     ],
 )

@@ -202,7 +202,9 @@ def test_unknown_or_renamed_config_key_is_named(tmp_path):
         load_config(SFTConfig, None, ["warmup=3"])
     with pytest.raises(ConfigError, match="unknown key 'bach_size'.*did you mean 'batch_size'"):
         load_config(SFTConfig, None, ["bach_size=3"])
-    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"SFTConfig\.batch_size = 0 in override 'batch_size=0': must be >= 1"
+    ):
         load_config(SFTConfig, None, ["batch_size=0"])
 
 

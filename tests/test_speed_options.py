@@ -175,8 +175,11 @@ def test_speed_options_are_validated_and_load_from_the_env_config():
     with pytest.raises(ConfigError, match="speed.sampler"):
         load_config(EnvConfig, overrides=["speed.sampler=gumbel"])
     for bad, match in [
-        ({"compact_below": 1.5}, r"compact_below must be a share in \[0, 1\]"),
-        ({"compact_min_rows": 0}, "compact_min_rows must be >= 1"),
+        (
+            {"compact_below": 1.5},
+            r"SpeedOptions\.compact_below = 1\.5: must be >= 0 and <= 1 \(valid range \[0, 1\]\)",
+        ),
+        ({"compact_min_rows": 0}, r"SpeedOptions\.compact_min_rows = 0: must be >= 1"),
         ({"sampler": "gumbel"}, "unknown sampler 'gumbel'"),
     ]:
         with pytest.raises(ValueError, match=match):

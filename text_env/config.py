@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from rlhf_base.ranges import Range, check_ranges
 from text_env.core import EnvCore
 from text_env.judge import KL_ESTIMATOR_MOVED
 from text_env.speed import SpeedOptions
@@ -22,6 +23,13 @@ class EnvConfig:
     """
 
     MOVED_KEYS: ClassVar[dict[str, str]] = {"kl_estimator": KL_ESTIMATOR_MOVED}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "beta": Range(ge=0),  # 0: no KL penalty; a negative one would pay the policy to drift
+        "max_new_tokens": Range(ge=1),
+        "min_new_tokens": Range(ge=0),  # and <= max_new_tokens (__post_init__)
+        "temperature": Range(gt=0),  # 0 would divide the logits by zero
+        "num_envs": Range(ge=1),
+    }
 
     task: str = "reviews"  # a built-in task name, or a user's Task as "module:attr"
     # None = the task's own prompts; a JSONL/JSON/CSV/Parquet file (field "prompt"), a saved Dataset folder,
@@ -41,6 +49,14 @@ class EnvConfig:
     num_envs: int = 64  # rows per batch of episodes
     device: str = "cpu"  # "cpu", "cuda", "auto"
     speed: SpeedOptions = field(default_factory=SpeedOptions)  # speed fixes only (e.g. speed.sampler)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}: "
+                "EOS would be banned at every step a response has"
+            )
 
     def make(self) -> TextGenVectorEnv:
         core = EnvCore(

@@ -29,11 +29,13 @@ give the policy and the reference different supports, hence an infinite KL as so
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
+from typing import ClassVar
 
 import torch
+
+from rlhf_base.ranges import Range, check_ranges
 
 __all__ = ["SamplingOptions"]
 
@@ -42,23 +44,23 @@ __all__ = ["SamplingOptions"]
 class SamplingOptions:
     """How the policy's logits become the distribution q that a token is drawn from; the defaults: q = pi."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "temperature": Range(gt=0),  # 0 would divide by zero (greedy decoding is top_k=1)
+        "top_k": Range(ge=0),  # 0 is "no filter", not "no tokens"
+        "top_p": Range(gt=0, le=1),  # 0 would keep no token
+        "min_new_tokens": Range(ge=0),
+        "eos_token_id": Range(ge=0),
+    }
+
     temperature: float = 1.0  # logits / temperature (1: the policy's own distribution)
-    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_k: int = 0  # keep the k most likely tokens (0: no top-k filter, all tokens; 1: greedy)
     top_p: float = 1.0  # keep the smallest set of most likely tokens with mass >= top_p (1: all)
     min_new_tokens: int = 0  # EOS is banned at response steps 0 .. min_new_tokens - 1
     eos_token_id: int | None = None  # the token `min_new_tokens` bans
 
     def __post_init__(self) -> None:
-        t, k, p, m = self.temperature, self.top_k, self.top_p, self.min_new_tokens
-        if isinstance(t, bool) or not isinstance(t, Real) or not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, Integral) or k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0: no top-k filter), got {k!r}")
-        if isinstance(p, bool) or not isinstance(p, Real) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filter), got {p!r}")
-        if isinstance(m, bool) or not isinstance(m, Integral) or m < 0:
-            raise ValueError(f"min_new_tokens must be an int >= 0, got {m!r}")
-        if m > 0 and self.eos_token_id is None:
+        check_ranges(self)
+        if self.min_new_tokens > 0 and self.eos_token_id is None:
             raise ValueError(
                 "min_new_tokens > 0 needs eos_token_id, the token it bans: pass "
                 "SamplingOptions(eos_token_id=tokenizer.eos_token_id, ...)"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from rlhf_base.ranges import Range, check_ranges
 
 __all__ = ["SAMPLERS", "SpeedOptions"]
 
@@ -24,6 +26,12 @@ SAMPLERS = ("inverse_cdf", "multinomial")
 @dataclass(frozen=True)
 class SpeedOptions:
     """The defaults are the fast path; each field documents what turning it off means."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "compact_below": Range(ge=0, le=1),  # a share of the rows
+        "compact_min_rows": Range(ge=1),
+        "share_prefill_below": Range(ge=0, le=1),  # a share of the rows
+    }
 
     # The sampler drops ended rows from the batch and its KV cache once at most this share of the rows is
     # still generating (0: never; every row decodes to the end) ...
@@ -47,14 +55,7 @@ class SpeedOptions:
     share_reference_forward: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("compact_below", "share_prefill_below"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
-        if isinstance(self.compact_min_rows, bool) or not isinstance(self.compact_min_rows, int):
-            raise ValueError(f"compact_min_rows must be an int, got {self.compact_min_rows!r}")
-        if self.compact_min_rows < 1:
-            raise ValueError(f"compact_min_rows must be >= 1, got {self.compact_min_rows}")
+        check_ranges(self)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {list(SAMPLERS)}")
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from rlhf_base.io import atomic_dir
 from rlhf_base.models import cache_dir
+from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.tasks.reviews.language import sample_corpus, vocabulary
 from text_env.tasks.reviews.model import TinyConfig, tiny_gpt2
 from text_env.tasks.reviews.tokenizer import build_tokenizer
@@ -29,6 +31,17 @@ __all__ = ["PretrainConfig", "cache_key", "pretrain", "pretrained_tiny_reviews"]
 @dataclass(frozen=True)
 class PretrainConfig:
     """The recipe of the built-in model; every field is part of the cache key."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_reviews": Range(ge=1),
+        "steps": Range(ge=1),
+        "batch_size": Range(ge=1),
+        "lr": Range(gt=0),
+        "warmup": Range(ge=0),
+        "seed": SEED,
+        "threads": Range(ge=1),
+        "version": Range(ge=1),
+    }
 
     model: TinyConfig = TinyConfig()  # architecture
     num_reviews: int = 20_000  # corpus size, sampled from the grammar
@@ -41,6 +54,9 @@ class PretrainConfig:
     # count makes the cached model the same whoever builds it first (a 1-thread test worker or the demo;
     # 2 threads build it in ~65 s on 2 cores, 1 thread in ~120 s)
     version: int = 1  # bump to invalidate caches when the code changes meaning
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 def _fingerprint(config: PretrainConfig) -> str:
