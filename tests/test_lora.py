@@ -35,7 +35,7 @@ from rlhf_base.lora import (
     add_lora,
     is_lora,
 )
-from rlhf_base.models import load_causal_lm
+from rlhf_base.models import frozen_copy, load_causal_lm
 from text_env.core import EnvCore
 from text_env.tasks.reviews import build_tokenizer
 
@@ -153,6 +153,10 @@ def test_training_moves_the_adapter_alone_and_leaves_pi_ref_as_it_was(arch, llam
     assert torch.equal(logprobs_of(envs.reference, batch), ref_before), "pi_ref changed"
     assert not torch.equal(logprobs_of(envs.policy, batch), ref_before), "the policy did not move"
     assert agent.history[-1]["kl"] > 0
+    # A copy of pi_ref (e.g. `trainable_copy(envs.reference)` for a new policy) is a plain frozen base model.
+    copied = frozen_copy(envs.reference)
+    assert not is_lora(copied) and not any(p.requires_grad for p in copied.parameters())
+    assert torch.equal(logprobs_of(copied, batch), ref_before)
 
 
 @pytest.mark.parametrize("name", ["reinforce", "ppo"])
