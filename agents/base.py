@@ -24,6 +24,17 @@ from transformers import PreTrainedModel
 import text_env
 from rlhf_base.io import atomic_dir
 from rlhf_base.lm import position_ids_from_mask
+from rlhf_base.lora import (
+    AdapterOff,
+    LoraConfig,
+    adapter_state_dict,
+    add_lora,
+    has_adapter,
+    is_lora,
+    load_adapter,
+    load_adapter_state_dict,
+    save_adapter,
+)
 from rlhf_base.maths import KL_ESTIMATORS, KL_GRANULARITIES, KL_PLACEMENTS
 from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
 from text_env.sampler import Rollout
@@ -45,6 +56,9 @@ __all__ = [
     "evaluate_policy",
     "load_env_state",
     "load_policy",
+    "load_policy_state",
+    "policy_state",
+    "prepare_policy",
     "rollout_metrics",
     "save_policy",
     "supports_checkpoints",
@@ -137,6 +151,62 @@ def load_env_state(envs: Any, state: dict[str, Any]) -> None:
     envs.np_random.bit_generator.state = state["np_random"]
 
 
+def prepare_policy(
+    envs: Any, lora: LoraConfig | None, seed: int, agent: str, train_mode: bool = False
+) -> list[torch.nn.Parameter]:
+    """Ready `envs.policy` for an agent's training and return the parameters its optimiser takes.
+
+    `lora` None (full fine-tuning): nothing changes; every policy parameter that requires grad. With a
+    `LoraConfig` (issue 15): the policy is wrapped with a LoRA adapter (`rlhf_base.lora.add_lora`, A drawn
+    from `seed`, B zero) whose parameters alone are returned; and pi_ref becomes that same model with its
+    adapter off (`AdapterOff`, through `envs.set_reference`), so the env's frozen copy of the weights is
+    released and the process holds the base weights once. That is only pi_ref if the policy's weights are
+    pi_ref's when the adapter is added: a policy trained or swapped before is refused.
+
+    Args:
+        envs: the agent's env; its `policy` and `reference` are replaced when `lora` is given.
+        lora: the agent config's `lora`.
+        seed: seeds the adapter's A (torch's global RNG is left as it was).
+        agent: the agent's name, for messages.
+        train_mode: whether the agent ever trains the policy in train mode (RAFT's fine-tuning); the others
+            keep it in eval mode, where LoRA's dropout never acts, so they refuse a non-zero `lora.dropout`.
+    """
+    if lora is not None:
+        if lora.dropout and not train_mode:
+            raise ValueError(
+                f"lora.dropout={lora.dropout} would never act: {agent} keeps the policy in eval mode (the "
+                "sampled and the trained policy must be one function); set lora.dropout=0"
+            )
+        reference = envs.reference
+        policy = add_lora(envs.policy, lora, seed=seed)
+        base = AdapterOff(policy)
+        mine, ref = base.state_dict(), reference.state_dict()
+        if mine.keys() != ref.keys() or not all(torch.equal(mine[k], ref[k].to(mine[k].device)) for k in ref):
+            raise ValueError(
+                f"{agent} with lora: the env's policy is not pi_ref (it was trained or replaced before the "
+                "adapter was added), so turning the adapter off would not give pi_ref; build the agent on a "
+                "fresh env, whose policy starts as a copy of the reference"
+            )
+        del mine, ref, reference
+        envs.set_policy(policy)
+        envs.set_reference(base)  # the env's own frozen copy is released here
+    return [p for p in envs.policy.parameters() if p.requires_grad]
+
+
+def policy_state(policy: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The policy's part of a checkpoint: its `state_dict()`, or with LoRA the adapter's weights alone (the
+    frozen base is the env's model, rebuilt from the same config on resume)."""
+    return adapter_state_dict(policy) if is_lora(policy) else policy.state_dict()
+
+
+def load_policy_state(policy: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    """Put back what `policy_state` returned, in place."""
+    if is_lora(policy):
+        load_adapter_state_dict(policy, state)
+    else:
+        policy.load_state_dict(state)
+
+
 class PolicyAgentMixin:
     """`act`, `evaluate`, `save`, `load` and checkpoints for an agent that trains `envs.policy` with
     `self.optimizer`: the part every policy-gradient or preference agent would otherwise repeat.
@@ -156,7 +226,7 @@ class PolicyAgentMixin:
         return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
 
     def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
+        save_policy(self.envs.policy, self.envs.tokenizer, path, getattr(self.config, "lora", None))
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
@@ -178,7 +248,7 @@ class PolicyAgentMixin:
             elif isinstance(rng, np.random.Generator):
                 rngs[name] = rng.bit_generator.state
         return {
-            "policy": self.envs.policy.state_dict(),
+            "policy": policy_state(self.envs.policy),
             "optimizer": self.optimizer.state_dict(),
             "rngs": rngs,
             "env": env_state(self.envs),
@@ -188,7 +258,7 @@ class PolicyAgentMixin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back a `state_dict()` into this agent (same env and config), in place."""
-        self.envs.policy.load_state_dict(state["policy"])
+        load_policy_state(self.envs.policy, state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         for name, rng_state in state["rngs"].items():
             rng = getattr(self, name)
@@ -336,13 +406,31 @@ def evaluate_policy(
 
 def load_policy(policy: PreTrainedModel, path: str | Path) -> None:
     """Load weights saved by `save_policy` into `policy` in place (safetensors only, never a pickle), so an
-    optimiser and the env keep pointing at the same parameters."""
-    loaded = type(policy).from_pretrained(Path(path), use_safetensors=True, dtype=policy.dtype)
+    optimiser and the env keep pointing at the same parameters. A LoRA policy loads the adapter alone."""
+    path = Path(path)
+    if is_lora(policy):
+        load_adapter(policy, path)
+        return
+    if has_adapter(path) and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} holds a LoRA adapter, not a whole model: load it into an agent built with the same "
+            "lora settings, or save with lora.save_merged=true for a folder any loader reads"
+        )
+    loaded = type(policy).from_pretrained(path, use_safetensors=True, dtype=policy.dtype)
     policy.load_state_dict(loaded.state_dict())
 
 
-def save_policy(policy: PreTrainedModel, tokenizer: Any, path: str | Path) -> None:
-    """A Hugging Face directory (safetensors + tokenizer), written atomically: a crash keeps the old one."""
+def save_policy(
+    policy: PreTrainedModel, tokenizer: Any, path: str | Path, lora: LoraConfig | None = None
+) -> None:
+    """A Hugging Face directory (safetensors + tokenizer), written atomically: a crash keeps the old one.
+
+    A LoRA policy writes its adapter (`adapter_model.safetensors` + `adapter_config.json`), or, with
+    `lora.save_merged`, the merged model with the adapter in `adapter/` (`rlhf_base.lora.save_adapter`).
+    """
     with atomic_dir(Path(path)) as tmp:
-        policy.save_pretrained(tmp)
+        if is_lora(policy):
+            save_adapter(policy, tmp, merged=lora is not None and lora.save_merged)
+        else:
+            policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -60,12 +60,14 @@ from agents.base import (
     PolicyAgentMixin,
     check_finite,
     load_policy,
+    prepare_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.sft import encode_demonstrations
 from reward_models.data import load_pairs
 from rlhf_base.io import DataError
 from rlhf_base.lm import context_length, response_logprobs
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
@@ -113,6 +115,9 @@ class DPOConfig:
     learning_rate: float = 1e-4  # AdamW learning rate (constant)
     max_grad_norm: float = 1.0  # global gradient-norm clip
     seed: int = 0  # the pair order, the measuring rollouts' prompts and sampling
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -329,6 +334,7 @@ class DPOAgent(PolicyAgentMixin):
         self.data = encode_pairs(
             envs.tokenizer, pairs, envs.max_new_tokens, envs.min_new_tokens, context_length(envs.reference)
         )
+        prepare_policy(envs, self.config.lora, self.config.seed, self.name)
         self.device = next(policy.parameters()).device
         self.rng = np.random.default_rng(self.config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

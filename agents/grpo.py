@@ -50,10 +50,12 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
+    prepare_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import group_prompt_indices, policy_logprobs
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import clipped_surrogate, kl_penalty, masked_mean, masked_sum
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
@@ -109,6 +111,9 @@ class GRPOConfig:
     clip_range: float = 0.2  # epsilon of the ratio clip
     std_eps: float = 1e-4  # GRPO only: A = (r - mean) / (std + std_eps), TRL's value
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch order and torch
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -225,12 +230,13 @@ class GRPOAgent(PolicyAgentMixin):
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)
+        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
         device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # token sampling
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # minibatch order
         self.rng = np.random.default_rng(config.seed)  # prompt draws
         self.optimizer = adam(
-            envs.policy.parameters(),
+            params,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
             eps=config.adam_eps,

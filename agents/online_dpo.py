@@ -38,10 +38,12 @@ from agents.base import (
     PolicyAgentMixin,
     check_finite,
     load_policy,
+    prepare_policy,
 )
 from agents.dpo import Loss, check_loss_settings, dpo_loss, pair_metrics
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import policy_logprobs
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
@@ -71,6 +73,9 @@ class OnlineDPOConfig:
     learning_rate: float = 1e-4  # AdamW learning rate (constant)
     max_grad_norm: float = 1.0  # global gradient-norm clip
     seed: int = 0  # prompt draws and sampling
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -120,6 +125,7 @@ class OnlineDPOAgent(PolicyAgentMixin):
         policy = envs.policy
         if not any(p.requires_grad for p in policy.parameters()):
             raise ValueError("envs.policy has no trainable parameters; hand the env a trainable policy")
+        prepare_policy(envs, self.config.lora, self.config.seed, self.name)
         self.device = next(policy.parameters()).device
         self.rng = np.random.default_rng(self.config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

@@ -79,11 +79,15 @@ from agents.base import (
     evaluate_policy,
     load_env_state,
     load_policy,
+    load_policy_state,
+    policy_state,
+    prepare_policy,
     save_policy,
 )
 from agents.loop import Iteration, run_iterations
 from rlhf_base.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
 from rlhf_base.lm import by_response_length, teacher_forced
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import (
     gae,
     kl_penalty,
@@ -173,6 +177,9 @@ class PPOConfig:
     kl_target: float = 6.0  # target mean KL per response (nats) of the adaptive controller
     kl_horizon: int = 10_000  # horizon (episodes) of the adaptive controller
     target_kl: float | None = None  # stop an iteration's epochs once their mean approx-KL exceeds this
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains (with the value head) and
+    # pi_ref is the policy with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -255,14 +262,16 @@ class PPOAgent:
     def __init__(self, envs: TextGenVectorEnv, config: PPOConfig | None = None) -> None:
         self.envs, self.config = envs, config if config is not None else PPOConfig()
         self.history: list[dict[str, float]] = []
-        cfg, policy = self.config, envs.policy
-        device = next(policy.parameters()).device
+        cfg = self.config
         torch.manual_seed(cfg.seed)
+        policy_params = prepare_policy(envs, cfg.lora, cfg.seed, self.name)  # LoRA: the adapter's alone
+        policy = envs.policy
+        device = next(policy.parameters()).device
         policy.eval()  # no dropout: RL needs the sampled and the trained policy to be the same function
         self.value_head = nn.Linear(policy.config.hidden_size, 1, device=device)  # fp32 even for bf16 LMs
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        params = policy_params + list(self.value_head.parameters())
         self.optimizer = adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, decoupled=False)
         self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
@@ -385,7 +394,7 @@ class PPOAgent:
     def save(self, path: str | Path) -> None:
         """The policy as a Hugging Face directory plus `value_head.safetensors` (and beta), in one atomic write."""
         with atomic_dir(Path(path)) as tmp:
-            save_policy(self.envs.policy, self.envs.tokenizer, tmp)
+            save_policy(self.envs.policy, self.envs.tokenizer, tmp, self.config.lora)
             save_tensors(
                 self.value_head.state_dict(), tmp / VALUE_HEAD_FILE, metadata={"beta": repr(self.beta)}
             )
@@ -405,7 +414,7 @@ class PPOAgent:
         prompt, sampling and shuffling RNGs, the env's state (its beta is the adaptive KL controller's one
         state), and the metrics so far. Tensors are the live ones (see `agents.base.Agent`)."""
         return {
-            "policy": self.envs.policy.state_dict(),
+            "policy": policy_state(self.envs.policy),
             "value_head": self.value_head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "np_random": self.np_random.bit_generator.state,
@@ -417,7 +426,7 @@ class PPOAgent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back a `state_dict()` into this agent (same env and config), in place."""
-        self.envs.policy.load_state_dict(state["policy"])
+        load_policy_state(self.envs.policy, state["policy"])
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.np_random.bit_generator.state = state["np_random"]

@@ -36,11 +36,15 @@ from agents.base import (
     evaluate_policy,
     load_env_state,
     load_policy,
+    load_policy_state,
+    policy_state,
+    prepare_policy,
     rollout_metrics,
     save_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.sft import IGNORE_INDEX, sft_step
+from rlhf_base.lora import LoraConfig
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.sampler import Rollout
@@ -88,6 +92,10 @@ class RAFTConfig:
     # the env's reference (`text_env.sampling`)
     temperature: float | None = None
     seed: int = 0  # prompt choice and sampling RNG
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`); RAFT's fine-tuning
+    # runs in train mode, so lora.dropout acts there
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -195,6 +203,7 @@ class RAFTAgent:
         policy = envs.policy
         if not any(p.requires_grad for p in policy.parameters()):
             raise ValueError("envs.policy has no trainable parameters; hand the env a trainable policy")
+        prepare_policy(envs, self.config.lora, self.config.seed, self.name, train_mode=True)
         self.device = next(policy.parameters()).device
         self.rng = np.random.default_rng(self.config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
@@ -278,7 +287,7 @@ class RAFTAgent:
 
     def save(self, path: str | Path) -> None:
         """The policy as a Hugging Face directory (safetensors + tokenizer), written atomically."""
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
+        save_policy(self.envs.policy, self.envs.tokenizer, path, self.config.lora)
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` into `envs.policy` (same architecture); resets the optimiser."""
@@ -290,7 +299,7 @@ class RAFTAgent:
         the prompt and sampling RNGs, the env's state, and the metrics so far. Dropout during fine-tuning
         draws from torch's global RNG, which the trainer saves (`rlhf_base.checkpoint.global_rng_state`)."""
         return {
-            "policy": self.envs.policy.state_dict(),
+            "policy": policy_state(self.envs.policy),
             "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.bit_generator.state,
             "generator": self.generator.get_state(),
@@ -300,7 +309,7 @@ class RAFTAgent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back a `state_dict()` into this agent (same env and config), in place."""
-        self.envs.policy.load_state_dict(state["policy"])
+        load_policy_state(self.envs.policy, state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])

@@ -57,10 +57,14 @@ from agents.base import (
     evaluate_policy,
     load_env_state,
     load_policy,
+    load_policy_state,
+    policy_state,
+    prepare_policy,
     save_policy,
 )
 from agents.loop import Iteration, run_iterations
 from rlhf_base.lm import by_response_length, teacher_forced
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import (
     entropy_from_logits,
     kl_penalty,
@@ -135,6 +139,9 @@ class ReinforceConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # the KL term's estimator (module doc: what each climbs)
     kl_in: Literal["reward", "loss"] = "reward"  # KL term paid in the sequence reward, or added to the loss
     kl_granularity: Literal["token", "sequence"] = "token"  # estimator per token, summed, or per response
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -304,11 +311,12 @@ class ReinforceAgent:
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)
+        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
         self.device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)  # prompt draws
         self.optimizer = adam(
-            envs.policy.parameters(),
+            params,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
             eps=config.adam_eps,
@@ -392,7 +400,7 @@ class ReinforceAgent:
         return evaluate_policy(self.envs, num_episodes=num_episodes, seed=seed)
 
     def save(self, path: str | Path) -> None:
-        save_policy(self.envs.policy, self.envs.tokenizer, path)
+        save_policy(self.envs.policy, self.envs.tokenizer, path, self.config.lora)
 
     def load(self, path: str | Path) -> None:
         """Load policy weights saved by `save` (safetensors via `from_pretrained`, never a pickle)."""
@@ -402,7 +410,7 @@ class ReinforceAgent:
         """What the next iterations depend on, for a checkpoint: the policy, AdamW's state, the sampling and
         prompt RNGs, the moving-average baseline so far, the env's state, and the metrics so far."""
         return {
-            "policy": self.envs.policy.state_dict(),
+            "policy": policy_state(self.envs.policy),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "rng": self.rng.bit_generator.state,
@@ -413,7 +421,7 @@ class ReinforceAgent:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Put back a `state_dict()` into this agent (same env and config), in place."""
-        self.envs.policy.load_state_dict(state["policy"])
+        load_policy_state(self.envs.policy, state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.rng.bit_generator.state = state["rng"]

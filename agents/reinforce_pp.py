@@ -39,11 +39,13 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
+    prepare_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
 from agents.ppo import token_rewards
 from agents.reinforce import group_prompt_indices, policy_logprobs
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import discounted_returns, kl_penalty, masked_whiten, ppo_policy_loss
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
@@ -78,6 +80,9 @@ class ReinforcePPConfig:
     num_minibatches: int = 4  # minibatches of rows per pass (shuffled), one gradient step each
     clip_range: float = 0.2  # epsilon of the clipped surrogate
     seed: int = 0  # seeds the prompt draws, the sampling generator, minibatch order and torch
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -127,12 +132,13 @@ class ReinforcePPAgent(PolicyAgentMixin):
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)
+        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
         device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)  # token sampling
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # minibatch order
         self.rng = np.random.default_rng(config.seed)  # prompt draws
         self.optimizer = adam(
-            envs.policy.parameters(),
+            params,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
             eps=config.adam_eps,

@@ -41,9 +41,11 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
+    prepare_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import clipped_reinforce_loss, group_prompt_indices, policy_logprobs, reinforce_loss
+from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import masked_sum
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
@@ -77,6 +79,9 @@ class ReMaxConfig:
     epochs: int = 1  # gradient steps per rollout (full batch); > 1: the clipped surrogate, as REINFORCE's
     clip_range: float = 0.2  # ratio clip, only used when epochs > 1
     seed: int = 0  # seeds the prompt draws, the sampling generator and torch
+    # None: full fine-tuning; {r, alpha, target_modules}: a LoRA adapter trains and pi_ref is the policy
+    # with the adapter off (`agents.base.prepare_policy`, `rlhf_base.lora.LoraConfig`)
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -120,11 +125,12 @@ class ReMaxAgent(PolicyAgentMixin):
         self.envs, self.config = envs, config
         self.history: list[dict[str, float]] = []
         torch.manual_seed(config.seed)
+        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
         device = next(envs.policy.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)  # prompt draws
         self.optimizer = adam(
-            envs.policy.parameters(),
+            params,
             lr=config.learning_rate,
             weight_decay=config.weight_decay,
             eps=config.adam_eps,

@@ -5,6 +5,8 @@
 - `metrics`: the metric names (`METRIC_KEYS`, `OPTIONAL_METRIC_KEYS`) from the env's info through the agents to the sweep's CSVs.
 - `lm`: forward-pass helpers for any causal LM (position ids, teacher forcing, length groups).
 - `models`: loading a causal LM and its tokenizer (built-in names, local dirs, hub ids, GGUF), devices.
+- `lora`: LoRA adapters through peft (the config, wrapping, pi_ref as the policy with its adapter off,
+  adapter save/load).
 - `config`: typed config dataclasses from YAML and dotted overrides, with errors that say where.
 - `ranges`: each numeric config field's valid range (`RANGES`), checked at load and in `__post_init__`.
 - `io`: atomic writes, safetensors, record files (JSONL/JSON/CSV/Parquet).

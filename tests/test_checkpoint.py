@@ -141,20 +141,29 @@ def test_a_new_checkpoint_replaces_the_old_one_and_clears_a_killed_saves_leftove
 # --------------------------------------------------------------------------------------------------------
 # Each built-in agent's state
 # --------------------------------------------------------------------------------------------------------
-def build_agent(name: str):
+def build_agent(name: str, extra: list[str] = ()):
     envs = EnvConfig(num_envs=4, max_new_tokens=6).make()  # its own core: PPO's beta must not leak
     agent_cls = get_agent_class(name)
-    return agent_cls(envs, resolve_config(agent_cls, None, AGENT_SETTINGS[name]))
+    return agent_cls(envs, resolve_config(agent_cls, None, [*AGENT_SETTINGS[name], *extra]))
 
 
-@pytest.mark.parametrize("name", list(AGENT_SETTINGS))
-def test_an_agent_restored_from_its_state_goes_on_exactly_as_the_saved_one(name, tmp_path):
-    saved = build_agent(name)
+#: LoRA (issue 15): the checkpoint holds the adapter and its optimiser state; the base is the env's model.
+LORA_SETTINGS = ["lora.r=4", "learning_rate=0.01"]
+
+
+@pytest.mark.parametrize(
+    ("name", "lora"),
+    [(name, False) for name in AGENT_SETTINGS]
+    + [(name, True) for name in ("ppo", "reinforce", "grpo", "raft")],
+)
+def test_an_agent_restored_from_its_state_goes_on_exactly_as_the_saved_one(name, lora, tmp_path):
+    extra = LORA_SETTINGS if lora else []
+    saved = build_agent(name, extra)
     saved.learn(2)
     save_state({"agent": saved.state_dict(), "rng": global_rng_state()}, tmp_path)
     want = saved.learn(2)
 
-    restored = build_agent(name)  # fresh: its RNGs, weights and optimiser are those of iteration 0
+    restored = build_agent(name, extra)  # fresh: its RNGs, weights and optimiser are those of iteration 0
     state = load_state(tmp_path)
     restored.load_state_dict(state["agent"])
     set_global_rng_state(state["rng"])  # last: building an agent draws from the global RNGs (SB3 seeds them)
@@ -166,6 +175,10 @@ def test_an_agent_restored_from_its_state_goes_on_exactly_as_the_saved_one(name,
     for p, q in zip(restored.envs.policy.parameters(), saved.envs.policy.parameters(), strict=True):
         assert torch.equal(p, q)
     assert restored.envs.beta == saved.envs.beta
+    if lora:  # the checkpoint holds the adapter alone, and it moved
+        policy = saved.state_dict()["policy"]
+        assert policy and all("lora_" in key for key in policy)
+        assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in policy.items())
     if name == "ppo":  # the controller moved beta, and the value head learned
         assert saved.envs.beta != 0.05 and torch.equal(restored.value_head.weight, saved.value_head.weight)
 

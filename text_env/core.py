@@ -165,6 +165,22 @@ class EnvCore:
         )
         self.action_space = spaces.Discrete(self.vocab_size)
 
+    def set_reference(self, reference: Any) -> None:
+        """Make `reference` pi_ref for every env on this core: the judge's KL and `envs.reference`.
+
+        A LoRA agent hands the policy with its adapter off (`rlhf_base.lora.AdapterOff`): pi_ref is then
+        computed on the policy's own base weights, and the frozen copy this core loaded is released (one
+        copy of the weights in the process). It must score the same vocabulary.
+        """
+        vocab = int(reference.config.vocab_size)
+        if vocab != self.vocab_size:
+            raise ValueError(
+                f"the new reference has a vocabulary of {vocab} tokens, the env's {self.vocab_size}: pi_ref must "
+                "score the env's token ids"
+            )
+        self.reference = reference
+        self.judge.reference = reference
+
     @property
     def beta(self) -> float:
         """The KL coefficient of `reward = rm_score - beta * kl`: the judge's, the one value every env on

@@ -58,8 +58,8 @@ class TextGenEnv(EnvSurface, gym.Env):
 
     ## Attributes
     Shared with `TextGenVectorEnv` (`text_env.surface.EnvSurface`): `beta` (settable: the env owns the one
-    KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`, `reward_model`,
-    `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `sampling`,
+    KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference` and `set_reference`, `tokenizer`,
+    `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`, `sampling`,
     `response_start`, `speed`.
     Through Gymnasium's wrappers, reach them with `env.unwrapped`, e.g. `env.unwrapped.beta = 0.1`. `core` is
     the shared implementation behind them, not part of the contract.

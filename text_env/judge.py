@@ -95,7 +95,8 @@ def _as_scores(values: Any, expected: int, what: str, responses: Sequence[str] =
 class Judge:
     """Everything that turns a finished response into a reward; shared by the single and the vector env."""
 
-    reference: PreTrainedModel  # pi_ref, frozen
+    # pi_ref, frozen: a model of its own, or a LoRA policy's base with the adapter off (`rlhf_base.lora.AdapterOff`)
+    reference: PreTrainedModel
     policy: PreTrainedModel  # pi, the model the agent trains (handed to the env with `set_policy`)
     reward_fn: RewardFn  # the (learned) reward model: the proxy the agent optimises
     gold_fn: RewardFn | None  # the task's gold reward: logged for evaluation, never part of the reward
@@ -111,7 +112,8 @@ class Judge:
 
     def __post_init__(self) -> None:
         self.beta = check_beta(self.beta)
-        self._shares: tuple[Any, bool] = (None, False)  # (reward model, whether it reads pi_ref's log-probs)
+        # (reward model, reference, whether that reward model reads that reference's log-probs)
+        self._shares: tuple[Any, Any, bool] = (None, None, False)
 
     def shared_reward_model(self) -> Any:
         """The reward model behind `reward_fn` when its frozen LM is `reference` itself, else None.
@@ -125,9 +127,11 @@ class Judge:
         model = getattr(self.reward_fn, "__self__", None)  # `as_reward_fn` keeps the bound `.score`
         if self.tokenizer is None or model is None or not hasattr(model, "reads_logprobs_of"):
             return None
-        if self._shares[0] is not model:  # checked once per reward model (it compares weights)
-            self._shares = (model, bool(model.reads_logprobs_of(self.reference, self.tokenizer)))
-        return model if self._shares[1] else None
+        if self._shares[0] is not model or self._shares[1] is not self.reference:  # once per pair (it
+            # compares weights); `EnvCore.set_reference` may replace the reference
+            reads = bool(model.reads_logprobs_of(self.reference, self.tokenizer))
+            self._shares = (model, self.reference, reads)
+        return model if self._shares[2] else None
 
     @torch.no_grad()
     def score(

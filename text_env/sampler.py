@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from rlhf_base.deprecation import REMOVED_IN
 from rlhf_base.lm import position_ids_from_mask
+from rlhf_base.lora import base_model
 from text_env.kv_cache import preallocated_cache
 from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
@@ -64,7 +65,11 @@ class Rollout:
 
 
 def _cache_keyword(model: PreTrainedModel) -> str:
-    """transformers >= 5.24 calls the KV cache argument `cache`; older releases call it `past_key_values`."""
+    """transformers >= 5.24 calls the KV cache argument `cache`; older releases call it `past_key_values`.
+
+    Read off the transformers model itself: a LoRA policy's peft wrapper passes keywords through unnamed.
+    """
+    model = base_model(model)
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -34,8 +34,13 @@ class EnvSurface:
 
     @property
     def reference(self) -> PreTrainedModel:
-        """pi_ref, frozen: the KL's other side."""
+        """pi_ref, frozen: the KL's other side (with LoRA, the policy with its adapter off)."""
         return self.core.reference
+
+    def set_reference(self, reference: PreTrainedModel) -> None:
+        """Make `reference` pi_ref (see `EnvCore.set_reference`); agents with `lora` hand the policy with
+        its adapter off, so that pi_ref needs no copy of the weights of its own."""
+        self.core.set_reference(reference)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

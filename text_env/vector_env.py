@@ -72,8 +72,8 @@ class TextGenVectorEnv(EnvSurface, VectorEnv):
 
     ## Attributes
     `num_envs`, and what `TextGenEnv` shares (`text_env.surface.EnvSurface`): `beta` (settable: the env owns
-    the one KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference`, `tokenizer`,
-    `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`,
+    the one KL coefficient), `kl_estimator`, `policy` and `set_policy`, `reference` and `set_reference`,
+    `tokenizer`, `reward_model`, `task`, `prompts`, `check_prompt_index`, `max_new_tokens`, `min_new_tokens`,
     `sampling`, `response_start`, `speed`. Per row, read-only: `done`, `pending`, and `all_done`. The row flags and
     prompts otherwise come from what `reset` and `step` return; `core` and the episode buffers are not part
     of the contract.
