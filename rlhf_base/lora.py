@@ -22,10 +22,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from rlhf_base.ranges import Range, check_ranges
 
 __all__ = [
     "ADAPTER_DIR",
@@ -65,6 +67,8 @@ class LoraConfig:
     adapter trains; pi_ref is the same model with the adapter off (no second copy of the weights).
     """
 
+    RANGES: ClassVar[dict[str, Range]] = {"r": Range(ge=1), "alpha": Range(gt=0), "dropout": Range(ge=0, lt=1)}
+
     r: int = 8  # rank of the update B A; trainable parameters per targeted layer: r * (d_in + d_out)
     alpha: float = 16.0  # the update is scaled by alpha / r (Hu et al.), so a new r keeps the step size
     # dropout on the adapter's input; it acts only while the policy is in train mode, which of the agents
@@ -79,16 +83,7 @@ class LoraConfig:
     save_merged: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"lora.r must be an int >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be a number > 0, got {self.alpha!r}")
-        if not math.isfinite(self.alpha):
-            raise ValueError(f"lora.alpha must be finite, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout!r}")
+        check_ranges(self)
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != ALL_LINEAR:

@@ -174,6 +174,7 @@ STAGE_CONFIGS = {
     "rlhf_gym.sweep": "SweepConfig",
     "rlhf_gym.pipeline": "PipelineConfig",
     "rlhf_gym.rm_scaling": "RMScalingConfig",
+    "rlhf_base.lora": "LoraConfig",
 }
 PACKAGES = ("agents", "text_env", "reward_models", "rlhf_gym", "rlhf_base")
 

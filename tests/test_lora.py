@@ -194,9 +194,9 @@ def test_every_policy_gradient_agent_trains_an_adapter_against_the_base(name):
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"r": 0}, "lora.r must be an int >= 1, got 0"),
-        ({"alpha": 0.0}, "lora.alpha must be a number > 0, got 0.0"),
-        ({"dropout": 1.0}, r"lora.dropout must lie in \[0, 1\), got 1.0"),
+        ({"r": 0}, r"LoraConfig.r = 0: must be >= 1 \(valid range \[1, inf\)\)"),
+        ({"alpha": 0.0}, r"LoraConfig.alpha = 0.0: must be > 0 \(valid range \(0, inf\)\)"),
+        ({"dropout": 1.0}, r"LoraConfig.dropout = 1.0: must be >= 0 and < 1 \(valid range \[0, 1\)\)"),
         ({"target_modules": "q_proj"}, "lora.target_modules must be 'all-linear' or a list of module names"),
         ({"target_modules": []}, "non-empty list of module names"),
     ],
@@ -211,7 +211,7 @@ def test_lora_reads_from_yaml_overrides_and_says_what_is_wrong():
     assert resolve_config(ppo).lora is None  # full fine-tuning by default
     cfg = resolve_config(ppo, None, ["lora.r=16", "lora.target_modules=[q_proj, v_proj]"])
     assert cfg.lora == LoraConfig(r=16, target_modules=["q_proj", "v_proj"]) and cfg.lora.scaling == 1.0
-    with pytest.raises(ConfigError, match=r"'lora' \(LoraConfig\).*lora.r must be an int >= 1, got -1"):
+    with pytest.raises(ConfigError, match=r"LoraConfig.r = -1 at 'lora.r' in override 'lora.r=-1': must be >= 1"):
         resolve_config(ppo, None, ["lora.r=-1"])
     with pytest.raises(ConfigError, match="unknown key 'rank' at 'lora.rank'.*valid keys for 'lora'"):
         resolve_config(ppo, None, ["lora.rank=4"])
