@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 import sys
 import warnings
 from collections.abc import Iterator
