@@ -66,7 +66,11 @@ class LoraConfig:
     adapter trains; pi_ref is the same model with the adapter off (no second copy of the weights).
     """
 
-    RANGES: ClassVar[dict[str, Range]] = {"r": Range(ge=1), "alpha": Range(gt=0), "dropout": Range(ge=0, lt=1)}
+    RANGES: ClassVar[dict[str, Range]] = {
+        "r": Range(ge=1),
+        "alpha": Range(gt=0),
+        "dropout": Range(ge=0, lt=1),
+    }
 
     r: int = 8  # rank of the update B A; trainable parameters per targeted layer: r * (d_in + d_out)
     alpha: float = 16.0  # the update is scaled by alpha / r (Hu et al.), so a new r keeps the step size

@@ -211,7 +211,9 @@ def test_lora_reads_from_yaml_overrides_and_says_what_is_wrong():
     assert resolve_config(ppo).lora is None  # full fine-tuning by default
     cfg = resolve_config(ppo, None, ["lora.r=16", "lora.target_modules=[q_proj, v_proj]"])
     assert cfg.lora == LoraConfig(r=16, target_modules=["q_proj", "v_proj"]) and cfg.lora.scaling == 1.0
-    with pytest.raises(ConfigError, match=r"LoraConfig.r = -1 at 'lora.r' in override 'lora.r=-1': must be >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"LoraConfig.r = -1 at 'lora.r' in override 'lora.r=-1': must be >= 1"
+    ):
         resolve_config(ppo, None, ["lora.r=-1"])
     with pytest.raises(ConfigError, match="unknown key 'rank' at 'lora.rank'.*valid keys for 'lora'"):
         resolve_config(ppo, None, ["lora.rank=4"])
