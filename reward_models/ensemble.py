@@ -27,6 +27,7 @@ pi_ref per batch for all k members.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -128,6 +129,16 @@ class RewardEnsemble:
 
     def __len__(self) -> int:
         return len(self.members)
+
+    def recombined(self, combine: str, uwo_lambda: float | None = None) -> RewardEnsemble:
+        """The same members (shared, not copied) under another combination: one trained ensemble serves
+        a sweep over `mean`, `worst` and `uwo` (the env's `reward_combine`). `uwo_lambda` None keeps this
+        ensemble's."""
+        lam = self.uwo_lambda if uwo_lambda is None else uwo_lambda
+        _check_combination(combine, lam)
+        other = copy.copy(self)  # shallow: the members (and their one frozen LM) are shared
+        other.combine, other.uwo_lambda = combine, float(lam)
+        return other
 
     def __repr__(self) -> str:
         lam = f", uwo_lambda={self.uwo_lambda:g}" if self.combine == "uwo" else ""

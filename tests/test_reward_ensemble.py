@@ -19,6 +19,7 @@ from reward_models.ensemble import RewardEnsemble, combine_scores
 from rlhf_base.config import ConfigError, load_config
 from rlhf_gym.cli import add_train_rm_command
 from rlhf_gym.label import LabelConfig, label_pairs
+from text_env.config import EnvConfig
 from text_env.core import EnvCore
 from text_env.speed import SpeedOptions
 
@@ -139,6 +140,29 @@ def test_env_scores_with_an_ensemble_folder(ensemble, tmp_path):
     torch.testing.assert_close(
         batch.rm_scores, model.score(batch.prompts, batch.responses), atol=1e-4, rtol=0
     )
+
+
+def test_env_recombines_a_saved_ensemble_and_refuses_a_single_model(ensemble, tmp_path):
+    """`reward_combine` re-reads one trained ensemble as mean, worst or uwo: the env's rm_score is that
+    combination of the members' scores, by hand; a single model has no members and is refused."""
+    model = ensemble[0]
+    path = str(model.save(tmp_path / "ens"))
+    for combine, lam in (("worst", None), ("uwo", 3.0), ("mean", None)):
+        envs = text_env.TextGenVectorEnv(
+            num_envs=8, reward_model=path, reward_combine=combine, reward_uwo_lambda=lam, max_new_tokens=8
+        )
+        assert envs.unwrapped.core.reward_model.combine == combine
+        batch = text_env.rollout(envs, seed=0, generator=torch.Generator().manual_seed(0))
+        members = model.member_scores(batch.prompts, batch.responses)
+        expected = combine_scores(members, combine, model.uwo_lambda if lam is None else lam)
+        torch.testing.assert_close(batch.rm_scores, expected, atol=1e-4, rtol=0)
+    assert model.combine == "uwo"  # the saved ensemble itself is not changed
+    with pytest.raises(ValueError, match="reward_combine='worst'.*need an ensemble reward_model"):
+        text_env.TextGenVectorEnv(
+            num_envs=2, reward_model=str(model.members[0].save(tmp_path / "one")), reward_combine="worst"
+        )
+    with pytest.raises(ConfigError, match="reward_combine"):
+        load_config(EnvConfig, None, ["reward_combine=min"])
 
 
 def test_ensemble_reading_pi_refs_logprobs_shares_the_reference_forward(core, ensemble):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from rlhf_base.ranges import Range, check_ranges
 from text_env.core import EnvCore
@@ -29,6 +29,7 @@ class EnvConfig:
         "min_new_tokens": Range(ge=0),  # and <= max_new_tokens (__post_init__)
         "temperature": Range(gt=0),  # 0 would divide the logits by zero
         "num_envs": Range(ge=1),
+        "reward_uwo_lambda": Range(ge=0),
     }
 
     task: str = "reviews"  # a built-in task name, or a user's Task as "module:attr"
@@ -42,6 +43,11 @@ class EnvConfig:
     # What gold_score logs (evaluation only): None = the task's gold if it judges these prompts (not with
     # user prompts and a reward_model of one's own: then NaN, "no gold"); "task"; "none"; or as reward_model
     gold_reward: str | None = None
+    # An ensemble reward_model's combination, overriding the one it was saved with (None: as saved):
+    # "mean", "worst" (min over members) or "uwo" (mean - reward_uwo_lambda * variance), so one trained
+    # ensemble serves a sweep over all three (Coste et al. 2024); a single reward model refuses it
+    reward_combine: Literal["mean", "worst", "uwo"] | None = None
+    reward_uwo_lambda: float | None = None  # UWO's weight on the members' variance; None: as saved
     beta: float = 0.05  # KL coefficient of the env reward rm_score - beta * kl (kl: k1, the log-ratio sum)
     max_new_tokens: int = 32  # response length limit
     min_new_tokens: int = 0  # EOS is forbidden before this many tokens (fixed-length runs)
@@ -65,6 +71,8 @@ class EnvConfig:
             model=self.model,
             reward_model=self.reward_model,
             gold_reward=self.gold_reward,
+            reward_combine=self.reward_combine,
+            reward_uwo_lambda=self.reward_uwo_lambda,
             beta=self.beta,
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=self.min_new_tokens,

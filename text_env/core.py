@@ -17,7 +17,7 @@ from rlhf_base.lm import context_length
 from rlhf_base.models import frozen_copy, load_causal_lm, resolve_device, trainable_copy
 from text_env.episodes import EpisodeBatch
 from text_env.judge import KL_ESTIMATOR_MOVED, Judge, as_reward_fn, check_beta
-from text_env.rewards import describe_reward, resolve_reward
+from text_env.rewards import describe_reward, recombine_reward, resolve_reward
 from text_env.sampling import SamplingOptions
 from text_env.scores import Scores
 from text_env.speed import SpeedOptions
@@ -46,6 +46,8 @@ class EnvCore:
             judges the task's own prompts, so with user `prompts` and a `reward_model` of one's own there is
             none (gold_score NaN, reports say "no gold"); "task" keeps the task's gold with user prompts;
             "none" logs none; or any reward as `reward_model` takes.
+        reward_combine, reward_uwo_lambda: an ensemble reward_model's combination ("mean", "worst",
+            "uwo") and UWO's variance weight, overriding those it was saved with; None: as saved.
         beta: KL coefficient in `reward = rm_score - beta * kl`.
         kl_estimator: only "k1", the sum of log-ratios (kept so that old calls passing it still work): the
             env's `kl` and reward always use it; any other value is an error that names the agents'
@@ -75,6 +77,8 @@ class EnvCore:
         tokenizer: PreTrainedTokenizerBase | None = None,
         reward_model: Any = None,
         gold_reward: Any = None,
+        reward_combine: str | None = None,
+        reward_uwo_lambda: float | None = None,
         beta: float = 0.05,
         kl_estimator: str = "k1",
         max_new_tokens: int = 32,
@@ -101,6 +105,8 @@ class EnvCore:
             if reward_model is None
             else resolve_reward(reward_model, self.device, "reward_model")
         )
+        if reward_combine is not None or reward_uwo_lambda is not None:
+            self.reward_model = recombine_reward(self.reward_model, reward_combine, reward_uwo_lambda)
         if gold_reward in (None, "task"):
             gold = self.task.gold_reward
         elif gold_reward == "none":

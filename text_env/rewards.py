@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhf_base.plugins import PluginError, check_arity, is_import_spec, load_object
 
-__all__ = ["describe_reward", "resolve_reward"]
+__all__ = ["describe_reward", "recombine_reward", "resolve_reward"]
 
 _EXPECTED = "(prompts, responses) -> one score per response"
 
@@ -71,6 +71,22 @@ def resolve_reward(spec: Any, device: Any = "cpu", what: str = "reward_model") -
 
         return load_reward_model(spec, device=device)
     return _check_reward_object(spec, what)
+
+
+def recombine_reward(reward: Any, combine: str | None, uwo_lambda: float | None) -> Any:
+    """`reward`, an ensemble, under another combination (`reward_combine`, `reward_uwo_lambda`): the same
+    members, shared. Anything else is refused, since a single model has no members to combine.
+
+    Raises:
+        ValueError: `reward` is not an ensemble, or the combination is unknown.
+    """
+    recombined = getattr(reward, "recombined", None)
+    if recombined is None:
+        raise ValueError(
+            f"reward_combine={combine!r} / reward_uwo_lambda={uwo_lambda!r} need an ensemble reward_model "
+            f"(a folder with ensemble.json, `rlhf-gym train-rm ensemble_size=k`), got {type(reward).__name__}"
+        )
+    return recombined(reward.combine if combine is None else combine, uwo_lambda)
 
 
 def describe_reward(spec: Any, resolved: Any) -> str:
