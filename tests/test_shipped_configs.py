@@ -34,7 +34,7 @@ from rlhf_gym.sweep import SweepConfig
 from text_env.config import EnvConfig
 
 #: The dataclass each shipped file fills; a new file must be added here, so that the rules below cover it.
-SHIPPED = {"default": PipelineConfig, "sweep": SweepConfig, "smollm2": SweepConfig}
+SHIPPED = {"default": PipelineConfig, "sweep": SweepConfig, "smollm2": SweepConfig, "ensemble": SweepConfig}
 CONFIGS = [
     PPOConfig,
     ReinforceConfig,
@@ -167,7 +167,7 @@ def test_a_config_path_is_relative_to_the_working_directory(tmp_path, monkeypatc
         cli.main(["pipeline", "--config", "configs/default.yaml"])
     err = capsys.readouterr().err
     assert "config file not found: configs/default.yaml" in err and str(tmp_path) in err
-    assert "built-in configs (by name, from any directory): default, smollm2, sweep" in err
+    assert "built-in configs (by name, from any directory): default, ensemble, smollm2, sweep" in err
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--config", "sweeep"])
     assert "no built-in config named 'sweeep'" in capsys.readouterr().err
