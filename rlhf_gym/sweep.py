@@ -8,6 +8,7 @@ flight; rerunning it skips every cell already in results.csv. The rows are built
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -17,7 +18,8 @@ import os
 import random
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,65 +317,104 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
         )
         for note in sweep_notes(config):
             print(f"[sweep {config.name}] note: {note}", flush=True)
-    start = time.perf_counter()
-    reference = _reference_metrics(config, run_dir) if todo else {}
-
-    def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
-        row = {**row, **reference}
-        _write_tensorboard(run_dir / "tensorboard" / cell.id, curves)
-        _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
-        _append_rows(run_dir / "results.csv", [row])
-        if progress:
-            print(
-                f"[sweep {config.name}] {cell.id}: gold {_signed(row['gold_score'], 'none')} "
-                f"proxy {row['rm_score']:+.3f} "
-                f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-
     failures_path = run_dir / FAILURES
     failures_path.unlink(missing_ok=True)  # every unfinished cell runs again; the file lists this run's
-
-    def failed(cell: Cell, error: BaseException) -> None:
-        """Record a cell that raised (its error and traceback, one JSON line) and go on with the others."""
-        failures.append(cell.id)
-        entry = {
-            "cell": cell.id,
-            **cell.columns(),
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": "".join(traceback.format_exception(error)),
-        }
-        with open(failures_path, "a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if progress:
-            print(f"[sweep {config.name}] {cell.id} FAILED: {entry['error']}", flush=True)
-
+    if not todo:
+        return run_dir
+    start = time.perf_counter()
     failures: list[str] = []
-    if config.workers <= 1:
-        for cell in todo:
+    with _backend(config) as submit:  # first: a backend that cannot start fails before pi_ref is measured
+        reference = _reference_metrics(config, run_dir)
+
+        def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
+            row = {**row, **reference}
+            _write_tensorboard(run_dir / "tensorboard" / cell.id, curves)
+            _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
+            _append_rows(run_dir / "results.csv", [row])
+            if progress:
+                print(
+                    f"[sweep {config.name}] {cell.id}: gold {_signed(row['gold_score'], 'none')} "
+                    f"proxy {row['rm_score']:+.3f} "
+                    f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
+                    flush=True,
+                )
+
+        def failed(cell: Cell, error: BaseException) -> None:
+            """Record a cell that raised (its error and traceback, one JSON line) and go on with the others."""
+            failures.append(cell.id)
+            entry = {
+                "cell": cell.id,
+                **cell.columns(),
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": "".join(traceback.format_exception(error)),
+            }
+            with open(failures_path, "a") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if progress:
+                print(f"[sweep {config.name}] {cell.id} FAILED: {entry['error']}", flush=True)
+
+        _run_cells(todo, submit, max(config.workers, 1), record, failed)
+    if failures:
+        raise CellsFailed(run_dir, failures)
+    return run_dir
+
+
+#: Submits one cell to a backend; the future's result is `run_cell`'s (results row, curve rows).
+Submit = Callable[[Cell], "Future[tuple[dict[str, Any], list[dict[str, Any]]]]"]
+
+
+def _run_cells(
+    cells: Iterable[Cell],
+    submit: Submit,
+    limit: int,
+    record: Callable[[Cell, dict[str, Any], list[dict[str, Any]]], None],
+    failed: Callable[[Cell, BaseException], None],
+) -> None:
+    """Keep up to `limit` cells in flight through `submit`, and hand each finished cell to `record` (its rows)
+    or `failed` (what it raised), in the order they finish, in this process: every backend shares this."""
+    waiting = iter(cells)
+    in_flight: dict[Future, Cell] = {}
+    while True:
+        while len(in_flight) < limit and (cell := next(waiting, None)) is not None:
             try:
-                result = run_cell(cell, config)
+                in_flight[submit(cell)] = cell
+            except Exception as e:  # a backend that broke (a pool whose worker died) fails each cell left
+                failed(cell, e)
+        if not in_flight:
+            return
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in finished:
+            cell = in_flight.pop(future)
+            try:
+                result = future.result()
             except Exception as e:  # one cell's failure is recorded; the others still run
                 failed(cell, e)
                 continue
             record(cell, *result)
+
+
+@contextlib.contextmanager
+def _backend(config: SweepConfig) -> Iterator[Submit]:
+    """How cells are submitted, for the length of a sweep: to a process pool (`spawn`: no state inherited),
+    or to this process itself (`workers: 1`)."""
+    if config.workers <= 1:
+
+        def run_here(cell: Cell) -> Future:
+            future: Future = Future()
+            try:
+                future.set_result(run_cell(cell, config))
+            except Exception as e:
+                future.set_exception(e)
+            return future
+
+        yield run_here
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, cell, config): cell for cell in todo}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as e:
-                    failed(futures[future], e)
-                    continue
-                record(futures[future], *result)
-    if failures:
-        raise CellsFailed(run_dir, failures)
-    return run_dir
+            yield lambda cell: pool.submit(run_cell, cell, config)
 
 
 def _signed(value: float, missing: str) -> str:
