@@ -95,10 +95,10 @@ def ray_backend(config: Any, run_cell: Callable[[Any, Any], Any]) -> Iterator[Ca
 
         yield submit
     finally:
-        for ref in list(
-            in_flight
-        ):  # left by an error or Ctrl-C in the main process: stop them, not just wait
-            ray.cancel(ref, force=True)
+        # Tasks left by an error or Ctrl-C in the main process: stop them rather than let them run on.
+        for ref in list(in_flight):
+            with contextlib.suppress(Exception):  # the error that brought us here is the one to see
+                ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
 

@@ -172,6 +172,27 @@ def test_each_cell_holds_its_resources_on_ray(ray_cluster, tmp_path, monkeypatch
     assert not (tmp_path / "runs" / "big" / "results.csv").exists(), "refused before any cell ran"
 
 
+def test_a_sweep_that_stops_early_cancels_its_ray_tasks(ray_cluster):
+    """An error in the main process (a full disk while recording, Ctrl-C) stops the cells in flight, rather
+    than leaving them to hold the cluster's CPUs."""
+    import ray
+
+    from rlhf_gym.sweep_ray import ray_backend
+
+    def sleeper(cell, config):
+        import time
+
+        time.sleep(600)
+
+    with pytest.raises(OSError, match="disk full"):
+        with ray_backend(SweepConfig(backend="ray"), sleeper) as submit:
+            future = submit("a cell")
+            time.sleep(1)  # started
+            raise OSError("disk full")
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        future.result(timeout=60)
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
