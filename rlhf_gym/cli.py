@@ -321,8 +321,9 @@ def add_train_command(sub: Subparsers) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """Run a grid of agents x betas x seeds (x any config field) in worker processes; finished cells are
-    kept, so a rerun resumes (results.csv, curves.csv, tensorboard/ under runs/NAME)."""
+    """Run a grid of agents x betas x seeds (x any config field) in worker processes, or as Ray tasks with
+    backend=ray (pip install -e '.[ray]'); finished cells are kept, so a rerun resumes (results.csv,
+    curves.csv, tensorboard/ under runs/NAME)."""
     import dataclasses
 
     from rlhf_base.config import load_config

@@ -4,10 +4,16 @@ Every finished cell is appended to `runs/<name>/results.csv` (one row) and `curv
 iteration) by the parent process alone, a whole line at a time, so a killed sweep loses only the cells in
 flight; rerunning it skips every cell already in results.csv. The rows are built by the report's schema
 (`rlhf_gym.report.schema`), the one definition of both files' columns, in the agents' metric names.
+
+Where a cell runs is the backend's only business (`SweepConfig.backend`): "local" runs cells in a process
+pool on this machine (or in this process with `workers: 1`), "ray" runs each as a Ray task
+(`rlhf_gym.sweep_ray`, issue 15). Either way a cell returns its rows to this process, which records them
+(`_run_cells`), so the files and the resume guarantee do not depend on the backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -15,12 +21,14 @@ import itertools
 import json
 import os
 import random
+import re
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import yaml
@@ -41,9 +49,11 @@ from rlhf_gym.report.schema import (
 from text_env.config import EnvConfig
 
 __all__ = [
+    "BACKENDS",
     "FAILURES",
     "RESULT_METRICS",
     "Cell",
+    "CellResources",
     "CellsFailed",
     "SweepConfig",
     "cell_configs",
@@ -57,6 +67,30 @@ __all__ = [
 
 #: One JSON line per cell that raised in the latest run: its id, columns, error and traceback.
 FAILURES = "failures.jsonl"
+
+#: Where cells run: "local" (a process pool on this machine) or "ray" (Ray tasks, `rlhf_gym.sweep_ray`).
+BACKENDS = ("local", "ray")
+#: `ray_address` values: "auto", a head node's GCS address HOST:PORT, or a Ray Client address ray://HOST:PORT.
+_RAY_ADDRESS = re.compile(r"auto|(ray://)?[^\s/]+:\d+")
+
+
+@dataclass
+class CellResources:
+    """What each cell reserves on a Ray cluster (`backend: ray`): Ray starts a cell only on a node where this
+    much is free, and sets CUDA_VISIBLE_DEVICES to the GPUs it gave the cell."""
+
+    RANGES: ClassVar[dict[str, Range]] = {"num_cpus": Range(ge=0), "num_gpus": Range(ge=0)}
+
+    num_cpus: float = 1.0  # CPU cores a cell holds; torch runs `threads_per_worker` threads: keep them equal
+    num_gpus: float = 0.0  # GPUs a cell holds: a share of one (0.5: two cells per GPU) or whole GPUs
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(
+                f"cell_resources.num_gpus={self.num_gpus:g}: Ray gives a task a share of one GPU (below 1) or "
+                "whole GPUs; use e.g. 0.5, 1 or 2"
+            )
 
 
 @dataclass
@@ -87,11 +121,26 @@ class SweepConfig:
         default_factory=dict
     )  # agent -> a YAML file overriding its Config's defaults (an agent not named: the defaults)
     eval_episodes: int = 128  # fresh episodes for each final evaluation
-    workers: int = 2  # parallel worker processes (1 = run in this process)
+    workers: int = 2  # cells run at once: worker processes (1 = in this process), or Ray tasks in flight
     threads_per_worker: int = 1  # torch threads in each worker
+    backend: Literal["local", "ray"] = "local"  # where cells run: a local process pool, or Ray tasks
+    # backend ray: null starts a local Ray instance; "auto" joins the cluster `ray start` made on this machine;
+    # "HOST:6379" joins the cluster whose head is there; "ray://HOST:10001" joins through Ray Client.
+    ray_address: str | None = None
+    cell_resources: CellResources = field(default_factory=CellResources)  # backend ray: what each cell holds
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.ray_address is not None and not (
+            isinstance(self.ray_address, str) and _RAY_ADDRESS.fullmatch(self.ray_address)
+        ):
+            raise ValueError(
+                f"ray_address={self.ray_address!r} is not a Ray address; valid: null (start a local Ray "
+                "instance), 'auto' (the cluster `ray start` made on this machine), 'HOST:PORT' (the head "
+                "node's address, port 6379 by default) or 'ray://HOST:PORT' (Ray Client, port 10001)"
+            )
 
 
 @dataclass(frozen=True)
@@ -207,6 +256,40 @@ def sweep_notes(config: SweepConfig) -> list[str]:
                 f"agent {agent!r} declares no `seed` config field: its cells differ only through the global "
                 "python/numpy/torch seeds the sweep sets (random.seed, np.random.seed, torch.manual_seed)"
             )
+    return notes + _backend_notes(config)
+
+
+def _backend_notes(config: SweepConfig) -> list[str]:
+    """Settings of the backend that do not do what they seem to: Ray's, on the local backend; a CPU or GPU
+    reserved for a cell that will not use it, or used without being reserved."""
+    if config.backend == "local":
+        defaults = {"ray_address": None, "cell_resources": CellResources()}
+        unused = [key for key, default in defaults.items() if getattr(config, key) != default]
+        return (
+            [f"{', '.join(unused)} apply to backend: ray only; this sweep's backend is local"]
+            if unused
+            else []
+        )
+    notes = []
+    resources = config.cell_resources
+    if config.threads_per_worker > resources.num_cpus:
+        notes.append(
+            f"each cell runs {config.threads_per_worker} torch threads on {resources.num_cpus:g} reserved CPU(s) "
+            "(threads_per_worker > cell_resources.num_cpus): cells sharing a node will slow each other down"
+        )
+    devices = {
+        _with_overrides(dataclasses.replace(config.env, beta=cell.beta), cell.env_overrides).device
+        for cell in expand_cells(config)
+    }
+    if resources.num_gpus > 0 and devices == {"cpu"}:
+        notes.append(
+            f"each cell reserves {resources.num_gpus:g} GPU(s) but runs on env.device 'cpu'; set env.device: cuda"
+        )
+    if resources.num_gpus == 0 and any(device.startswith("cuda") for device in devices):
+        notes.append(
+            "env.device is 'cuda' but cell_resources.num_gpus is 0: Ray places cells by what they reserve, so "
+            "cells may crowd one GPU or find none visible; set cell_resources.num_gpus"
+        )
     return notes
 
 
@@ -330,65 +413,109 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> Path:
         )
         for note in sweep_notes(config):
             print(f"[sweep {config.name}] note: {note}", flush=True)
-    start = time.perf_counter()
-    reference = _reference_metrics(config, run_dir) if todo else {}
-
-    def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
-        row = {**row, **reference}
-        _write_tensorboard(run_dir / "tensorboard" / cell.id, curves)
-        _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
-        _append_rows(run_dir / "results.csv", [row])
-        if progress:
-            print(
-                f"[sweep {config.name}] {cell.id}: gold {_signed(row['gold_score'], 'none')} "
-                f"proxy {row['rm_score']:+.3f} "
-                f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
-                flush=True,
-            )
-
     failures_path = run_dir / FAILURES
     failures_path.unlink(missing_ok=True)  # every unfinished cell runs again; the file lists this run's
-
-    def failed(cell: Cell, error: BaseException) -> None:
-        """Record a cell that raised (its error and traceback, one JSON line) and go on with the others."""
-        failures.append(cell.id)
-        entry = {
-            "cell": cell.id,
-            **cell.columns(),
-            "error": f"{type(error).__name__}: {error}",
-            "traceback": "".join(traceback.format_exception(error)),
-        }
-        with open(failures_path, "a") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if progress:
-            print(f"[sweep {config.name}] {cell.id} FAILED: {entry['error']}", flush=True)
-
+    if not todo:
+        return run_dir
+    start = time.perf_counter()
     failures: list[str] = []
-    if config.workers <= 1:
-        for cell in todo:
+    with _backend(config) as submit:  # first: a backend that cannot start fails before pi_ref is measured
+        reference = _reference_metrics(config, run_dir)
+
+        def record(cell: Cell, row: dict[str, Any], curves: list[dict[str, Any]]) -> None:
+            row = {**row, **reference}
+            _write_tensorboard(run_dir / "tensorboard" / cell.id, curves)
+            _append_rows(run_dir / "curves.csv", curves)  # curves first: a row in results.csv means complete
+            _append_rows(run_dir / "results.csv", [row])
+            if progress:
+                print(
+                    f"[sweep {config.name}] {cell.id}: gold {_signed(row['gold_score'], 'none')} "
+                    f"proxy {row['rm_score']:+.3f} "
+                    f"kl {row['kl']:.3f} ({time.perf_counter() - start:.0f}s)",
+                    flush=True,
+                )
+
+        def failed(cell: Cell, error: BaseException) -> None:
+            """Record a cell that raised (its error and traceback, one JSON line) and go on with the others."""
+            failures.append(cell.id)
+            entry = {
+                "cell": cell.id,
+                **cell.columns(),
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": "".join(traceback.format_exception(error)),
+            }
+            with open(failures_path, "a") as f:
+                f.write(json.dumps(entry, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if progress:
+                print(f"[sweep {config.name}] {cell.id} FAILED: {entry['error']}", flush=True)
+
+        _run_cells(todo, submit, max(config.workers, 1), record, failed)
+    if failures:
+        raise CellsFailed(run_dir, failures)
+    return run_dir
+
+
+#: Submits one cell to a backend; the future's result is `run_cell`'s (results row, curve rows).
+Submit = Callable[[Cell], "Future[tuple[dict[str, Any], list[dict[str, Any]]]]"]
+
+
+def _run_cells(
+    cells: Iterable[Cell],
+    submit: Submit,
+    limit: int,
+    record: Callable[[Cell, dict[str, Any], list[dict[str, Any]]], None],
+    failed: Callable[[Cell, BaseException], None],
+) -> None:
+    """Keep up to `limit` cells in flight through `submit`, and hand each finished cell to `record` (its rows)
+    or `failed` (what it raised), in the order they finish, in this process: every backend shares this."""
+    waiting = iter(cells)
+    in_flight: dict[Future, Cell] = {}
+    while True:
+        while len(in_flight) < limit and (cell := next(waiting, None)) is not None:
             try:
-                result = run_cell(cell, config)
+                in_flight[submit(cell)] = cell
+            except Exception as e:  # a backend that broke (a pool whose worker died) fails each cell left
+                failed(cell, e)
+        if not in_flight:
+            return
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in finished:
+            cell = in_flight.pop(future)
+            try:
+                result = future.result()
             except Exception as e:  # one cell's failure is recorded; the others still run
                 failed(cell, e)
                 continue
             record(cell, *result)
+
+
+@contextlib.contextmanager
+def _backend(config: SweepConfig) -> Iterator[Submit]:
+    """The `submit` of `config.backend`, for the length of a sweep: a process pool (`spawn`: no state
+    inherited), this process itself (`workers: 1`), or Ray tasks (`rlhf_gym.sweep_ray`, imported only then)."""
+    if config.backend == "ray":
+        from rlhf_gym.sweep_ray import ray_backend
+
+        with ray_backend(config, run_cell) as submit:
+            yield submit
+    elif config.workers <= 1:
+
+        def run_here(cell: Cell) -> Future:
+            future: Future = Future()
+            try:
+                future.set_result(run_cell(cell, config))
+            except Exception as e:
+                future.set_exception(e)
+            return future
+
+        yield run_here
     else:
         import multiprocessing
 
         with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_cell, cell, config): cell for cell in todo}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as e:
-                    failed(futures[future], e)
-                    continue
-                record(futures[future], *result)
-    if failures:
-        raise CellsFailed(run_dir, failures)
-    return run_dir
+            yield lambda cell: pool.submit(run_cell, cell, config)
 
 
 def _signed(value: float, missing: str) -> str:
