@@ -200,7 +200,10 @@ def test_a_sweep_that_stops_early_cancels_its_ray_tasks(ray_cluster):
         ({"ray_address": "head-node"}, r"ray_address='head-node' is not a Ray address; valid: null .*'auto'"),
         ({"ray_address": 6379}, r"bad value for 'ray_address'.*expected str \| None"),
         ({"cell_resources": {"num_cpu": 2}}, r"unknown key 'num_cpu'.*did you mean 'num_cpus'"),
-        ({"cell_resources": {"num_cpus": -1}}, r"CellResources.num_cpus = -1.*must be >= 0 \(valid range \[0, inf\)\)"),
+        (
+            {"cell_resources": {"num_cpus": -1}},
+            r"CellResources.num_cpus = -1.*must be >= 0 \(valid range \[0, inf\)\)",
+        ),
         ({"cell_resources": {"num_gpus": 1.5}}, r"num_gpus=1.5: Ray gives a task a share of one GPU"),
     ],
 )
