@@ -155,7 +155,7 @@ class PPOConfig:
     adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
     epochs: int = 4  # passes over each rollout batch (TRL's num_ppo_epochs, SB3's n_epochs)
     num_minibatches: int = 4  # minibatches per pass (rows, shuffled); ignored when minibatch_size is set
-    minibatch_size: int | None = None  # rows per minibatch; overrides num_minibatches
+    minibatch_size: int | None = None  # rows per minibatch (all ranks', torchrun); overrides num_minibatches
     clip_range: float = 0.2  # epsilon of the clipped surrogate
     clip_range_value: float | None = 0.2  # epsilon of the value clipping; None: plain squared error
     vf_coef: float = 0.1  # weight of the value loss in the one loss (lm-human-preferences, TRL)
