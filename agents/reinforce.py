@@ -294,9 +294,10 @@ class ReinforceAgent:
                 raise ValueError(f"baseline 'rloo' needs samples_per_prompt >= 2, got {k}")
             if envs.num_envs % k:
                 each = f" (each of the {world_size()} processes' share)" if is_distributed() else ""
-                raise ValueError(
+                raise ValueError(  # under torchrun a rank holds whole groups, so the global batch is W * k * m
                     f"num_envs={envs.num_envs}{each} is not divisible by samples_per_prompt={k}: RLOO fills "
-                    f"each rollout with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of {k}"
+                    f"each rollout with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of "
+                    f"{k * world_size()}"
                 )
         elif config.baseline == "whiten" and envs.num_envs * world_size() < 2:
             raise ValueError("baseline 'whiten' needs num_envs >= 2 to estimate a standard deviation")

@@ -213,6 +213,7 @@ def test_rloo_groups_that_straddle_ranks_are_refused(two_processes):
     out, _ = two_processes
     message = (out / "rloo-error-0.txt").read_text()
     assert "num_envs=4 (each of the 2 processes' share) is not divisible by samples_per_prompt=3" in message
+    assert message.endswith("choose num_envs a multiple of 6")
 
 
 # --------------------------------------------------------------------------------------------------------
