@@ -259,13 +259,32 @@ def token_shares(counts: Sequence[int | float | torch.Tensor]) -> list[float]:
     return (world_size() * local / total.clamp(min=1)).tolist()
 
 
+def _global_sum_count(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 sum of `x` over the valid positions of every rank, and their count: one all-reduce."""
+    sums = _all_reduce_sum(torch.stack([masked_sum(x.double(), valid), valid.sum().double()]))
+    return sums[0], sums[1]
+
+
 def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`rlhf_base.maths.masked_mean(x, mask)` over every rank's rows (a scalar); that function on one process."""
     if not is_distributed():
         return masked_mean(x, mask)
+    total, count = _global_sum_count(x, mask.bool().expand_as(x))
+    return (total / count.clamp(min=1)).to(x.dtype)
+
+
+def _global_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, unbiased: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance over the valid positions of every rank, in float64, two passes (two all-reduces)."""
     valid = mask.bool().expand_as(x)
-    sums = _all_reduce_sum(torch.stack([masked_sum(x.double(), valid), valid.sum().double()]))
-    return (sums[0] / sums[1].clamp(min=1)).to(x.dtype)
+    total, count = _global_sum_count(x, valid)
+    n = int(count.item())
+    if n == 0 or (unbiased and n == 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} valid positions, got {n}")
+    mean = total / n
+    squares = _all_reduce_sum(masked_sum((x.double() - mean) ** 2, valid)[None])[0]
+    return mean, squares / (n - 1 if unbiased else n)
 
 
 def global_masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -276,15 +295,7 @@ def global_masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True
     """
     if not is_distributed():
         return masked_var(x, mask, unbiased)
-    valid = mask.bool().expand_as(x)
-    count = int(_all_reduce_sum(valid.sum().double()[None]).item())
-    if count == 0 or (unbiased and count == 1):
-        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} valid positions, got {count}")
-    mean = global_masked_mean(x.double(), valid)
-    var = global_masked_mean((x.double() - mean) ** 2, valid)
-    if unbiased:
-        var = var * count / (count - 1)
-    return var.to(x.dtype)
+    return _global_mean_var(x, mask, unbiased)[1].to(x.dtype)
 
 
 def global_masked_whiten(
@@ -294,8 +305,7 @@ def global_masked_whiten(
     process. Each rank gets its own rows back, whitened."""
     if not is_distributed():
         return masked_whiten(x, mask, shift_mean, eps)
-    mean = global_masked_mean(x, mask)
-    var = global_masked_var(x, mask)
+    mean, var = (v.to(x.dtype) for v in _global_mean_var(x, mask, unbiased=True))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
