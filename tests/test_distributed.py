@@ -181,7 +181,8 @@ def test_an_update_over_two_processes_is_the_update_of_one_on_the_whole_batch(co
     """
     out, batch = two_processes
     ranks = [read_rank(out, case, r) for r in range(WORLD)]
-    half_tokens = [batch.response_mask[r * 4 : r * 4 + 4].sum().item() for r in range(WORLD)]
+    rows = ROWS // WORLD
+    half_tokens = [batch.response_mask[r * rows : (r + 1) * rows].sum().item() for r in range(WORLD)]
     assert half_tokens[0] != half_tokens[1]  # unequal halves: a local token mean would show
     agent_name, config = CASES[case]
     want, want_metrics = one_update(core, agent_name, config, batch, SINGLE_ORDER)
