@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 import text_env
+from rlhf_base.distributed import is_distributed, mean_over_ranks, rank_seed, sum_over_ranks, world_size
 from rlhf_base.io import atomic_dir
 from rlhf_base.lm import position_ids_from_mask
 from rlhf_base.lora import (
@@ -62,6 +63,7 @@ __all__ = [
     "rollout_metrics",
     "save_policy",
     "supports_checkpoints",
+    "supports_distributed",
     "take_rows",
 ]
 
@@ -96,6 +98,13 @@ class Agent(Protocol):
     metrics (at least `METRIC_KEYS`) are appended to `history` and then passed to `callback(agent,
     metrics)`, and a callback returning False stops after that iteration; a NaN/inf loss raises
     `NonFiniteLossError` before the update, with nothing of that iteration recorded.
+
+    Several processes (issue 15): an agent class that declares `distributed = True` (read with
+    `supports_distributed`) trains one policy over the ranks of a torchrun launch (`rlhf_base.distributed`):
+    built in each rank on an env of that rank's share of the batch, it keeps the ranks' parameters equal
+    (the same start, gradients averaged over ranks), takes batch statistics over all ranks' rows, and
+    reports metrics of the global batch, the same on every rank. `rlhf-gym train` refuses the others under
+    torchrun. PPO and REINFORCE declare it.
 
     Checkpoints (optional, not protocol members either; `supports_checkpoints`): `state_dict()` returns
     everything later iterations depend on, as nested dicts/lists of tensors, numpy arrays and JSON values
@@ -271,6 +280,11 @@ class PolicyAgentMixin:
         self._load_extra_state(state["extra"])
 
 
+def supports_distributed(agent: Any) -> bool:
+    """An agent's (or agent class's) `distributed` declaration: True if it trains over several processes."""
+    return bool(getattr(agent, "distributed", False))
+
+
 def agent_learns(agent: Any) -> bool:
     """An agent's (or agent class's) `learns` declaration; True for agents that do not declare it."""
     return bool(getattr(agent, "learns", True))
@@ -321,10 +335,15 @@ def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:
 
 
 def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
-    """The shared metrics of one batch of episodes (see METRIC_KEYS)."""
+    """The shared metrics of one batch of episodes (see METRIC_KEYS).
+
+    Under torchrun (`rlhf_base.distributed`) `batch` is this rank's shard, and the means are those of the
+    global batch: each rank's, weighted by its rows (by its tokens for the entropy), all-reduced. `tokens`
+    and `wall_time` are the caller's as given.
+    """
     mask = batch.response_mask
     gold = batch.gold_scores
-    return {
+    metrics = {
         "iteration": float(iteration),
         "rm_score": batch.rm_scores.mean().item(),
         "gold_score": gold.mean().item() if torch.isfinite(gold).all() else math.nan,
@@ -335,6 +354,11 @@ def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: in
         "wall_time": float(wall_time),
         "tokens": float(tokens),
     }
+    if is_distributed():
+        row_means = {k: metrics[k] for k in ("rm_score", "gold_score", "kl", "reward", "length")}
+        metrics.update(mean_over_ranks(row_means, weight=len(batch.rm_scores)))
+        metrics.update(mean_over_ranks({"entropy": metrics["entropy"]}, weight=mask.sum().item()))
+    return metrics
 
 
 def take_rows(batch: Rollout, rows: torch.Tensor) -> Rollout:
@@ -387,19 +411,25 @@ def act_with_policy(
 def evaluate_policy(
     envs: text_env.TextGenVectorEnv, num_episodes: int = 256, seed: int = 0
 ) -> dict[str, float]:
-    """Mean shared metrics of `envs.policy` over fresh KV-cached rollouts (no learning)."""
+    """Mean shared metrics of `envs.policy` over fresh KV-cached rollouts (no learning).
+
+    Under torchrun (`rlhf_base.distributed`) every rank rolls out its `envs.num_envs` rows of each batch of
+    `num_envs * world_size` episodes, with its own prompt and sampling streams (`rank_seed`), and the means
+    are over all ranks' episodes, the same on every rank.
+    """
     start, rows, tokens = time.perf_counter(), [], 0
     was_training = envs.policy.training
     envs.policy.eval()  # no dropout while measuring
-    generator = torch.Generator(device=next(envs.policy.parameters()).device).manual_seed(seed)
-    for i in range(max(1, math.ceil(num_episodes / envs.num_envs))):
-        batch = text_env.rollout(envs, seed=seed + i, generator=generator)
-        tokens += batch.num_tokens
+    generator = torch.Generator(device=next(envs.policy.parameters()).device).manual_seed(rank_seed(seed))
+    batch_size = envs.num_envs * world_size()  # under torchrun each rank rolls out its shard of each batch
+    for i in range(max(1, math.ceil(num_episodes / batch_size))):
+        batch = text_env.rollout(envs, seed=rank_seed(seed + i), generator=generator)
+        tokens += int(sum_over_ranks({"tokens": batch.num_tokens})["tokens"])
         rows.append(rollout_metrics(batch, 0, time.perf_counter() - start, tokens))
     envs.policy.train(was_training)
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
     mean.update(
-        wall_time=time.perf_counter() - start, tokens=float(tokens), episodes=float(len(rows) * envs.num_envs)
+        wall_time=time.perf_counter() - start, tokens=float(tokens), episodes=float(len(rows) * batch_size)
     )
     return mean
 

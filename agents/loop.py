@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.base import Callback, rollout_metrics
+from rlhf_base.distributed import sum_over_ranks
 from text_env.sampler import Rollout
 
 __all__ = ["Iteration", "check_iterations", "run_iterations"]
@@ -94,7 +95,7 @@ def run_iterations(
     first = len(history) + 1
     for iteration in range(first, first + count):
         result = one_iteration(iteration)
-        tokens += result.tokens
+        tokens += int(sum_over_ranks({"tokens": result.tokens})["tokens"])  # all ranks' (torchrun)
         metrics = rollout_metrics(result.batch, iteration, time.perf_counter() - start, tokens)
         metrics.update(result.metrics)
         history.append(metrics)

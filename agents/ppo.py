@@ -55,6 +55,13 @@ reproduction of OpenAI's lm-human-preferences:
   et al. show PyTorch's Adam steps harder early on than the TensorFlow one lm-human-preferences used), and
   an optional early stop of the epochs once approx-KL exceeds `target_kl` (cleanrl).
 * **Dropout off**: the policy stays in eval mode, so the sampled and the trained policy are one function.
+* **Several processes** (`torchrun`, issue 15; `rlhf_base.distributed`): each rank rolls out its shard
+  of the batch (`envs.num_envs` rows of `num_envs * W`) with its own prompt, sampling and shuffling
+  streams, and takes its shard of every minibatch (`minibatch_size` and `num_minibatches` describe the
+  global minibatch, which must split evenly over the ranks). The statistics over the batch are global:
+  reward and advantage whitening, the token means of the losses (`token_shares`), the explained variance,
+  the logged metrics and the KL the controller steers by; gradients are averaged over ranks before the
+  clip. So an update is the one a single process makes on the global batch, up to float rounding.
 """
 
 from __future__ import annotations
@@ -85,6 +92,17 @@ from agents.base import (
     save_policy,
 )
 from agents.loop import Iteration, run_iterations
+from rlhf_base.distributed import (
+    average_gradients,
+    broadcast_parameters,
+    global_masked_var,
+    global_masked_whiten,
+    mean_over_ranks,
+    rank_seed,
+    sum_over_ranks,
+    token_shares,
+    world_size,
+)
 from rlhf_base.io import atomic_dir, load_tensors, load_tensors_metadata, save_tensors
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.lora import LoraConfig
@@ -93,13 +111,12 @@ from rlhf_base.maths import (
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
-    masked_var,
-    masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
 )
 from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
+from text_env.sampler import Rollout
 from text_env.vector_env import TextGenVectorEnv
 
 __all__ = ["PPOAgent", "PPOConfig", "adaptive_beta", "explained_variance", "token_rewards"]
@@ -161,7 +178,7 @@ class PPOConfig:
     adam_eps: float = 1e-5  # Adam epsilon (OpenAI baselines' and cleanrl's PPO value)
     epochs: int = 4  # passes over each rollout batch (TRL's num_ppo_epochs, SB3's n_epochs)
     num_minibatches: int = 4  # minibatches per pass (rows, shuffled); ignored when minibatch_size is set
-    minibatch_size: int | None = None  # rows per minibatch; overrides num_minibatches
+    minibatch_size: int | None = None  # rows per minibatch (all ranks', torchrun); overrides num_minibatches
     clip_range: float = 0.2  # epsilon of the clipped surrogate
     clip_range_value: float | None = 0.2  # epsilon of the value clipping; None: plain squared error
     vf_coef: float = 0.1  # weight of the value loss in the one loss (lm-human-preferences, TRL)
@@ -241,13 +258,14 @@ def adaptive_beta(beta: float, kl: float, target: float, horizon: int, n_steps: 
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """`1 - Var[R - V] / Var[R]` over valid tokens: 1 is a perfect critic, <= 0 no better than a constant."""
-    if mask.sum() < 2:
+    """`1 - Var[R - V] / Var[R]` over valid tokens (every rank's, under torchrun): 1 is a perfect critic,
+    <= 0 no better than a constant."""
+    if sum_over_ranks({"tokens": mask.sum().item()})["tokens"] < 2:
         return math.nan
-    var_returns = masked_var(returns, mask).item()
+    var_returns = global_masked_var(returns, mask).item()
     if var_returns == 0:
         return math.nan
-    return 1.0 - masked_var(returns - values, mask).item() / var_returns
+    return 1.0 - global_masked_var(returns - values, mask).item() / var_returns
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -258,6 +276,7 @@ class PPOAgent:
 
     name = "ppo"
     Config = PPOConfig
+    distributed = True  # trains over the ranks of a torchrun launch (see the module docstring)
 
     def __init__(self, envs: TextGenVectorEnv, config: PPOConfig | None = None) -> None:
         self.envs, self.config = envs, config if config is not None else PPOConfig()
@@ -272,10 +291,17 @@ class PPOAgent:
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         params = policy_params + list(self.value_head.parameters())
+        broadcast_parameters(params)  # under torchrun: every rank starts from rank 0's weights
         self.optimizer = adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps, decoupled=False)
-        self.np_random = np.random.default_rng(cfg.seed)  # prompt draws: the agent's own, not the env's
-        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # token sampling
-        self.shuffle_generator = torch.Generator().manual_seed(cfg.seed)  # minibatch order
+        seed = rank_seed(cfg.seed)  # cfg.seed on one process; under torchrun, each rank's own streams
+        self.np_random = np.random.default_rng(seed)  # prompt draws: the agent's own, not the env's
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # token sampling
+        self.shuffle_generator = torch.Generator().manual_seed(seed)  # minibatch order
+        if self._global_minibatch_size % world_size():
+            raise ValueError(
+                f"a minibatch of {self._global_minibatch_size} rows does not split over {world_size()} "
+                "processes: choose minibatch_size (or num_envs / num_minibatches) a multiple of the process count"
+            )
 
     @property
     def beta(self) -> float:
@@ -287,9 +313,15 @@ class PPOAgent:
         self.envs.beta = value
 
     @property
+    def _global_minibatch_size(self) -> int:
+        """Rows per minibatch over all ranks: `minibatch_size`, or the global batch over `num_minibatches`."""
+        cfg, rows = self.config, self.envs.num_envs * world_size()
+        return cfg.minibatch_size or max(1, math.ceil(rows / cfg.num_minibatches))
+
+    @property
     def minibatch_size(self) -> int:
-        cfg = self.config
-        return cfg.minibatch_size or max(1, math.ceil(self.envs.num_envs / cfg.num_minibatches))
+        """Rows per minibatch on this rank (under torchrun each rank takes its shard of every minibatch)."""
+        return self._global_minibatch_size // world_size()
 
     def _forward(
         self, ids: torch.Tensor, attention_mask: torch.Tensor, p: int
@@ -317,12 +349,24 @@ class PPOAgent:
 
     def _iteration(self, iteration: int) -> Iteration:
         """One PPO iteration: a rollout of B responses, then `epochs` passes of minibatch updates."""
-        cfg, envs = self.config, self.envs
-        num_rows = envs.num_envs
+        batch = self._collect()
+        return Iteration(batch, batch.num_tokens, self._update(batch, iteration))
+
+    def _collect(self) -> Rollout:
+        """B responses (KV-cached) on prompts the agent draws; under torchrun, this rank's shard."""
+        prompt_indices = self.np_random.integers(len(self.envs.prompts), size=self.envs.num_envs)
+        return text_env.rollout(self.envs, prompt_indices=prompt_indices, generator=self.generator)
+
+    def _minibatch_order(self, num_rows: int) -> torch.Tensor:
+        """The rows of the batch in this epoch's order (shuffled); consecutive slices are the minibatches."""
+        return torch.randperm(num_rows, generator=self.shuffle_generator)
+
+    def _update(self, batch: Rollout, iteration: int) -> dict[str, float]:
+        """Learn from one rollout: score it, GAE, `epochs` passes of minibatch steps; return the metrics."""
+        cfg = self.config
+        num_rows = len(batch.rm_scores)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        # 1. Collect B responses (KV-cached), then score them teacher-forced: old log q and V.
-        prompt_indices = self.np_random.integers(len(envs.prompts), size=num_rows)
-        batch = text_env.rollout(envs, prompt_indices=prompt_indices, generator=self.generator)
+        # 1. Score the responses teacher-forced: old log q and V.
         p, n = batch.response_start, int(batch.lengths.max().item())  # drop all-padding columns
         b_ids, b_attention = batch.input_ids[:, : p + n], batch.attention_mask[:, : p + n]
         b_mask = batch.response_mask[:, :n]  # (B, N)
@@ -334,12 +378,12 @@ class PPOAgent:
             kl = kl_penalty(batch.logprobs[:, :n], b_ref_logprobs, b_mask, *kl_settings)  # (B, N)
             paid = kl if cfg.kl_in == "reward" else torch.zeros_like(kl)  # "loss": rm_score alone
             rewards = token_rewards(batch.rm_scores, paid, b_mask, self.beta, "per_token")  # (B, N)
-            if cfg.whiten_rewards:
-                rewards = masked_whiten(rewards, b_mask, shift_mean=False)
+            if cfg.whiten_rewards:  # (global: over every rank's tokens)
+                rewards = global_masked_whiten(rewards, b_mask, shift_mean=False)
             b_advantages, b_returns = gae(rewards, b_values, b_mask, cfg.gamma, cfg.gae_lambda)  # (B, N) each
             ev = explained_variance(b_values, b_returns, b_mask)
             if cfg.whiten_advantages:
-                b_advantages = masked_whiten(b_advantages, b_mask)
+                b_advantages = global_masked_whiten(b_advantages, b_mask)
 
         # 2. PPO epochs over shuffled minibatches of rows.
         stats: dict[str, list[float]] = {
@@ -347,10 +391,15 @@ class PPOAgent:
         }
         epochs_done = 0
         for _ in range(cfg.epochs):
-            order = torch.randperm(num_rows, generator=self.shuffle_generator).to(b_ids.device)
+            order = self._minibatch_order(num_rows).to(b_ids.device)
+            minibatches = [
+                order[lo : lo + self.minibatch_size] for lo in range(0, num_rows, self.minibatch_size)
+            ]
+            # Each loss below is a mean over the minibatch's tokens; its share (1.0 on one process) makes the
+            # gradients' mean over ranks that of the mean over all ranks' tokens (rlhf_base.distributed).
+            shares = token_shares([b_mask[mb].sum() for mb in minibatches])
             epoch_kl = []
-            for lo in range(0, num_rows, self.minibatch_size):
-                mb = order[lo : lo + self.minibatch_size]
+            for mb, share in zip(minibatches, shares, strict=True):
                 mb_mask = b_mask[mb]
                 logprobs, values = self._forward(b_ids[mb], b_attention[mb], p)
                 pg_loss, pg_stats = ppo_policy_loss(
@@ -363,27 +412,32 @@ class PPOAgent:
                     loss = loss + self.beta * masked_mean(kl_term, mb_mask)
                 check_finite(loss, "PPO loss", iteration)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * share).backward()
+                average_gradients(params)  # the mean over ranks (nothing on one process), before the clip
                 grad_norm = nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 check_finite(grad_norm, "PPO gradient norm", iteration)
                 self.optimizer.step()
-                stats["policy_loss"].append(pg_loss.item())
-                stats["value_loss"].append(v_loss.item())
-                stats["approx_kl"].append(pg_stats["approx_kl"])
-                stats["clip_fraction"].append(pg_stats["clip_fraction"])
-                epoch_kl.append(pg_stats["approx_kl"])
+                # Token means times shares: their mean over ranks is the global minibatch's.
+                stats["policy_loss"].append(pg_loss.item() * share)
+                stats["value_loss"].append(v_loss.item() * share)
+                stats["approx_kl"].append(pg_stats["approx_kl"] * share)
+                stats["clip_fraction"].append(pg_stats["clip_fraction"] * share)
+                epoch_kl.append(pg_stats["approx_kl"] * share)
             epochs_done += 1
-            if cfg.target_kl is not None and float(np.mean(epoch_kl)) > cfg.target_kl:
-                break  # the policy moved far from the one that collected the batch
+            if cfg.target_kl is not None:  # every rank decides alike, on the global approx-KL
+                if mean_over_ranks({"approx_kl": float(np.mean(epoch_kl))})["approx_kl"] > cfg.target_kl:
+                    break  # the policy moved far from the one that collected the batch
 
         # 3. Metrics (with the beta these rewards used), then the KL controller's step.
-        metrics = {k: float(np.mean(v)) for k, v in stats.items()}
+        metrics = mean_over_ranks({k: float(np.mean(v)) for k, v in stats.items()})
         metrics.update(beta=self.beta, explained_variance=ev, ppo_epochs=float(epochs_done))
-        metrics["kl_objective"] = kl.sum(-1).mean().item()  # the KL term optimised; `kl` is the env's k1
+        # The KL term optimised (`kl` is the env's k1), and the shared `kl` the controller steers by.
+        means = mean_over_ranks({"kl_objective": kl.sum(-1).mean().item(), "kl": batch.kl.mean().item()})
+        metrics["kl_objective"] = means["kl_objective"]
         if cfg.adaptive_kl:
-            mean_kl = batch.kl.mean().item()  # the shared `kl` metric
-            self.beta = adaptive_beta(self.beta, mean_kl, cfg.kl_target, cfg.kl_horizon, num_rows)
-        return Iteration(batch, batch.num_tokens, metrics)
+            global_rows = num_rows * world_size()
+            self.beta = adaptive_beta(self.beta, means["kl"], cfg.kl_target, cfg.kl_horizon, global_rows)
+        return metrics
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return act_with_policy(self.envs.policy, obs, generator=self.generator, envs=self.envs)

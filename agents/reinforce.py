@@ -35,6 +35,14 @@ Baselines (`ReinforceConfig.baseline`):
 The update is on-policy: one gradient step per rollout by default. With `epochs > 1` the later
 steps are off-policy, so the loss becomes PPO's clipped surrogate with sequence advantages on every token
 (the objective TRL's RLOOTrainer optimises); its first step has exactly the plain REINFORCE gradient.
+
+Under torchrun (issue 15; `rlhf_base.distributed`) each rank rolls out `num_envs` of the `num_envs * W`
+responses, with its own prompt and sampling streams, and the gradients are averaged over ranks before the
+clip. The batch-wide baselines ("whiten", "moving_average") and the token means (`token_mean`, the entropy
+bonus) are taken over all ranks' rows, so an update is the one a single process makes on the global batch;
+RLOO's leave-one-out stays within a prompt group, which a rank holds whole (its `num_envs` must be a
+multiple of `samples_per_prompt`). Every rank rolls out the same number of rows, so a mean over a rank's
+sequences, averaged over ranks, is the global one.
 """
 
 from __future__ import annotations
@@ -63,6 +71,17 @@ from agents.base import (
     save_policy,
 )
 from agents.loop import Iteration, run_iterations
+from rlhf_base.distributed import (
+    average_gradients,
+    broadcast_parameters,
+    global_masked_var,
+    global_masked_whiten,
+    is_distributed,
+    mean_over_ranks,
+    rank_seed,
+    token_shares,
+    world_size,
+)
 from rlhf_base.lm import by_response_length, teacher_forced
 from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import (
@@ -71,7 +90,6 @@ from rlhf_base.maths import (
     logprobs_from_logits,
     masked_mean,
     masked_sum,
-    masked_whiten,
     ppo_policy_loss,
     rloo_baseline,
 )
@@ -175,19 +193,21 @@ def advantages(
     Returns:
         `(advantages (B,), baselines (B,), new ema_state)`. The moving average subtracts the average of
         *past* batches, so b does not depend on this batch's actions (no bias); the first batch, with no
-        past, uses its own mean. For "whiten", `baselines` holds the batch mean.
+        past, uses its own mean. For "whiten", `baselines` holds the batch mean. Under torchrun, `rewards`
+        is this rank's shard, and the batch's mean and standard deviation are those of every rank's rows.
     """
     if baseline == "rloo":
         b = rloo_baseline(rewards, k)  # (B,)
         return rewards - b, b, ema_state
     if baseline == "moving_average":
-        batch_mean = rewards.mean().item()
+        batch_mean = mean_over_ranks({"mean": rewards.mean().item()}, weight=len(rewards))["mean"]
         past = batch_mean if ema_state is None else ema_state
         b = torch.full_like(rewards, past)  # (B,)
         return rewards - b, b, ema_decay * past + (1.0 - ema_decay) * batch_mean
     if baseline == "whiten":
         ones = torch.ones_like(rewards)
-        return masked_whiten(rewards, ones), torch.full_like(rewards, rewards.mean().item()), ema_state
+        batch_mean = mean_over_ranks({"mean": rewards.mean().item()}, weight=len(rewards))["mean"]
+        return global_masked_whiten(rewards, ones), torch.full_like(rewards, batch_mean), ema_state
     raise ValueError(f"unknown baseline {baseline!r}; valid: {list(BASELINES)}")
 
 
@@ -290,6 +310,7 @@ class ReinforceAgent:
 
     name = "reinforce"
     Config = ReinforceConfig
+    distributed = True  # trains over the ranks of a torchrun launch (see the module docstring)
 
     @staticmethod
     def check_num_envs(config: ReinforceConfig, num_envs: int) -> None:
@@ -297,9 +318,11 @@ class ReinforceAgent:
         sweep's planner on the env's config, before any model loads)."""
         k = config.samples_per_prompt
         if config.baseline == "rloo" and num_envs % k:
-            raise ValueError(
-                f"num_envs={num_envs} is not divisible by samples_per_prompt={k}: RLOO fills each rollout "
-                f"with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of {k}"
+            each = f" (each of the {world_size()} processes' share)" if is_distributed() else ""
+            raise ValueError(  # under torchrun a rank holds whole groups, so the global batch is W * k * m
+                f"num_envs={num_envs}{each} is not divisible by samples_per_prompt={k}: RLOO fills each "
+                f"rollout with {k} samples of num_envs / {k} prompts; choose num_envs a multiple of "
+                f"{k * world_size()}"
             )
         if config.baseline == "whiten" and num_envs < 2:
             raise ValueError("baseline 'whiten' needs num_envs >= 2 to estimate a standard deviation")
@@ -313,8 +336,10 @@ class ReinforceAgent:
         torch.manual_seed(config.seed)
         params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
         self.device = next(envs.policy.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.rng = np.random.default_rng(config.seed)  # prompt draws
+        broadcast_parameters(envs.policy.parameters())  # under torchrun: every rank starts from rank 0's
+        seed = rank_seed(config.seed)  # config.seed on one process; under torchrun, each rank's own streams
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)  # prompt draws
         self.optimizer = adam(
             params,
             lr=config.learning_rate,
@@ -341,9 +366,13 @@ class ReinforceAgent:
 
     def _iteration(self, iteration: int) -> Iteration:
         """One rollout of B responses, their advantages, then `epochs` gradient steps."""
-        cfg, policy = self.config, self.envs.policy
-        policy.eval()  # no dropout: the sampled and the trained policy must be the same function
+        self.envs.policy.eval()  # no dropout: the sampled and the trained policy must be the same function
         batch = text_env.rollout(self.envs, prompt_indices=self._prompt_indices(), generator=self.generator)
+        return Iteration(batch, batch.num_tokens, self._update(batch, iteration))
+
+    def _update(self, batch: Rollout, iteration: int) -> dict[str, float]:
+        """Learn from one rollout: its advantages, then `epochs` gradient steps; return the metrics."""
+        cfg, policy = self.config, self.envs.policy
         mask = batch.response_mask  # (B, N)
         kl_settings = (cfg.kl_estimator, cfg.kl_granularity)
         kl = kl_penalty(batch.logprobs, batch.ref_logprobs, mask, *kl_settings).sum(-1)  # (B,)
@@ -356,6 +385,10 @@ class ReinforceAgent:
         b_advantages, b_baselines, self.ema_state = advantages(
             rewards, cfg.baseline, cfg.samples_per_prompt, self.ema_state, cfg.ema_decay
         )  # (B,), (B,)
+        # A mean over this rank's tokens times its share (1.0 on one process) averages, over ranks, to the
+        # mean over all ranks' tokens (rlhf_base.distributed); a mean over its rows needs none.
+        token_share = token_shares([mask.sum()])[0]
+        loss_share = token_share if cfg.token_mean else 1.0
 
         for _ in range(cfg.epochs):
             logprobs, entropy = policy_logprobs(
@@ -367,31 +400,40 @@ class ReinforceAgent:
                 loss = clipped_reinforce_loss(
                     logprobs, batch.logprobs, b_advantages, mask, cfg.clip_range, cfg.token_mean
                 )
+            loss = loss * loss_share
             if entropy is not None:
-                loss = loss - cfg.ent_coef * masked_mean(entropy, mask)
+                loss = loss - cfg.ent_coef * masked_mean(entropy, mask) * token_share
             if cfg.kl_in == "loss":  # beta * the KL term, averaged as reinforce_loss averages
                 kl_term = kl_penalty(logprobs, batch.ref_logprobs, mask, *kl_settings, "loss")  # (B, N)
                 kl_loss = (
                     masked_mean(kl_term, mask) if cfg.token_mean else masked_sum(kl_term, mask, -1).mean()
                 )
-                loss = loss + self.envs.beta * kl_loss
+                loss = loss + self.envs.beta * kl_loss * loss_share
             check_finite(loss, "policy loss", iteration)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(policy.parameters())  # the mean over ranks (nothing on one process)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             check_finite(
                 grad_norm, "policy gradient norm", iteration
             )  # a finite loss can still have inf grads
             self.optimizer.step()
 
+        advantage_std = b_advantages.std().item() if len(b_advantages) > 1 else 0.0
+        if is_distributed():  # over every rank's rows
+            advantage_std = global_masked_var(b_advantages, torch.ones_like(b_advantages)).sqrt().item()
+        # The means over ranks: of this rank's share of the loss (the global loss), of its rows' means.
+        means = mean_over_ranks(
+            {"loss": loss.item(), "baseline": b_baselines.mean().item(), "kl_objective": kl.mean().item()}
+        )
         metrics = {
-            "loss": loss.item(),
-            "advantage_std": b_advantages.std().item() if len(b_advantages) > 1 else 0.0,
-            "baseline": b_baselines.mean().item(),
-            "grad_norm": grad_norm.item(),
-            "kl_objective": kl.mean().item(),  # the KL term optimised; the shared `kl` is the env's k1
+            "loss": means["loss"],
+            "advantage_std": advantage_std,
+            "baseline": means["baseline"],
+            "grad_norm": grad_norm.item(),  # of the gradient averaged over ranks: the same on every rank
+            "kl_objective": means["kl_objective"],  # the KL term optimised; the shared `kl` is the env's k1
         }
-        return Iteration(batch, batch.num_tokens, metrics)
+        return metrics
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return act_with_policy(self.envs.policy, obs, envs=self.envs)

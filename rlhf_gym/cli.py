@@ -258,7 +258,9 @@ def _train(args: argparse.Namespace) -> int:
     """Train one agent on the env: builds the env and agent from their configs, learns, evaluates and saves
     (policy/, metrics.csv/jsonl, tensorboard/, summary.json, env.yaml, agent.yaml, and checkpoints/ every
     --checkpoint-every iterations). --resume continues a killed run from its latest checkpoint, exactly as
-    if it had not stopped."""
+    if it had not stopped. Launched by torchrun (torchrun --nproc-per-node W -m rlhf_gym.cli train ...), the W
+    processes train one agent (ppo, reinforce) on env.num_envs / W rows each, gloo on the CPU and NCCL on
+    CUDA; rank 0 writes the run folder."""
     from rlhf_gym.train import train
 
     overrides = list(args.overrides) + ([f"env.device={args.device}"] if args.device else [])
