@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 import text_env
-from rlhf_base.io import atomic_dir
+from rlhf_base.io import atomic_dir, check_weights_folder
 from rlhf_base.lm import position_ids_from_mask
 from rlhf_base.lora import (
     AdapterOff,
@@ -416,6 +416,7 @@ def load_policy(policy: PreTrainedModel, path: str | Path) -> None:
             f"{path} holds a LoRA adapter, not a whole model: load it into an agent built with the same "
             "lora settings, or save with lora.save_merged=true for a folder any loader reads"
         )
+    check_weights_folder(path)  # a truncated file or pickled weights: named, before transformers reads them
     loaded = type(policy).from_pretrained(path, use_safetensors=True, dtype=policy.dtype)
     policy.load_state_dict(loaded.state_dict())
 
