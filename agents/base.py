@@ -37,6 +37,7 @@ from rlhf_base.lora import (
 )
 from rlhf_base.maths import KL_ESTIMATORS, KL_GRANULARITIES, KL_PLACEMENTS
 from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
+from text_env.judge import check_scores
 from text_env.sampler import Rollout
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "agent_learns",
     "check_finite",
     "check_kl_settings",
+    "check_rank_scores",
     "check_num_envs",
     "env_state",
     "evaluate_policy",
@@ -318,6 +320,22 @@ def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:
             f"{what} is {loss.item()} at iteration {iteration}: training stopped before the update, so the "
             "weights and the last checkpoint are intact; lower the learning rate or check the reward model"
         )
+
+
+def check_rank_scores(envs: Any, scores: torch.Tensor, responses: list[str], use: str) -> None:
+    """Refuse NaN/inf scores before an agent selects or ranks responses by them, naming the reward and rows.
+
+    The env's judge refuses them where it scores (`text_env.judge.check_scores`), so a rollout of this env
+    never holds one; this second guard covers rollouts from anywhere else (a hand-made `Rollout`, another
+    env), where best-of-n's argmax would pick the NaN row and RAFT's sort would keep it and train on it.
+
+    Args:
+        scores: (B,) what the agent ranks by; `responses` their texts, for the message.
+        use: what ranks by them, for the message (e.g. "best-of-n selects by it").
+    """
+    judge = getattr(getattr(envs, "core", None), "judge", None)
+    name = getattr(judge, "reward_name", "the reward model")
+    check_scores(scores, len(responses), f"{name} ({use})", responses)
 
 
 def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
