@@ -238,3 +238,16 @@ def test_best_of_n_maths_refuses_nan_rewards_naming_rows():
     with pytest.raises(ValueError, match=r"logprobs .* must be finite.*row 0: nan"):
         best_of_n_kl_estimate([math.nan, -4.0], [0.0, 1.0], 4)
     assert best_of_n_kl_estimate([-math.inf, -4.0], [0.0, 1.0], 4) >= 0  # probability 0 is allowed
+
+
+def test_the_labellers_judge_returning_nan_is_named_with_its_rows():
+    from rlhf_gym.label import LabelConfig, label_pairs
+
+    def judge(prompts, responses):
+        return [math.nan if i == 3 else 0.0 for i in range(len(responses))]
+
+    config = LabelConfig(num_pairs=2, batch_size=2, max_new_tokens=3)
+    with pytest.raises(
+        ValueError, match=r"^the labeller's judge judge returned 1 non-finite score\(s\) of 4 \(row 3: nan"
+    ):
+        label_pairs(config, judge=judge, progress=False)
