@@ -333,8 +333,7 @@ def check_rank_scores(envs: Any, scores: torch.Tensor, responses: list[str], use
         scores: (B,) what the agent ranks by; `responses` their texts, for the message.
         use: what ranks by them, for the message (e.g. "best-of-n selects by it").
     """
-    judge = getattr(getattr(envs, "core", None), "judge", None)
-    name = getattr(judge, "reward_name", "the reward model")
+    name = getattr(envs, "reward_name", "the reward model")  # the env's surface names it
     check_scores(scores, len(responses), f"{name} ({use})", responses)
 
 

@@ -187,10 +187,13 @@ def label_pairs(
                 "label pairs another way and train with `train-rm`"
             )
         core = EnvCore(
-            task, model=config.model, reward_model=judge, max_new_tokens=config.max_new_tokens, device=device
+            task,
+            model=config.model,
+            reward_model=judge,
+            max_new_tokens=config.max_new_tokens,
+            device=device,
+            reward_name=_judge_name(judge_name) if judge is not None else None,  # the env scores with it too
         )
-        if judge is not None:  # the env scores with the judge too: its messages name it as the labeller's
-            core.judge.reward_name = _judge_name(judge_name)
     elif core.task.gold_reward is None and judge is None:
         raise ValueError(f"task {core.task.name!r} has no gold reward: the simulated labeller needs one")
     batch_pairs = min(config.batch_size, config.num_pairs)
