@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 import text_env
 from rlhf_base.distributed import is_distributed, mean_over_ranks, rank_seed, sum_over_ranks, world_size
-from rlhf_base.io import atomic_dir
+from rlhf_base.io import atomic_dir, check_weights_folder
 from rlhf_base.lm import position_ids_from_mask
 from rlhf_base.lora import (
     AdapterOff,
@@ -38,6 +38,7 @@ from rlhf_base.lora import (
 )
 from rlhf_base.maths import KL_ESTIMATORS, KL_GRANULARITIES, KL_PLACEMENTS
 from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
+from text_env.judge import check_scores
 from text_env.sampler import Rollout
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "agent_learns",
     "check_finite",
     "check_kl_settings",
+    "check_rank_scores",
     "check_num_envs",
     "env_state",
     "evaluate_policy",
@@ -334,6 +336,21 @@ def check_finite(loss: torch.Tensor, what: str, iteration: int) -> None:
         )
 
 
+def check_rank_scores(envs: Any, scores: torch.Tensor, responses: list[str], use: str) -> None:
+    """Refuse NaN/inf scores before an agent selects or ranks responses by them, naming the reward and rows.
+
+    The env's judge refuses them where it scores (`text_env.judge.check_scores`), so a rollout of this env
+    never holds one; this second guard covers rollouts from anywhere else (a hand-made `Rollout`, another
+    env), where best-of-n's argmax would pick the NaN row and RAFT's sort would keep it and train on it.
+
+    Args:
+        scores: (B,) what the agent ranks by; `responses` their texts, for the message.
+        use: what ranks by them, for the message (e.g. "best-of-n selects by it").
+    """
+    name = getattr(envs, "reward_name", "the reward model")  # the env's surface names it
+    check_scores(scores, len(responses), f"{name} ({use})", responses)
+
+
 def rollout_metrics(batch: Rollout, iteration: int, wall_time: float, tokens: int) -> dict[str, float]:
     """The shared metrics of one batch of episodes (see METRIC_KEYS).
 
@@ -446,6 +463,7 @@ def load_policy(policy: PreTrainedModel, path: str | Path) -> None:
             f"{path} holds a LoRA adapter, not a whole model: load it into an agent built with the same "
             "lora settings, or save with lora.save_merged=true for a folder any loader reads"
         )
+    check_weights_folder(path)  # a truncated file or pickled weights: named, before transformers reads them
     loaded = type(policy).from_pretrained(path, use_safetensors=True, dtype=policy.dtype)
     policy.load_state_dict(loaded.state_dict())
 

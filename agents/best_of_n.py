@@ -43,6 +43,7 @@ import text_env
 from agents.base import (
     Callback,
     act_with_policy,
+    check_rank_scores,
     env_state,
     load_env_state,
     load_policy,
@@ -193,6 +194,7 @@ class BestOfNAgent:
             batch = text_env.rollout(self.envs, prompt_indices=padded, generator=generator or self.generator)
             chunks.append(batch if len(rows) == num_envs else _take(batch, np.arange(len(rows))))
         samples = _concat(chunks)
+        check_rank_scores(self.envs, samples.rm_scores, samples.responses, "best-of-n selects by it")
         scores = samples.rm_scores.view(-1, n)  # (m, n): the reward model's, never gold
         chosen = (
             (torch.arange(len(prompt_indices), device=scores.device) * n + scores.argmax(-1)).cpu().numpy()

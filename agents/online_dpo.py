@@ -37,6 +37,7 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
+    check_rank_scores,
     load_policy,
     prepare_policy,
 )
@@ -148,6 +149,7 @@ class OnlineDPOAgent(PolicyAgentMixin):
         num_prompts, total = self.envs.num_envs // 2, len(self.envs.prompts)
         prompts = self.rng.choice(total, size=num_prompts, replace=num_prompts > total)
         batch = text_env.rollout(self.envs, prompt_indices=np.repeat(prompts, 2), generator=self.generator)
+        check_rank_scores(self.envs, batch.rm_scores, batch.responses, "online DPO ranks its pairs by it")
         chosen, rejected = rank_pairs(batch.rm_scores)  # (M',) rows each: the proxy judges, never the gold
         metrics = {"num_pairs": float(len(chosen))}
         if len(chosen) == 0:  # every pair tied: nothing to learn from this batch

@@ -32,6 +32,7 @@ from agents.base import (
     ENV_SETTINGS,
     Callback,
     act_with_policy,
+    check_rank_scores,
     env_state,
     evaluate_policy,
     load_env_state,
@@ -268,6 +269,7 @@ class RAFTAgent:
         )
         batch = self.sample(prompts)  # (M * k) rows
         scores = batch.rm_scores if cfg.rank_by == "rm_score" else batch.rewards
+        check_rank_scores(self.envs, scores, batch.responses, f"RAFT keeps the best by its {cfg.rank_by}")
         kept = select_best(scores, cfg.samples_per_prompt, cfg.keep)  # (M * keep,)
         loss = self.fine_tune(batch, kept, iteration)
         best = rollout_metrics(_take(batch, kept), iteration, 0.0, 0)

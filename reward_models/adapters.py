@@ -27,7 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf_base.models import resolve_device
+from rlhf_base.io import check_weights_folder
+from rlhf_base.models import check_vocabulary, resolve_device
 
 __all__ = ["FunctionRewardModel", "HFSequenceClassifierRewardModel"]
 
@@ -102,8 +103,10 @@ class HFSequenceClassifierRewardModel:
         self.device = resolve_device(device)
         if isinstance(path_or_model, (str, os.PathLike)):
             source = str(Path(path_or_model)) if Path(path_or_model).exists() else str(path_or_model)
+            check_weights_folder(source)  # a local folder: safetensors only, each complete (named if not)
             self.model = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True)
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source)
+            check_vocabulary(self.model, tokenizer, f"reward model {source!r}")
         elif isinstance(path_or_model, PreTrainedModel):
             if tokenizer is None:
                 raise ValueError("a model given as an object needs its tokenizer: pass tokenizer=...")

@@ -32,9 +32,9 @@ from transformers import (
 
 from reward_models.ensemble import ENSEMBLE_FILE, ENSEMBLE_FORMAT_VERSION, RewardEnsemble
 from reward_models.model import FORMAT_VERSION, RewardModel, _prepare_tokenizer
-from rlhf_base.io import load_tensors
+from rlhf_base.io import check_weights_folder, load_tensors
 from rlhf_base.lm import context_length
-from rlhf_base.models import builtin_models, load_causal_lm, resolve_device
+from rlhf_base.models import builtin_models, check_vocabulary, load_causal_lm, resolve_device
 
 __all__ = ["BODY_SIZES", "PRETRAINED_BODY", "body_shape", "build_reward_model", "load_reward_model"]
 
@@ -113,7 +113,10 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device | None
         FileNotFoundError: `path` is not a directory with `ensemble.json`, `reward_model.json` or
             `config.json`, or an ensemble's member folder is missing.
         ValueError: `reward_model.json` or `ensemble.json` is malformed or of an unknown kind or format
-            version (the message names the file and the key).
+            version, or holds a `shift` or `scale` that would make scores NaN or infinite (not a finite
+            number, or a scale <= 0), or the tokenizer has more tokens than the model's embedding rows (the
+            message names the file and the key, or the folder and both sizes).
+        DataError: a weights file is truncated or corrupt, or a pickle (refused, never unpickled); named.
     """
     path = Path(path)
     device = resolve_device(device)
@@ -140,6 +143,8 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device | None
         raise ValueError(
             f"{meta_file}: format_version {version} is not supported (this code reads {FORMAT_VERSION})"
         )
+    _check_normalisation(meta, meta_file)
+    check_weights_folder(path)  # every safetensors file complete, no pickles: named before any loader reads
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     options = {
         "kind": kind,
@@ -164,7 +169,30 @@ def load_reward_model(path: str | os.PathLike, device: str | torch.device | None
         raise ValueError(
             f"{meta_file}: unknown kind {kind!r}; valid: 'causal-lm-body', 'sequence-classifier'"
         )
+    check_vocabulary(model.body, model.tokenizer, f"reward model {str(path)!r}")
     return model.to(device).eval()
+
+
+def _check_normalisation(meta: dict[str, Any], meta_file: Path) -> None:
+    """`shift` and `scale` of `reward_model.json` must keep every score `(raw - shift) / scale` finite.
+
+    A scale of 0 (hand-edited, or written by other code) would score every response inf or NaN, which the
+    env then refuses only at the first rollout, after the models have loaded; a negative scale would turn
+    the reward upside down. Both are refused here, naming the file and the key.
+    """
+    for key in ("shift", "scale"):
+        if key not in meta:
+            raise ValueError(
+                f"{meta_file}: missing key {key!r} (the normalisation: score = (raw - shift) / scale)"
+            )
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{meta_file}: key {key!r} must be a finite number, got {value!r}")
+    if meta["scale"] <= 0:
+        raise ValueError(
+            f"{meta_file}: key 'scale' must be > 0, got {meta['scale']!r}: scores are (raw - shift) / scale, so "
+            "a scale of 0 makes every score infinite or NaN and a negative one turns the reward upside down"
+        )
 
 
 def _load_ensemble(path: Path, device: torch.device) -> RewardEnsemble:

@@ -175,6 +175,11 @@ class RewardModel(nn.Module):
         context = context_length(body)
         self.max_length = int(max_length or context or self.tokenizer.model_max_length)
         self.shift, self.scale = float(shift), float(scale)
+        if not (math.isfinite(self.shift) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(
+                f"shift and scale must be finite and scale > 0 (scores are (raw - shift) / scale), got shift "
+                f"{shift!r} and scale {scale!r}"
+            )
 
     # ----------------------------------------------------------------------------------------------------
     # Construction

@@ -53,6 +53,16 @@ def _check_n(n: int) -> None:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
 
 
+def _check_finite(values: np.ndarray, what: str, allow_minus_inf: bool = False) -> None:
+    """Refuse NaN (and inf) rewards or log-probs, naming the rows: the order best-of-n picks by would be
+    undefined (NumPy ranks NaN above every number, so a NaN reward would be "the best") and the KL a NaN."""
+    bad = np.isnan(values) | (np.isposinf(values) if allow_minus_inf else np.isinf(values))
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(f"row {i}: {values[i]}" for i in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(f"{what} must be finite numbers; {len(rows)} of {len(values)} are not ({shown})")
+
+
 def _levels(probs: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct reward levels in ascending order, and pi's mass at each (tied outcomes summed)."""
     levels, block = np.unique(rewards, return_inverse=True)
@@ -99,6 +109,7 @@ def _distribution(probs: Sequence[float], rewards: Sequence[float], n: int) -> t
         raise ValueError(f"probs and rewards must be 1-d of one length, got {p.shape} and {r.shape}")
     if (p < 0).any() or abs(p.sum() - 1.0) > 1e-9:
         raise ValueError(f"probs must be non-negative and sum to 1, got sum {p.sum()!r}")
+    _check_finite(r, "rewards")
     return p, r
 
 
@@ -115,7 +126,8 @@ def best_of_n_probs(probs: Sequence[float], rewards: Sequence[float], n: int) ->
         (M,) float64 array, in the outcomes' order, summing to 1.
 
     Raises:
-        ValueError: If ``n < 1``, the shapes differ, or the probabilities are negative or do not sum to 1.
+        ValueError: If ``n < 1``, the shapes differ, the probabilities are negative or do not sum to 1, or
+            a reward is NaN or infinite (the rows are named).
     """
     p, r = _distribution(probs, rewards, n)
     _, block = np.unique(r, return_inverse=True)
@@ -135,7 +147,8 @@ def best_of_n_kl_exact(probs: Sequence[float], rewards: Sequence[float], n: int)
         n: Samples the best is chosen from, at least 1.
 
     Raises:
-        ValueError: If ``n < 1``, the shapes differ, or the probabilities are negative or do not sum to 1.
+        ValueError: If ``n < 1``, the shapes differ, the probabilities are negative or do not sum to 1, or
+            a reward is NaN or infinite (the rows are named).
     """
     _, mass = _levels(*_distribution(probs, rewards, n))
     return float(_atoms_kl(np.minimum(np.cumsum(mass), 1.0), mass, n).sum())
@@ -196,13 +209,16 @@ def best_of_n_kl_estimate(
         The estimate in nats, in [0, log n - (n - 1)/n]; 0 for n = 1.
 
     Raises:
-        ValueError: If ``n < 1``, the lengths differ, or the distinct completions' probabilities sum to
-            more than 1 (beyond 1e-3): duplicates counted twice, or log-probs not of whole sequences.
+        ValueError: If ``n < 1``, the lengths differ, a reward is NaN or infinite or a log-prob NaN or +inf
+            (the rows are named), or the distinct completions' probabilities sum to more than 1 (beyond
+            1e-3): duplicates counted twice, or log-probs not of whole sequences.
     """
     _check_n(n)
     lp, r = np.asarray(logprobs, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
     if lp.shape != r.shape or lp.ndim != 1:
         raise ValueError(f"logprobs and rewards must be 1-d of one length, got {lp.shape} and {r.shape}")
+    _check_finite(r, "rewards")
+    _check_finite(lp, "logprobs (-inf, a completion of probability 0, aside)", allow_minus_inf=True)
     lp, r, counts = _distinct(lp, r, completions)
     _, mass = _levels(np.exp(lp), r)
     seen = float(mass.sum())

@@ -17,7 +17,8 @@ A run folder keeps its checkpoints in ``checkpoints/iteration-NNNNNN/`` (:func:`
 written into a temporary sibling, fsync'd and renamed into place (`rlhf_base.io.atomic_dir`); the older ones
 are deleted only after the new one is on disk. So a kill at any moment leaves the previous checkpoint
 complete and loadable, and :func:`latest_checkpoint` finds it; the temporary folder a killed save leaves
-behind is removed by the next save.
+behind is removed by the next save (`rlhf_base.io.remove_stale_temps`: only when its writer's PID is gone, so
+a live save into the same folder keeps its own).
 
 Test-only fault injection: with the environment variable ``RLHF_GYM_FAULT=kill-during-checkpoint:ITER``,
 the save of iteration ITER SIGKILLs its own process after writing the tensors and before the JSON, inside
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf_base.io import atomic_dir, atomic_write, load_tensors, save_tensors
+from rlhf_base.io import atomic_dir, atomic_write, load_tensors, remove_stale_temps, save_tensors
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -61,6 +62,9 @@ VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^iteration-(\d+)$")
+#: A temporary sibling of a checkpoint: `atomic_dir`'s `.iteration-NNNNNN.HOST-PID.RANDOM.tmp` (or `.old`), or
+#: one written before temporary names carried their writer (`.iteration-NNNNNN.RANDOM.tmp`, `.old-RANDOM`).
+_TEMP = re.compile(r"^\.(iteration-\d+)\.(?:(?P<owner>[0-9a-f]{8}-\d+)\.)?")
 _TAGS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
 
 
@@ -218,12 +222,18 @@ def _fault_at(iteration: int) -> bool:
 def write_checkpoint(root: str | Path, iteration: int, state: Mapping[str, Any]) -> Path:
     """Save `state` as ``root/iteration-NNNNNN`` atomically, then delete the older checkpoints in `root`.
 
-    Temporary folders left by a killed save are removed first. Returns the new checkpoint's folder.
+    Temporary folders left by a killed save of any iteration are removed first (those whose writer is gone:
+    a live save's is kept). Returns the new checkpoint's folder.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for entry in root.iterdir():  # a killed save's temporary folder (`atomic_dir`'s .NAME.*.tmp, .NAME.old-*)
-        if entry.name.startswith(".") and (entry.name.endswith(".tmp") or ".old-" in entry.name):
+    for entry in root.iterdir():  # a killed save's temporary folder, of this iteration or another
+        match = _TEMP.match(entry.name)
+        if match is None or not (entry.name.endswith((".tmp", ".old")) or ".old-" in entry.name):
+            continue
+        if match["owner"]:
+            remove_stale_temps(root / match[1])  # its writer's PID tells whether it is still writing
+        else:  # an older rlhf-gym's name, without its writer: the run that owns this folder left it
             shutil.rmtree(entry, ignore_errors=True)
     path = root / f"iteration-{iteration:06d}"
     with atomic_dir(path) as tmp:

@@ -4,9 +4,13 @@ Three promises, each the answer to a way a long run goes wrong:
 
 * **A file is either the old version or the new one, never half of each.** Every write goes to a temporary
   sibling that is fsync'd and then ``os.replace``'d onto its name (:func:`atomic_path`, :func:`atomic_write`,
-  :func:`atomic_dir`), so a run killed mid-checkpoint leaves the previous checkpoint readable.
+  :func:`atomic_dir`), so a run killed mid-checkpoint leaves the previous checkpoint readable. The temporary
+  sibling's name carries its writer (this host and the writer's PID), so the next save of the same target
+  removes what a killed writer left (:func:`remove_stale_temps`) and leaves a live writer's alone.
 * **Tensors are stored as safetensors**, never pickles: ``torch.load`` of a pickle runs arbitrary code, and a
-  checkpoint downloaded or shared should not be able to (:func:`save_tensors`, :func:`load_tensors`).
+  checkpoint downloaded or shared should not be able to (:func:`save_tensors`, :func:`load_tensors`). A pickle
+  weights file is refused by name, never opened, and a truncated or corrupt safetensors file is reported
+  with its path (:func:`check_safetensors`, :func:`check_weights_folder`), before any loader touches it.
 * **Bad data fails at load time, with the file and line**: :func:`read_records` reads prompts or preference
   pairs from JSONL, JSON, CSV, Parquet, a ``datasets.Dataset`` or a plain list, and names the file, the line
   or row, and the field when a record is malformed, instead of a ``KeyError`` deep inside a training step.
@@ -18,9 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -31,15 +39,19 @@ if TYPE_CHECKING:  # torch and safetensors load when tensors are saved or read: 
     import torch
 
 __all__ = [
+    "PICKLE_SUFFIXES",
     "RECORD_SUFFIXES",
     "DataError",
     "append_jsonl",
     "atomic_dir",
     "atomic_path",
     "atomic_write",
+    "check_safetensors",
+    "check_weights_folder",
     "load_tensors",
     "load_tensors_metadata",
     "read_records",
+    "remove_stale_temps",
     "save_tensors",
     "write_jsonl",
 ]
@@ -76,6 +88,100 @@ def _fsync_path(path: Path) -> None:
             os.close(fd)
 
 
+# A temporary sibling is named `.NAME.OWNER.RANDOM.tmp` (a file: `.STEM.OWNER.RANDOM.tmp.SUFFIX`; a directory
+# set aside while its replacement is renamed in: `.NAME.OWNER.RANDOM.old`), OWNER being `HOST-PID`: a short
+# hash of this machine's name and the writer's process id. A SIGKILLed writer cannot clean up after itself;
+# the next save of the same target can, knowing from OWNER that the writer is gone.
+_OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)"
+_RANDOM = r"[a-z0-9_]+"  # tempfile's random part
+_ACTIVE: set[str] = set()  # the temporary paths this process is writing now (threads may save concurrently)
+
+
+@functools.cache
+def _host() -> str:
+    """This machine, as 8 hex digits: a PID means something only on the host that wrote it."""
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _owner() -> str:
+    return f"{_host()}-{os.getpid()}"  # read at each save: a forked worker has a PID of its own
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (a zombie counts; so does another user's)."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there: never call a writer dead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, and belongs to someone else
+        return True
+    return True
+
+
+def _is_stale(host: str, pid: int, path: Path) -> bool:
+    """A temporary sibling whose writer is gone: on this host, and its PID dead, or ours but not in use.
+
+    Another host's writer cannot be seen from here, so its leftovers are kept. A PID reused by an unrelated
+    process keeps a leftover too (until that process ends): kept by mistake is harmless, deleted by mistake
+    is not. Our own PID on a path this process is not writing is a killed run's whose PID we inherited (a
+    container restarted, PIDs counted from 1 again).
+    """
+    if host != _host():
+        return False
+    if pid == os.getpid():
+        return str(path) not in _ACTIVE
+    return not _pid_alive(pid)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary siblings of `path` that writers killed mid-save left behind; return them.
+
+    Every save through :func:`atomic_path` and :func:`atomic_dir` calls it first, so a SIGKILL mid-save
+    costs disk only until the next save of the same target. Only names this module made for `path` are
+    touched, and only stale ones (see :func:`_is_stale`): a concurrent live save of the same target keeps
+    its temporary. A directory set aside by a writer killed between its two renames (`.NAME.OWNER.RANDOM.old`)
+    is the previous version: if `path` is missing it is put back there, else it is deleted. Errors (a
+    permission, a race with another cleaner) are ignored: cleaning up must never fail a save.
+    """
+    path = Path(path)
+    patterns = [  # (pattern, is atomic_dir's): atomic_dir's names hold the whole name, atomic_path's the suffix last
+        (re.compile(rf"\.{re.escape(path.name)}\.{_OWNER}\.{_RANDOM}\.(?P<kind>tmp|old)"), True),
+        (re.compile(rf"\.{re.escape(path.stem)}\.{_OWNER}\.{_RANDOM}\.tmp{re.escape(path.suffix)}"), False),
+    ]
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        for pattern, whole_name in patterns:
+            match = pattern.fullmatch(entry.name)
+            if match is None:
+                continue
+            leftover = Path(entry.path)
+            if not _is_stale(match["host"], int(match["pid"]), leftover):
+                break
+            with contextlib.suppress(OSError):
+                if whole_name and match["kind"] == "old" and not (path.exists() or path.is_symlink()):
+                    os.replace(leftover, path)  # the only copy of the previous version: put it back
+                else:
+                    _remove(leftover)
+                removed.append(leftover)
+            break
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success move it onto ``path``, on failure delete it.
@@ -83,7 +189,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Use it for writers that want a file name rather than bytes (``save_file``, ``fig.savefig``, pyarrow).
     The temporary file lives in the same directory, so the final ``os.replace`` is an atomic rename on the
     same filesystem, and it keeps ``path``'s suffix, so writers that choose a format by suffix still work.
-    Readers see the old file until the writer has finished and its data is on disk.
+    Readers see the old file until the writer has finished and its data is on disk. Temporary files of
+    ``path`` that killed writers left are removed first (:func:`remove_stale_temps`).
 
     Args:
         path: Destination; its parent directories are created if needed.
@@ -96,9 +203,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    remove_stale_temps(path)
+    fd, tmp_name = tempfile.mkstemp(
+        dir=path.parent,
+        prefix=f".{path.stem}.{_owner()}.",
+        suffix=f".tmp{path.suffix}",
+    )
     os.close(fd)
     tmp = Path(tmp_name)
+    _ACTIVE.add(str(tmp))
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
@@ -107,6 +220,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _ACTIVE.discard(str(tmp))
     _fsync_path(path.parent)  # make the rename itself durable
 
 
@@ -124,7 +239,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     Made for checkpoints that are whole directories (``model.save_pretrained(tmp)``). An existing ``path`` is
     replaced safely: it is renamed aside, the new directory renamed in, and only then the old one deleted;
     if the second rename fails the old one is put back. POSIX has no atomic swap of two directories, so a
-    crash between the two renames leaves the previous version intact under ``.<name>.old-*`` beside ``path``.
+    crash between the two renames leaves the previous version intact under ``.<name>.<owner>.*.old`` beside
+    ``path``, where the next save of ``path`` finds it (:func:`remove_stale_temps`: put back if ``path`` is
+    missing), as it finds and removes the temporary directory of a writer killed mid-save.
 
     Args:
         path: Destination directory; its parent directories are created if needed.
@@ -134,38 +251,44 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_path(Path(root, name))
-            _fsync_path(Path(root))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+    remove_stale_temps(path)
+    owner = _owner()
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner}.", suffix=".tmp"))
+    _ACTIVE.add(str(tmp))
     old: Path | None = None
-    if path.exists() or path.is_symlink():
-        # mkdtemp reserves a unique name; rename needs it gone (an empty dir is replaced by rename on POSIX,
-        # but not on Windows), so remove it and rename straight after.
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        old.rmdir()
-        os.replace(path, old)
     try:
-        os.replace(tmp, path)
-    except BaseException:
+        try:
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())
+            for root, _dirs, files in os.walk(tmp):
+                for name in files:
+                    _fsync_path(Path(root, name))
+                _fsync_path(Path(root))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        if path.exists() or path.is_symlink():
+            # mkdtemp reserves a unique name; rename needs it gone (an empty dir is replaced by rename on
+            # POSIX, but not on Windows), so remove it and rename straight after.
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner}.", suffix=".old"))
+            _ACTIVE.add(str(old))
+            old.rmdir()
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        _ACTIVE.discard(str(tmp))
         if old is not None:
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _ACTIVE.discard(str(old))
     _fsync_path(path.parent)
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,29 +334,127 @@ def save_tensors(
         save_file(prepared, str(tmp), metadata=dict(metadata) if metadata else None)
 
 
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Suffixes of pickled weights (``torch.save``, ``pytorch_model.bin``), which are refused, never opened."""
+
+#: Weights files of a Hugging Face folder saved as pickles (a folder of safetensors has none of them).
+_PICKLE_WEIGHTS = re.compile(r"(pytorch_model|model|adapter_model)([-.].*)?\.(bin|pt|pth|ckpt)")
+
+
+def _refuse_pickle(path: Path) -> DataError:
+    return DataError(
+        f"{path} is a pickle weights file ({path.suffix}): rlhf-gym loads weights from safetensors only, since "
+        "unpickling can run code from the file, so it is not opened. If you trust it, convert it once "
+        "yourself: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
+        "model.safetensors beside it, or safetensors.torch.save_file(torch.load(file), "
+        "'model.safetensors') for a bare state dict"
+    )
+
+
+def _not_safetensors(path: Path, error: Exception) -> DataError:
+    """The error for a file safetensors cannot read: its path, why, and what it looks like instead."""
+    magic = b""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        magic = f.read(4)
+    looks = ""
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        looks = " (it looks like a torch.save pickle, which rlhf-gym never opens: save it as safetensors)"
+    elif not magic:
+        looks = " (it is empty)"
+    return DataError(
+        f"{path} is not a readable safetensors file{looks}: {error}; the file is truncated or corrupt "
+        "(a copy or download cut short?): save or fetch it again"
+    )
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise unless ``path`` is a complete safetensors file; reads the header only (no tensor is loaded).
+
+    safetensors checks that the header's offsets cover the file exactly, so a file cut short (a copy or a
+    download interrupted) fails here, named, rather than deep inside a loader as a bare ``SafetensorError``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (named).
+        DataError: ``path`` has a pickle suffix (:data:`PICKLE_SUFFIXES`: refused, never opened), or is not a
+            readable safetensors file; the message names it and says what is wrong.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensor file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise _not_safetensors(path, e) from None
+
+
+def check_weights_folder(folder: str | Path) -> None:
+    """Check a model folder before a Hugging Face loader reads it: safetensors only, each one complete.
+
+    Every ``*.safetensors`` file in ``folder`` must be readable (:func:`check_safetensors`); a folder whose
+    weights are pickles only (``pytorch_model.bin``, ``model.pt`` ...) is refused naming the file, and is
+    never unpickled (Hugging Face loaders would, with ``torch.load``). A folder with neither is left to the
+    loader, whose error says what it expected.
+
+    Raises:
+        DataError: a safetensors file is truncated or corrupt, or the weights are pickles (named).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    found = sorted(folder.glob("*.safetensors"))
+    for path in found:
+        check_safetensors(path)
+    if not found:
+        pickles = sorted(p for p in folder.iterdir() if _PICKLE_WEIGHTS.fullmatch(p.name) and p.is_file())
+        if pickles:
+            raise _refuse_pickle(pickles[0])
+
+
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load every tensor of a ``.safetensors`` file onto ``device``; no code from the file is executed.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names it).
+        DataError: ``path`` is a pickle (refused by its suffix, never opened) or not a readable safetensors
+            file (truncated, corrupt); the message names it.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise _not_safetensors(path, e) from None
 
 
 def load_tensors_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata stored by :func:`save_tensors` (empty if none), without loading any tensor."""
-    from safetensors import safe_open
+    """The string metadata stored by :func:`save_tensors` (empty if none), without loading any tensor.
+
+    Raises:
+        FileNotFoundError, DataError: as :func:`load_tensors`.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
     if not path.is_file():
         raise FileNotFoundError(f"tensor file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise _not_safetensors(path, e) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -332,7 +332,7 @@ def save_adapter(model: Any, path: str | Path, merged: bool = False) -> None:
 
 def load_adapter(model: Any, path: str | Path) -> None:
     """Load the adapter weights `save_adapter` wrote into `model`'s adapter, in place (safetensors only)."""
-    from safetensors.torch import load_file
+    from rlhf_base.io import load_tensors  # a truncated file: a DataError naming it
 
     path = Path(path)
     folder = path if (path / ADAPTER_WEIGHTS).is_file() else path / ADAPTER_DIR
@@ -342,4 +342,4 @@ def load_adapter(model: Any, path: str | Path) -> None:
             "with an agent without lora, or use it as the env's model"
         )
     device = next(model.parameters()).device
-    load_adapter_state_dict(model, load_file(folder / ADAPTER_WEIGHTS, device=str(device)))
+    load_adapter_state_dict(model, load_tensors(folder / ADAPTER_WEIGHTS, device=device))

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 __all__ = [
     "DEFAULT_MODEL",
+    "check_vocabulary",
     "MODEL_ENTRY_POINT_GROUP",
     "builtin_models",
     "cache_dir",
@@ -133,7 +134,10 @@ def load_causal_lm(
         `(model, tokenizer)`, the model in eval mode on `device`, the tokenizer left-padded with a pad token.
 
     Raises:
-        ValueError: the model cannot be found, or its tokenizer has no EOS token (episodes could never end).
+        ValueError: the model cannot be found, its tokenizer has no EOS token (episodes could never end), or
+            has more tokens than the model has embedding rows (`check_vocabulary`).
+        DataError: a local model's weights are a truncated or corrupt safetensors file, or pickles (refused,
+            never unpickled); the message names the file (`rlhf_base.io.check_weights_folder`).
     """
     device = resolve_device(device)
     loader = _named_loader(DEFAULT_MODEL if model is None else str(model))
@@ -143,6 +147,7 @@ def load_causal_lm(
         lm, tokenizer = _load_gguf(smollm2_gguf_path() if str(model) == "smollm2" else Path(model), dtype)
     else:
         lm, tokenizer = _load_pretrained(str(model), dtype)
+    check_vocabulary(lm, tokenizer, f"model {DEFAULT_MODEL if model is None else str(model)!r}")
     tokenizer = _prepare_tokenizer(tokenizer, str(model))
     if dtype is not None:
         lm = lm.to(dtype)
@@ -191,7 +196,30 @@ def is_local_model(name: str | os.PathLike) -> bool:
     )
 
 
+def check_vocabulary(model: nn.Module, tokenizer: PreTrainedTokenizerBase, what: str) -> None:
+    """Refuse a tokenizer with more tokens than `model` has embedding rows, naming both sizes.
+
+    Every id the tokenizer can produce (`len(tokenizer)`, added tokens included) must index a row of the
+    input embedding; otherwise the first prompt holding such a token fails deep in a forward pass with a
+    bare `IndexError: index out of range in self`. A model with more rows than tokens (a vocabulary padded
+    to a multiple of 64) is fine.
+
+    Raises:
+        ValueError: the embedding has fewer rows than the tokenizer has tokens; `what` names the model.
+    """
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and rows < len(tokenizer):
+        raise ValueError(
+            f"{what}: its input embedding has {rows} rows but its tokenizer has {len(tokenizer)} tokens, so "
+            f"token ids {rows} and up would index past the embedding; save the model with its own tokenizer, "
+            "or grow its embedding first (model.resize_token_embeddings(len(tokenizer)), then save_pretrained)"
+        )
+
+
 def _load_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from rlhf_base.io import check_weights_folder
+
     path = Path(name).expanduser()
     looks_local = is_local_model(name)
     if looks_local and not (path / "config.json").is_file():
@@ -199,13 +227,22 @@ def _load_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedMo
             f"model {name!r}: no such model directory (expected a folder with config.json, as written by "
             f"save_pretrained), and not a Hugging Face hub id; built-in models: {builtin_models()}"
         )
+    if looks_local:
+        check_weights_folder(path)  # safetensors only, each complete: named here, not a bare SafetensorError
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model directory {str(path)!r} could not be loaded: {err}") from err
+        return lm, tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name)
-        lm = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"model {name!r} could not be loaded: it is not a local model directory and the Hugging Face hub "
-            f"did not provide it (offline, or a wrong id?); built-in models: {builtin_models()}. "
+            "did not provide it (offline, a wrong id, or a repository without safetensors weights, which "
+            f"rlhf-gym needs: it never unpickles); built-in models: {builtin_models()}. "
             f"Cause: {err}"
         ) from err
     return lm, tokenizer

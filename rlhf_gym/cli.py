@@ -374,6 +374,7 @@ def _report(args: argparse.Namespace) -> int:
         OldColumnsWarning,
         make_report,
         markdown_table,
+        non_finite_message,
         old_names_message,
         read_table,
         summarise,
@@ -390,6 +391,8 @@ def _report(args: argparse.Namespace) -> int:
         return 1  # no finished sweep to report on
     if renamed:
         print(f"rlhf-gym report: note: {old_names_message(results, renamed)}", file=sys.stderr)
+    if non_finite := non_finite_message(rows, str(results)):
+        print(f"rlhf-gym report: warning: {non_finite}", file=sys.stderr)
     print(markdown_table(summarise(rows)))
     for name, path in paths.items():
         print(f"{name}: {path}")

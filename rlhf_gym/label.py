@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.core import EnvCore
-from text_env.judge import as_reward_fn
+from text_env.judge import as_reward_fn, check_scores
 from text_env.rewards import resolve_reward
 from text_env.sampler import rollout
 from text_env.tasks import get_task
@@ -130,13 +130,16 @@ def simulate_labels(
     return a_preferred, report
 
 
-def _judge_scores(judge: Any, prompts: list[str], responses: list[str]) -> np.ndarray:
-    scores = (
-        torch.as_tensor(as_reward_fn(judge)(prompts, responses)).detach().cpu().numpy().astype(np.float64)
-    )
-    if scores.shape != (len(responses),) or not np.isfinite(scores).all():
-        raise ValueError(f"the judge must return {len(responses)} finite scores, got {scores!r:.200}")
-    return scores
+def _judge_name(name: str) -> str:
+    """How messages name the labeller's judge: a NaN it returns is refused naming it and the rows."""
+    return f"the labeller's judge {name}"
+
+
+def _judge_scores(judge: Any, name: str, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """The judge's scores as float64, or a ValueError naming it and the rows that are NaN/inf (or the shape)."""
+    values = as_reward_fn(judge)(prompts, responses)
+    check_scores(values, len(responses), _judge_name(name), responses)
+    return torch.as_tensor(values).detach().cpu().numpy().astype(np.float64)
 
 
 def label_pairs(
@@ -184,7 +187,12 @@ def label_pairs(
                 "label pairs another way and train with `train-rm`"
             )
         core = EnvCore(
-            task, model=config.model, reward_model=judge, max_new_tokens=config.max_new_tokens, device=device
+            task,
+            model=config.model,
+            reward_model=judge,
+            max_new_tokens=config.max_new_tokens,
+            device=device,
+            reward_name=_judge_name(judge_name) if judge is not None else None,  # the env scores with it too
         )
     elif core.task.gold_reward is None and judge is None:
         raise ValueError(f"task {core.task.name!r} has no gold reward: the simulated labeller needs one")
@@ -213,7 +221,7 @@ def label_pairs(
         if judge is None:
             gold = batch.gold_scores.cpu().numpy()
         else:
-            gold = _judge_scores(judge, batch.prompts, batch.responses)
+            gold = _judge_scores(judge, judge_name, batch.prompts, batch.responses)
         lengths.append(batch.lengths.cpu().numpy())
         for i in range(batch_pairs):  # bookkeeping over finished pairs; the model work above is batched
             if len(prompts) == config.num_pairs:

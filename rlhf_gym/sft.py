@@ -262,17 +262,19 @@ def run_sft(config: SFTConfig, run_dir: str | Path, progress: bool = True) -> di
     from rlhf_base.models import load_causal_lm
 
     run_dir = Path(run_dir)
+    default_task = config.demonstrations is None
+    if (
+        not default_task
+    ):  # read (and checked) before the model loads: a missing or malformed file fails at once
+        demonstrations = load_demonstrations(config.demonstrations)
+        held_out = load_demonstrations(config.eval_demonstrations) if config.eval_demonstrations else None
     save_config(config, run_dir / "sft_config.yaml")
     model, tokenizer = load_causal_lm(config.model, device=config.device)
-    default_task = config.demonstrations is None
     if default_task:
         from text_env.tasks.reviews import sample_demonstrations
 
         demonstrations = sample_demonstrations(config.num_demonstrations, seed=config.seed)
         held_out = sample_demonstrations(config.num_eval_demonstrations, seed=config.seed + EVAL_SEED_OFFSET)
-    else:
-        demonstrations = config.demonstrations
-        held_out = config.eval_demonstrations
     held_out = held_out or None
     check_grammar = default_task and config.eval_episodes > 0
     if check_grammar:

@@ -138,6 +138,25 @@ def test_a_new_checkpoint_replaces_the_old_one_and_clears_a_killed_saves_leftove
     assert latest_checkpoint(tmp_path / "missing") is None
 
 
+def test_a_checkpoint_save_keeps_a_live_writers_temporary_folder(tmp_path):
+    """Two runs saving into one folder: each removes only what a dead writer left (issue 16)."""
+    from rlhf_base.io import _host
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        busy = tmp_path / f".iteration-000003.{_host()}-{live.pid}.abcd1234.tmp"
+        dead = tmp_path / f".iteration-000003.{_host()}-999999999.abcd1234.tmp"
+        for folder in (busy, dead):
+            folder.mkdir()
+        write_checkpoint(tmp_path, 2, {"x": torch.zeros(2)})
+        assert busy.is_dir() and not dead.exists()
+    finally:
+        live.kill()
+        live.wait()
+    write_checkpoint(tmp_path, 3, {"x": torch.ones(2)})  # its writer is gone now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iteration-000003"]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Each built-in agent's state
 # --------------------------------------------------------------------------------------------------------

@@ -272,3 +272,157 @@ def test_append_jsonl_flushes_each_line_and_survives_a_torn_line(tmp_path):
         append_jsonl({"bad": object()}, path)
     assert path.read_text().endswith('{"step": 3}\n')
     assert os.path.getsize(path) == len(path.read_bytes())
+
+
+# --------------------------------------------------------------------------------------------------------
+# A save killed mid-way: its temporary sibling is removed by the next save, a live writer's is kept
+# --------------------------------------------------------------------------------------------------------
+_KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+from rlhf_base.io import atomic_dir, atomic_path
+
+target, kind = Path(sys.argv[1]), sys.argv[2]
+with (atomic_dir(target) if kind == "dir" else atomic_path(target)) as tmp:
+    (tmp / "half.safetensors").write_bytes(b"half") if kind == "dir" else tmp.write_bytes(b"half")
+    print(tmp, flush=True)
+    time.sleep(600)  # SIGKILLed here, mid-save
+"""
+
+
+def _killed_save(target: Path, kind: str) -> Path:
+    """Run a save in a subprocess, SIGKILL it mid-save (reaped: no zombie), return the temporary it left."""
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(target), kind],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    leftover = Path(process.stdout.readline().strip())
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    assert process.returncode == -signal.SIGKILL and leftover.exists() and leftover.parent == target.parent
+    return leftover
+
+
+def _live_process():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+def test_the_next_save_removes_a_killed_saves_temporary_and_keeps_a_live_ones(tmp_path):
+    from rlhf_base.io import _host
+
+    model = tmp_path / "policy"
+    with atomic_dir(model) as tmp:
+        (tmp / "weights.safetensors").write_bytes(b"v1")
+    killed = _killed_save(model, "dir")  # `.policy.HOST-PID.RANDOM.tmp`, its writer gone
+    assert killed.name.startswith(f".policy.{_host()}-") and killed.name.endswith(".tmp")
+    live = _live_process()
+    try:
+        busy = tmp_path / f".policy.{_host()}-{live.pid}.abcd1234.tmp"  # a concurrent save, still writing
+        busy.mkdir()
+        elsewhere = tmp_path / f".policy.0badc0de-{live.pid + 1}.abcd1234.tmp"  # another host's: unknowable
+        elsewhere.mkdir()
+        other = tmp_path / f".reward_model.{_host()}-999999999.abcd1234.tmp"  # another target's: not ours
+        other.mkdir()
+        with atomic_dir(model) as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"v2")
+        assert not killed.exists(), "the killed save's temporary folder is removed by the next save"
+        assert busy.is_dir() and elsewhere.is_dir() and other.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    assert (model / "weights.safetensors").read_bytes() == b"v2"
+
+    report = tmp_path / "report.md"
+    killed_file = _killed_save(report, "file")  # `.report.HOST-PID.RANDOM.tmp.md`
+    assert killed_file.name.endswith(".tmp.md")
+    atomic_write(report, "done")
+    assert not killed_file.exists() and report.read_text() == "done"
+
+
+def test_a_leftover_with_our_own_pid_is_stale_unless_this_process_writes_it(tmp_path):
+    """A container restarted counts PIDs from 1 again: a killed run's PID may be ours now."""
+    from rlhf_base.io import _owner, remove_stale_temps
+
+    path = tmp_path / "summary.json"
+    inherited = tmp_path / f".summary.{_owner()}.zz99zz99.tmp.json"
+    inherited.write_text("{")
+    with atomic_path(path) as tmp:
+        assert not inherited.exists()  # removed before this save began
+        assert remove_stale_temps(path) == [] and tmp.exists()  # our own save in progress is kept
+        tmp.write_text("{}")
+    assert path.read_text() == "{}" and siblings(path) == []
+
+
+def test_a_directory_set_aside_by_a_killed_swap_is_put_back_or_removed(tmp_path):
+    """Killed between atomic_dir's two renames: the previous version is the `.old` sibling, and the only copy
+    when the target is missing; the next save puts it back first, so a failing save loses nothing."""
+    from rlhf_base.io import _host, remove_stale_temps
+
+    path = tmp_path / "checkpoint"
+    old = tmp_path / f".checkpoint.{_host()}-999999999.abcd1234.old"
+    old.mkdir()
+    (old / "weights.txt").write_text("v1")
+    assert remove_stale_temps(path) == [old]
+    assert (path / "weights.txt").read_text() == "v1" and not old.exists()
+    old.mkdir()  # and with the target present, the set-aside copy is only a leftover
+    assert remove_stale_temps(path) == [old] and not old.exists() and path.is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad tensor files: named, and pickles never opened
+# --------------------------------------------------------------------------------------------------------
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    from rlhf_base.io import check_safetensors
+
+    path = tmp_path / "model.safetensors"
+    save_tensors({"w": torch.randn(64, 64)}, path)
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    for read in (load_tensors, load_tensors_metadata, check_safetensors):
+        with pytest.raises(
+            DataError, match=rf"{path} is not a readable safetensors file.*truncated or corrupt"
+        ):
+            read(path)
+    path.write_bytes(b"")
+    with pytest.raises(
+        DataError, match=r"model.safetensors is not a readable safetensors file \(it is empty\)"
+    ):
+        load_tensors(path)
+
+
+def test_pickled_weights_are_refused_by_name_and_never_opened(tmp_path, monkeypatch):
+    from rlhf_base.io import check_weights_folder
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called: a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", never)
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"PK\x03\x04 not opened anyway")
+    for read in (load_tensors, load_tensors_metadata):
+        with pytest.raises(
+            DataError, match=rf"{weights} is a pickle weights file \(\.bin\).*safetensors only"
+        ):
+            read(weights)
+    with pytest.raises(DataError, match=r"pytorch_model.bin is a pickle weights file.*save_pretrained"):
+        check_weights_folder(tmp_path)
+    disguised = tmp_path / "model.safetensors"  # a torch.save zip under a safetensors name
+    disguised.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(
+        DataError, match=r"model.safetensors is not a readable .* looks like a torch.save pickle"
+    ):
+        check_weights_folder(tmp_path)
+    disguised.unlink()
+    (tmp_path / "training_args.bin").write_bytes(b"x")  # a trainer's pickle beside safetensors weights: fine
+    save_tensors({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    check_weights_folder(tmp_path)

@@ -128,3 +128,43 @@ def test_the_tiny_model_pretrains_the_same_whatever_the_callers_thread_count():
         torch.set_num_threads(before)
     a, b = two.state_dict(), one.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad model folders fail at load, naming the file (issue 16)
+# --------------------------------------------------------------------------------------------------------
+def test_a_truncated_or_pickled_model_folder_is_named_at_load(hf_dirs, tmp_path, monkeypatch):
+    import shutil
+
+    from rlhf_base.io import DataError
+
+    truncated = shutil.copytree(hf_dirs["gpt2"], tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        DataError, match=rf"{weights} is not a readable safetensors file.*truncated or corrupt"
+    ):
+        text_env.load_causal_lm(truncated)
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called: a pickle was opened")
+
+    pickled = shutil.copytree(hf_dirs["gpt2"], tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(
+        DataError, match=rf"{pickled}/pytorch_model.bin is a pickle weights file.*safetensors only"
+    ):
+        text_env.load_causal_lm(pickled)
+
+
+def test_a_model_with_fewer_embedding_rows_than_tokens_is_refused_naming_both_sizes(tmp_path):
+    tok = build_tokenizer()
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    path = _save(small, tok, tmp_path / "small_vocab")
+    with pytest.raises(
+        ValueError,
+        match=rf"model '{path}': its input embedding has 16 rows but its tokenizer has {len(tok)} tokens",
+    ):
+        text_env.load_causal_lm(path)

@@ -288,6 +288,85 @@ def test_missing_and_non_numeric_columns_are_named(run_dir):
         make_report(run_dir)
 
 
+def test_a_header_only_results_csv_is_one_line_naming_it(run_dir, capsys):
+    """Issue 16: a header alone read as text columns and the numeric check indexed a row that is not there."""
+    (run_dir / "results.csv").write_text(
+        (DATA / "sweep_results.csv").read_text().splitlines()[0] + "\n"
+    )  # the full header, no row
+    with pytest.raises(DataError, match=r"results.csv holds a header but no rows: no cell has finished yet"):
+        make_report(run_dir)
+    from rlhf_gym import cli
+
+    assert cli.main(["report", str(run_dir)]) == 1  # no finished sweep to report on, as a missing file
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"rlhf-gym report: error: {run_dir / 'results.csv'} holds a header but no rows: no cell has finished yet\n"
+    )
+
+
+def test_non_finite_values_are_counted_marked_and_named(run_dir, capsys):
+    """Issue 16: a NaN/inf in one seed is left out of the mean, which then says over how many seeds it is, is
+    marked † with a footnote, and named in report.md and in a warning line of `rlhf-gym report`; gold's NaN
+    (no gold reward for that cell) is "not recorded" as before, not a non-finite value."""
+    from rlhf_gym import cli
+    from rlhf_gym.report import non_finite_cells
+
+    results = pd.read_csv(run_dir / "results.csv")
+    results.loc[1, "kl"] = math.inf  # ppo, beta 0.05, seed 1
+    results.loc[2, "rm_score"] = math.nan  # ppo, beta 0.05, seed 2
+    results.loc[7, "gold_score"] = math.nan  # reinforce, beta 0.05, seed 1: no gold there
+    results.to_csv(run_dir / "results.csv", index=False)
+    rows = read_results(run_dir / "results.csv")
+    assert non_finite_cells(rows) == [
+        ("ppo-b0.05-s1", "kl", math.inf),
+        ("ppo-b0.05-s2", "rm_score", pytest.approx(math.nan, nan_ok=True)),
+    ]
+    summary = summarise(rows).set_index(["agent", "beta"])
+    ppo = summary.loc[("ppo", 0.05)]
+    assert (ppo["kl_n"], ppo["kl_bad"], ppo["rm_score_n"], ppo["rm_score_bad"]) == (2, 1, 2, 1)
+    assert ppo["kl_mean"] == pytest.approx(np.mean([2.0, 2.4]))  # seeds 0 and 2 of the fixture
+    reinforce = summary.loc[("reinforce", 0.05)]
+    assert (reinforce["gold_score_n"], reinforce["gold_score_bad"]) == (2, 0)
+    table = markdown_table(summarise(rows))
+    ppo_line = next(line for line in table.splitlines() if line.startswith("| ppo | 0.05 |"))
+    _, _, seeds, gold, proxy, kl, *_ = ppo_line.split(" | ")
+    assert seeds == "3" and "†" not in gold
+    assert proxy.endswith("(2 of 3 seeds) †") and kl.endswith("(2 of 3 seeds) †")
+    reinforce_line = next(line for line in table.splitlines() if line.startswith("| reinforce | 0.05 |"))
+    assert "(2 of 3 seeds)" in reinforce_line and "†" not in reinforce_line  # gold not recorded: no mark
+    assert table.rstrip().endswith(
+        "† Non-finite values (NaN or inf) in results.csv, left out of these means (each entry says over how "
+        "many seeds it is): agent=ppo beta=0.05: rm_score in 1 of 3 seeds, kl in 1 of 3 seeds."
+    )
+    report = make_report(run_dir)["report"].read_text()
+    assert "**Non-finite values**: results.csv holds 2 non-finite value(s)" in report
+    assert "ppo-b0.05-s1 kl=inf, ppo-b0.05-s2 rm_score=nan" in report and "† Non-finite values" in report
+    assert cli.main(["report", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        f"rlhf-gym report: warning: {run_dir / 'results.csv'} holds 2 non-finite value(s) (NaN or inf), left out "
+        "of the means, whose entries say over how many seeds they are and are marked †: ppo-b0.05-s1 kl=inf, "
+        "ppo-b0.05-s2 rm_score=nan\n"
+    )
+    assert "(2 of 3 seeds) †" in out
+
+
+def test_an_infinite_gold_is_non_finite_but_a_missing_one_is_no_gold():
+    rows = pd.DataFrame(_rows("ppo", 1, [0, 1, 2], [0.1, math.inf, math.nan]))
+    summary = summarise(rows)
+    assert (summary["gold_score_n"].item(), summary["gold_score_bad"].item()) == (1, 1)
+    line = markdown_table(summary).splitlines()[2]
+    assert "| 0.100 (1 of 3 seeds) † |" in line
+    all_bad = summarise(pd.DataFrame(_rows("ppo", 1, [0, 1], [math.inf, -math.inf])))
+    assert "| n/a † |" in markdown_table(all_bad)  # no finite value left: not "no gold"
+    lost = summarise(pd.DataFrame(_rows("ppo", 1, [0, 1], [0.1, 0.2])).assign(length=[20.0, math.nan]))
+    assert lost["length_bad"].item() == 1  # a metric this agent reports, lost by one seed
+    never = summarise(pd.DataFrame(_rows("ppo", 1, [0, 1], [0.1, 0.2])).assign(length=math.nan))
+    assert never["length_bad"].item() == 0  # a metric this agent never reports: "n/a", not a fault
+    assert summarise(pd.DataFrame(_rows("ppo", 1, [0], [0.1])).assign(kl=math.nan))["kl_bad"].item() == 1
+
+
 def _report_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-gym")
     add_report_command(parser.add_subparsers())

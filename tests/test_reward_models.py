@@ -149,6 +149,48 @@ def test_plain_head_without_logprob_features_round_trips(tmp_path):
     assert torch.equal(loaded.raw_score(PROMPTS, RESPONSES), model.raw_score(PROMPTS, RESPONSES))
 
 
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ({"scale": 0}, r"key 'scale' must be > 0, got 0: .* infinite or NaN"),
+        ({"scale": -1.0}, r"key 'scale' must be > 0, got -1.0"),
+        ({"shift": float("nan")}, r"key 'shift' must be a finite number, got nan"),
+        ({"scale": "1"}, r"key 'scale' must be a finite number, got '1'"),
+        ({"scale": None}, r"key 'scale' must be a finite number, got None"),
+    ],
+)
+def test_a_saved_normalisation_that_would_score_nan_is_refused_at_load(tmp_path, edit, says):
+    """`scale: 0` in reward_model.json would score every response inf/NaN (issue 16): refused, naming the file."""
+    build_reward_model(logprob_features=False).save(tmp_path / "rm")
+    meta_file = tmp_path / "rm" / "reward_model.json"
+    meta_file.write_text(json.dumps(json.loads(meta_file.read_text()) | edit))
+    with pytest.raises(ValueError, match=rf"{meta_file}: {says}"):
+        load_reward_model(tmp_path / "rm")
+    with pytest.raises(ValueError, match=r"shift and scale must be finite and scale > 0"):
+        RewardModel(build_reward_model(logprob_features=False).body, build_tokenizer(), scale=0.0)
+
+
+def test_a_truncated_reward_model_or_classifier_is_named_at_load(tmp_path):
+    from rlhf_base.io import DataError
+
+    build_reward_model(logprob_features=False).save(tmp_path / "rm")
+    weights = tmp_path / "rm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"{weights} is not a readable safetensors file"):
+        load_reward_model(tmp_path / "rm")
+    tokenizer = build_tokenizer()
+    _tiny_classifier("gpt2", tokenizer).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(DataError, match=rf"{weights} is not a readable safetensors file"):
+        load_reward_model(tmp_path / "hf")
+    weights.unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match=r"pytorch_model.bin is a pickle weights file"):
+        HFSequenceClassifierRewardModel(tmp_path / "hf")
+
+
 @pytest.mark.parametrize("variant", ["plain", "bos", "truncating"])
 def test_encode_tokenises_as_the_tokenizer_call(variant):
     """`encode` may read the Rust backend directly; it must give `tokenizer(...)["input_ids"]` exactly,

@@ -64,6 +64,9 @@ class EnvCore:
         device: "cpu", "cuda", or None/"auto".
         speed: the speed fixes the judge and the sampler use (`SpeedOptions`; the defaults are the fast
             path, and no option changes a result beyond float tolerance).
+        reward_name: how messages name `reward_model` (a reward returning NaN is refused naming it and the
+            rows); default: "reward_model" and its config value, or the task's gold reward. The labeller
+            names its judge so.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class EnvCore:
         temperature: float = 1.0,
         device: str | None = "cpu",
         speed: SpeedOptions | None = None,
+        reward_name: str | None = None,
     ) -> None:
         if kl_estimator != "k1":
             raise ValueError(
@@ -151,9 +155,12 @@ class EnvCore:
             policy=policy if policy is not None else trainable_copy(reference),
             reward_fn=as_reward_fn(self.reward_model),
             gold_fn=as_reward_fn(gold) if gold is not None else None,
-            reward_name=f"reward_model {describe_reward(reward_model, self.reward_model)}"
-            if reward_model is not None
-            else f"the {self.task.name} task's gold reward (the reward model)",
+            reward_name=reward_name
+            or (
+                f"reward_model {describe_reward(reward_model, self.reward_model)}"
+                if reward_model is not None
+                else f"the {self.task.name} task's gold reward (the reward model)"
+            ),
             gold_name=f"gold_reward {describe_reward(gold_reward, gold)}"
             if gold_reward not in (None, "task")
             else f"the {self.task.name} task's gold reward",

@@ -26,7 +26,7 @@ from text_env.sampling import SamplingOptions
 from text_env.speed import SpeedOptions
 from text_env.tasks import RewardFn
 
-__all__ = ["KL_ESTIMATOR_MOVED", "Judge", "as_reward_fn", "check_beta"]
+__all__ = ["KL_ESTIMATOR_MOVED", "Judge", "as_reward_fn", "check_beta", "check_scores"]
 
 #: Why the env no longer takes a KL estimator, and where the choice lives now (issue 12).
 KL_ESTIMATOR_MOVED = (
@@ -58,12 +58,14 @@ def check_beta(beta: Any) -> float:
     return float(beta)
 
 
-def _as_scores(values: Any, expected: int, what: str, responses: Sequence[str] = ()) -> np.ndarray:
+def check_scores(values: Any, expected: int, what: str, responses: Sequence[str] = ()) -> np.ndarray:
     """A reward's output as a (k,) float32 array of finite scores, or an error naming the reward and rows.
 
     A reward is user code (a function named in a config, a saved model with a bad `scale`): a wrong shape,
     a non-number or a NaN/inf would otherwise flow into advantages, best-of-n's choice or RAFT's training
-    data and corrupt a run that still exits 0.
+    data and corrupt a run that still exits 0. Every score the env pays goes through here; so do the
+    labeller's judge and, as a second guard, the scores agents select or rank by (best-of-n, RAFT, online
+    DPO), so that scores from anywhere else are refused the same way.
     """
     if isinstance(values, torch.Tensor):
         values = values.detach().float().cpu().numpy()
@@ -174,7 +176,9 @@ class Judge:
             if len(text_rows):  # the text path drops special tokens inside a response: score those as text
                 rm_score[text_rows] = self._text_scores([prompts[i] for i in text_rows],
                                                         [responses[i] for i in text_rows])  # fmt: skip
-            rm_score = _as_scores(rm_score, len(responses), self.reward_name, responses)  # finite, or say so
+            rm_score = check_scores(
+                rm_score, len(responses), self.reward_name, responses
+            )  # finite, or say so
         else:
             ref_logprobs = response_logprobs(
                 self.reference, ids, mask, response_start, True, overhead, transform
@@ -186,7 +190,7 @@ class Judge:
         if self.gold_fn is self.reward_fn:  # the gold reward serves as the reward model: score once
             gold = rm_score.copy()
         elif self.gold_fn is not None:
-            gold = _as_scores(
+            gold = check_scores(
                 self.gold_fn(list(prompts), list(responses)), len(responses), self.gold_name, responses
             )
         else:
@@ -201,7 +205,7 @@ class Judge:
         }
 
     def _text_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return _as_scores(
+        return check_scores(
             self.reward_fn(list(prompts), list(responses)), len(responses), self.reward_name, responses
         )
 
@@ -246,4 +250,4 @@ class Judge:
         ref_logprobs, scores = by_response_length(
             forward, ids, mask, response_start, self.speed.overhead_tokens, calls=2
         )
-        return ref_logprobs[:, :n], _as_scores(scores, k, "reward_model")
+        return ref_logprobs[:, :n], check_scores(scores, k, self.reward_name)

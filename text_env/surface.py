@@ -53,6 +53,12 @@ class EnvSurface:
         return self.core.reward_model
 
     @property
+    def reward_name(self) -> str:
+        """How messages name the reward model: its config value (`reward_model my_pkg:score`, a folder), or
+        the task's gold reward. A score it returns that is NaN or inf is refused naming it and the rows."""
+        return self.core.judge.reward_name
+
+    @property
     def beta(self) -> float:
         """The KL coefficient of the terminal reward `rm_score - beta * kl`; settable (a finite number >= 0).
 

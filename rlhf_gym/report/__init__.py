@@ -37,7 +37,14 @@ from rlhf_gym.report.schema import (
     read_table,
     sampling_agents,
 )
-from rlhf_gym.report.stats import markdown_table, mean_ci, summarise, t_quantile_975
+from rlhf_gym.report.stats import (
+    markdown_table,
+    mean_ci,
+    non_finite_cells,
+    non_finite_message,
+    summarise,
+    t_quantile_975,
+)
 
 __all__ = [
     "CURVE_METRICS",
@@ -54,6 +61,8 @@ __all__ = [
     "make_report",
     "markdown_table",
     "mean_ci",
+    "non_finite_cells",
+    "non_finite_message",
     "plot_frontier",
     "plot_learning_curves",
     "plot_overoptimisation",
@@ -137,7 +146,9 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
 
     A sweep without gold reward (`gold_score` NaN in every row: a task with no gold) gets a report of
     proxy reward against KL, "no gold" in the table, and no over-optimisation plot or fits (report.md says
-    so at the top); one with gold in some cells only says how many.
+    so at the top); one with gold in some cells only says how many. Non-finite values (an inf, or a NaN
+    where the metric may not be missing: `stats.MAY_BE_MISSING`) are left out of the means and named at the
+    top, their entries marked † with a footnote (`stats.non_finite_cells`).
 
     Returns:
         The paths written, by name: "report", "frontier", "learning_curves" (when curves exist),
@@ -170,6 +181,7 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
     if has_gold:
         paths["overoptimisation"] = plot_overoptimisation(results, curves, run_dir / "overoptimisation.png")
     gold_note = _gold_note(results)
+    non_finite = non_finite_message(results)
 
     text = [
         f"# Sweep report: {run_dir.name}",
@@ -177,6 +189,7 @@ def make_report(run_dir: str | Path) -> dict[str, Path]:
         f"{len(results)} cells, {len(summary)} configurations, from `results.csv`"
         + (f" and `curves.csv` ({len(curves)} rows)." if curves is not None else "."),
         *(["", gold_note, ""] if gold_note else []),
+        *(["", f"**Non-finite values**: {non_finite}.", ""] if non_finite else []),
         "Each entry is the mean over seeds ± the half-width of its 95% confidence interval "
         "(Student t with seeds - 1 degrees of freedom); no ± means a single seed; `mean [low, high]` is an "
         "interval clipped at a bound the metric cannot cross (KL, length and time are never negative). "

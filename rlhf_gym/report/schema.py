@@ -174,6 +174,8 @@ def check_columns(df: pd.DataFrame, required: Sequence[str], numeric: Sequence[s
     for column in numeric:
         if column in df.columns and not pd.api.types.is_numeric_dtype(df[column]):
             bad = df[column][pd.to_numeric(df[column], errors="coerce").isna() & df[column].notna()]
+            if bad.empty:  # numbers held as text (a frame built by hand), or no rows at all: nothing to name
+                continue
             raise DataError(
                 f"{where}: column {column!r} must be numeric; data row {bad.index[0] + 1} holds {bad.iloc[0]!r}"
             )
@@ -230,9 +232,10 @@ def read_table(path: str | Path, which: str) -> tuple[pd.DataFrame, dict[str, st
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty: not even a header line") from None
     df, renamed = _upgrade(df, path)
-    check_columns(df, required, numeric, str(path))
-    if df.empty:
+    check_columns(df, required, (), str(path))
+    if df.empty:  # before the numeric check: a header alone reads as text columns with no row to name
         raise DataError(f"{path} holds a header but no rows: no cell has finished yet")
+    check_columns(df, (), numeric, str(path))
     return df, renamed
 
 

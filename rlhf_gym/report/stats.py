@@ -12,6 +12,15 @@ keep the symmetric interval.
 A metric's NaN cells (a task without gold reward writes `gold_score` = NaN) are left out of its mean, and the
 summary counts the cells that have it (`<metric>_n`), so a mean over some of a configuration's seeds is
 shown as such, never silently averaged.
+
+A NaN is "not recorded" where a metric may be missing (`MAY_BE_MISSING`: gold without a gold reward, a bound
+only some agents report, pi_ref's metrics where a resumed sweep did not measure them) and where an agent
+never reports a metric (NaN in all of a configuration's cells). Any other NaN (in `kl` or `rm_score`, which
+every agent reports, or beside finite values of the same configuration), and an infinity anywhere, is a
+*non-finite value*: a cell that diverged or was written wrong. It is left out
+of the mean too, but counted (`<metric>_bad`), its table entry is marked † with "(k of n seeds)", a footnote
+under the table names the configurations and metrics, and :func:`non_finite_cells` lists the cells for the
+warning `rlhf-gym report` prints (issue 16).
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ from rlhf_gym.report.schema import (
 
 __all__ = [
     "LOWER_BOUNDS",
+    "MAY_BE_MISSING",
+    "NON_FINITE_MARK",
     "format_value",
     "interval",
     "markdown_table",
     "mean_ci",
+    "non_finite_cells",
+    "non_finite_message",
     "reference_mean_ci",
     "summarise",
     "t_quantile_975",
@@ -126,8 +139,68 @@ def interval(mean: float, ci: float, metric: str) -> tuple[float, float]:
     return low, high
 
 
-#: The summary's columns per metric: mean, CI half-width, and the number of finite values averaged.
-_STATS = ("mean", "ci", "n")
+#: The summary's columns per metric: mean, CI half-width, the number of finite values averaged, and the
+#: number of non-finite values left out (`non_finite_cells`).
+_STATS = ("mean", "ci", "n", "bad")
+
+#: Metrics whose NaN means "not recorded" rather than "went wrong": gold without a gold reward, an optional
+#: metric of the agents that do not report it, and pi_ref's metrics in the rows of a resumed sweep.
+MAY_BE_MISSING = frozenset({"gold_score", *OPTIONAL_METRIC_KEYS, *REF_METRICS})
+#: Metrics every agent reports (the schema refuses a row without them): a NaN there is always a fault.
+_ALWAYS_REPORTED = tuple(m for m in RESULTS_REQUIRED if m in RESULT_METRICS and m not in MAY_BE_MISSING)
+#: The mark of a table entry whose configuration had non-finite values of that metric (see the footnote).
+NON_FINITE_MARK = "†"
+
+
+def _non_finite(results: pd.DataFrame) -> pd.DataFrame:
+    """True where a cell's metric is a non-finite value, by metric (the columns) and row (the index).
+
+    An infinity always is. A NaN is where the metric is always reported (`kl`, `rm_score`), and where a
+    configuration's other cells have a finite value of it (a seed that lost it); it is not where the metric
+    may be missing (`MAY_BE_MISSING`), nor in a metric a configuration's agent never reports (NaN in all of
+    its cells, as the sweep writes a metric an agent lacks: the table's "n/a").
+    """
+    metrics = [m for m in (*RESULT_METRICS, *REF_METRICS) if m in results.columns]
+    values = results[metrics].apply(pd.to_numeric, errors="coerce")
+    bad = pd.DataFrame(np.isinf(values.to_numpy(dtype=float)), index=results.index, columns=metrics)
+    keys = [results[c] for c in config_columns(results)]
+    for m in metrics:
+        if m in MAY_BE_MISSING:
+            continue
+        missing = values[m].isna()
+        if m not in _ALWAYS_REPORTED:
+            missing &= values[m].notna().groupby(keys, dropna=False, sort=False).transform("any")
+        bad[m] |= missing
+    return bad
+
+
+def non_finite_cells(results: pd.DataFrame) -> list[tuple[str, str, float]]:
+    """`(cell, metric, value)` of every non-finite value in results.csv's metrics, in file order.
+
+    A NaN that only says "not recorded" (gold without a gold reward, a metric an agent does not report;
+    see `_non_finite`) is not one.
+    """
+    results = results.reset_index(drop=True)
+    bad = _non_finite(results)
+    return [
+        (str(results["cell"].iloc[i]), m, float(pd.to_numeric(results[m].iloc[i], errors="coerce")))
+        for i in range(len(results))
+        for m in bad.columns
+        if bad[m].iloc[i]
+    ]
+
+
+def non_finite_message(results: pd.DataFrame, where: str = "results.csv") -> str:
+    """One line saying which cells hold non-finite values, left out of the means; "" when none does."""
+    found = non_finite_cells(results)
+    if not found:
+        return ""
+    shown = ", ".join(f"{cell} {metric}={value}" for cell, metric, value in found[:6])
+    return (
+        f"{where} holds {len(found)} non-finite value(s) (NaN or inf), left out of the means, whose entries "
+        f"say over how many seeds they are and are marked {NON_FINITE_MARK}: {shown}"
+        + (", ..." if len(found) > 6 else "")
+    )
 
 
 def _sorted(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -142,18 +215,21 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
     Returns:
         One row per configuration, sorted by agent then the swept values: the configuration columns,
-        `seeds` (the rows averaged), then `<metric>_mean`, `<metric>_ci` and `<metric>_n` (how many of the
-        configuration's cells have a finite value) for each metric present (and for pi_ref's `ref_*`
-        metrics). A metric's NaN values (a task without gold) are left out of its mean; the CI is NaN with
-        fewer than two finite values.
+        `seeds` (the rows averaged), then `<metric>_mean`, `<metric>_ci`, `<metric>_n` (how many of the
+        configuration's cells have a finite value) and `<metric>_bad` (how many hold a non-finite value:
+        an inf, or a NaN that is not "not recorded", see `_non_finite`) for each metric present
+        (and for pi_ref's `ref_*` metrics). Non-finite values (a task without gold's NaN, a diverged cell's
+        inf) are left out of the mean; the CI is NaN with fewer than two finite values.
 
     Raises:
         DataError: A required column is missing, or a configuration has the same seed twice (a cell written
             twice, or a swept field missing from the file: either way its CI would be wrong).
     """
     check_columns(results, RESULTS_REQUIRED, (*RESULT_METRICS, *REF_METRICS), "results")
+    results = results.reset_index(drop=True)  # rows by position: `_non_finite`'s mask lines up with groups
     config = config_columns(results)
     metrics = [m for m in (*RESULT_METRICS, *REF_METRICS) if m in results.columns]
+    bad = _non_finite(results)
     rows = []
     for key, group in results.groupby(config, dropna=False, sort=False):
         row = dict(zip(config, key, strict=True))
@@ -168,6 +244,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         row["seeds"] = len(group)
         for m in metrics:
             row[f"{m}_mean"], row[f"{m}_ci"], row[f"{m}_n"] = mean_ci(group[m].to_numpy(dtype=float))
+            row[f"{m}_bad"] = int(bad.loc[group.index, m].sum())
         rows.append(row)
     columns = [*config, "seeds", *(f"{m}_{s}" for m in metrics for s in _STATS)]
     return _sorted(pd.DataFrame(rows, columns=columns), config)
@@ -194,16 +271,24 @@ def reference_mean_ci(summary: pd.DataFrame, metric: str) -> tuple[float, float]
 
 
 def _cell(
-    metric: str, mean: float, ci: float, spec: str, n: float = math.nan, seeds: float = math.nan
+    metric: str,
+    mean: float,
+    ci: float,
+    spec: str,
+    n: float = math.nan,
+    seeds: float = math.nan,
+    bad: float = 0,
 ) -> str:
     """Format a table entry.
 
     "0.412 ± 0.031"; "0.050 [0.000, 0.350]" when the interval is clipped at the metric's bound (`interval`);
     the mean alone without a CI; "no gold" (gold) or "n/a" (any other metric) without a mean; and
-    " (2 of 3 seeds)" after it when only some of the configuration's `seeds` cells have the metric.
+    " (2 of 3 seeds)" after it when only some of the configuration's `seeds` cells have the metric, then
+    " †" when some of the others held a non-finite value (`bad` of them), which the footnote explains.
     """
+    mark = f" {NON_FINITE_MARK}" if bad and np.isfinite(bad) and bad > 0 else ""
     if not np.isfinite(mean):
-        return "no gold" if metric == "gold_score" else "n/a"
+        return ("no gold" if metric == "gold_score" and not mark else "n/a") + mark
     if not np.isfinite(ci):
         text = f"{mean:{spec}}"
     else:
@@ -212,7 +297,7 @@ def _cell(
         text = f"{mean:{spec}} [{low:{spec}}, {high:{spec}}]" if clipped else f"{mean:{spec}} ± {ci:{spec}}"
     if np.isfinite(n) and np.isfinite(seeds) and 0 < n < seeds:
         text += f" ({n:.0f} of {seeds:.0f} seeds)"
-    return text
+    return text + mark
 
 
 def format_value(value: object) -> str:
@@ -235,6 +320,8 @@ def markdown_table(summary: pd.DataFrame) -> str:
     configuration's seeds says how many (see `_cell`); an interval clipped at a bound reads `mean [low, high]`.
 
     Rows keep the summary's order (agent, then swept values); pi_ref comes first when the sweep recorded it.
+    An entry whose configuration had non-finite values of its metric (`<metric>_bad`) is marked †, and a
+    footnote under the table says which configurations and metrics, and that their means leave them out.
     """
     config = _summary_config(summary)
     shown = [(m, h, s) for m, h, s in _TABLE_METRICS if _has(summary, f"{m}_mean", m in OPTIONAL_METRIC_KEYS)]
@@ -256,8 +343,37 @@ def markdown_table(summary: pd.DataFrame) -> str:
         seeds = values["seeds"]
         cells = [format_value(values[c]) for c in config] + [str(seeds)]
         cells += [
-            _cell(m, values[f"{m}_mean"], values[f"{m}_ci"], spec, values.get(f"{m}_n", math.nan), seeds)
+            _cell(
+                m,
+                values[f"{m}_mean"],
+                values[f"{m}_ci"],
+                spec,
+                values.get(f"{m}_n", math.nan),
+                seeds,
+                values.get(f"{m}_bad", 0),
+            )
             for m, _, spec in shown
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    footnote = _non_finite_footnote(summary, config)
+    return "\n".join(lines) + "\n" + (f"\n{footnote}\n" if footnote else "")
+
+
+def _non_finite_footnote(summary: pd.DataFrame, config: list[str]) -> str:
+    """The footnote of the † marks: which configuration had how many non-finite values of which metric."""
+    parts = []
+    for values in summary.to_dict("records"):
+        bad = [
+            f"{m} in {values[f'{m}_bad']:.0f} of {values['seeds']} seeds"
+            for m in (*RESULT_METRICS, *REF_METRICS)
+            if values.get(f"{m}_bad", 0) > 0
+        ]
+        if bad:
+            name = " ".join(f"{c}={format_value(values[c])}" for c in config if format_value(values[c]))
+            parts.append(f"{name}: {', '.join(bad)}")
+    if not parts:
+        return ""
+    return (
+        f"{NON_FINITE_MARK} Non-finite values (NaN or inf) in results.csv, left out of these means (each entry "
+        f"says over how many seeds it is): {'; '.join(parts)}."
+    )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
-from rlhf_base.io import atomic_dir
+from rlhf_base.io import DataError, atomic_dir, check_weights_folder
 from rlhf_base.models import cache_dir
 from rlhf_base.ranges import SEED, Range, check_ranges
 from text_env.tasks.reviews.language import sample_corpus, vocabulary
@@ -145,6 +145,10 @@ def pretrained_tiny_reviews(
             with atomic_dir(target) as tmp:
                 model.save_pretrained(tmp)  # safetensors
                 tokenizer.save_pretrained(tmp)
-    model = GPT2LMHeadModel.from_pretrained(target)
+    try:
+        check_weights_folder(target)  # written atomically, yet a disk can corrupt it: say how to recover
+    except DataError as e:
+        raise DataError(f"{e} (the built-in model's cache: delete {target} and it is built again)") from None
+    model = GPT2LMHeadModel.from_pretrained(target, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model.eval(), tokenizer
