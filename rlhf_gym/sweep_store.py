@@ -178,14 +178,12 @@ class RunFolder:
         again) and, with `repair` (under the lock), is renamed `ID.json.damaged`, and a killed writer's
         temporary file is removed."""
         records: dict[str, dict[str, Any]] = {}
+        if repair:
+            self._remove_leftovers()
         if not self.cells.is_dir():
             return records
         for path in sorted(self.cells.iterdir()):
             if path.name.startswith("."):
-                if (
-                    repair and ".tmp" in path.name
-                ):  # a killed write's temporary file: this process holds the lock
-                    path.unlink(missing_ok=True)
                 continue
             if path.suffix != ".json":
                 continue
@@ -202,6 +200,20 @@ class RunFolder:
                 continue
             records[record["cell"]] = record
         return records
+
+    def _remove_leftovers(self) -> None:
+        """Remove what killed writes left (`atomic_path`/`atomic_dir`'s hidden `.NAME.*.tmp*` and
+        `.NAME.old-*`) in the folder, cells/ and tensorboard/: this process holds the lock, so no live
+        writer owns them."""
+        for folder in (self.path, self.cells, self.path / "tensorboard"):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.name.startswith(".") and (".tmp" in entry.name or ".old-" in entry.name):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
 
     def write_record(
         self,
