@@ -579,20 +579,24 @@ def _refusal(folder: RunFolder, stale: list, legacy: list[Path]) -> StaleResults
         "rerun with --force (Python: run_sweep(config, force=True)) to run those cells again with this config"
     )
     if legacy:
-        rows = sum(max(len(path.read_text().splitlines()) - 1, 0) for path in legacy[:1])
+        names = " and ".join(path.name for path in legacy)
+        rows = sum(
+            max(len(path.read_text().splitlines()) - 1, 0) for path in legacy if path.name == "results.csv"
+        )
         return StaleResults(
-            f"{folder.path} was written by an rlhf-gym from before per-cell records: its results.csv does not "
-            f"record the settings its {rows} row(s) ran with, so they cannot be checked against this config; "
-            f"{todo} (the old CSV files move to {folder.stale}), or give the sweep a new name "
-            f"(`rlhf-gym report {folder.path}` still reports the old results)"
+            f"{folder.path} was written by an rlhf-gym from before per-cell records: its {names} "
+            f"({rows} result row(s)) do not record the settings the cells ran with, so they cannot be checked "
+            f"against this config; {todo} (the old CSV files move to {folder.stale}), or give the sweep a new "
+            f"name (`rlhf-gym report {folder.path}` still reports the old results)"
         )
     differences = list(
         dict.fromkeys(c for record, identity in stale for c in changes(record["identity"], identity))
     )
     cells = sorted({record["cell"] for record, _ in stale})
+    named = ", ".join(cells[:2]) + (", ..." if len(cells) > 2 else "")
     return StaleResults(
-        f"{folder.path} holds results of {len(cells)} cell(s) ({', '.join(cells[:2])}{', ...' if len(cells) > 2 else ''}) "
-        f"run with other settings than this config: {'; '.join(differences[:8])}"
+        f"{folder.path} holds results of {len(cells)} cell(s) ({named}) run with other settings than this "
+        f"config: {'; '.join(differences[:8])}"
         f"{'; ...' if len(differences) > 8 else ''}. Refusing to mix them: {todo} (the old records move to "
         f"{folder.stale}), or give the sweep a new name"
     )
@@ -633,9 +637,8 @@ def run_sweep(config: SweepConfig, progress: bool = True, force: bool = False) -
             ids = sorted({record["cell"] for record, _ in stale})
             folder.set_aside(ids, legacy)
             records = {k: v for k, v in records.items() if k not in ids}
-            say(
-                f"force: {len(ids)} record(s) of other settings{' and the CSV files of a folder from before records' if legacy else ''} set aside in {folder.stale}"
-            )
+            csvs = " and the CSV files of a folder from before records" if legacy else ""
+            say(f"force: {len(ids)} record(s) of other settings{csvs} set aside in {folder.stale}")
         folder.cells.mkdir(exist_ok=True)
         save_config(config, folder.path / "sweep.yaml")
         identities = {cell.id: identity for cell, identity in planned}

@@ -212,7 +212,10 @@ def test_a_folder_from_before_records_is_refused_then_set_aside_with_force(tmp_p
     shutil.copy(DATA / "sweep_results_old_names.csv", run_dir / "results.csv")
     shutil.copy(DATA / "sweep_curves_old_names.csv", run_dir / "curves.csv")
     rows = len(_rows(DATA / "sweep_results_old_names.csv"))
-    with pytest.raises(StaleResults, match=rf"from before per-cell records: .*its {rows} row\(s\).*--force"):
+    with pytest.raises(
+        StaleResults,
+        match=rf"from before per-cell records: its results.csv and curves.csv \({rows} result row\(s\)\).*--force",
+    ):
         run_sweep(config, progress=False)
     assert (run_dir / "results.csv").read_bytes() == (DATA / "sweep_results_old_names.csv").read_bytes()
     assert not (run_dir / "sweep.yaml").exists(), "a refused sweep writes nothing"
