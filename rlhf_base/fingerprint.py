@@ -3,8 +3,9 @@
 A sweep cell is identified by everything its result depends on, the files it reads included: pi_ref's
 weights, the reward model, prompts, preference pairs. Their names are not enough, since the pipeline retrains
 its reward model into the same folder. Hashing a model costs about a second per GB, so each file's hash is
-cached with the size, modification time and inode it was computed at, and reused while all three are
-unchanged (the test `make` and rsync trust); a file rewritten in place gets a new mtime and is hashed again.
+cached with the size, modification and change times and inode it was computed at, and reused while all
+four are unchanged: a rewrite in place changes the ctime (which, unlike the mtime, cannot be set back), an
+atomic rewrite the inode, and either is hashed again.
 
     fingerprint = Fingerprints(run_dir / "inputs.json")
     fingerprint("runs/default/reward_model")   # 'sha256:...' of every file under it, names included
@@ -41,7 +42,7 @@ class Fingerprints:
         if self.cache is not None and self.cache.is_file():
             try:
                 files = json.loads(self.cache.read_text())["files"]
-                self._files = {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 4}
+                self._files = {k: v for k, v in files.items() if isinstance(v, list) and len(v) == 5}
             except (ValueError, KeyError, TypeError, AttributeError):
                 self._files = {}  # a torn or hand-edited cache costs one hashing, nothing else
 
@@ -57,10 +58,10 @@ class Fingerprints:
     def _file(self, path: Path) -> str:
         stat = path.stat()
         key = str(path.resolve())
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         cached = self._files.get(key)
-        if cached is not None and cached[:3] == stamp:
-            return cached[3]
+        if cached is not None and cached[:4] == stamp:
+            return cached[4]
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(_CHUNK):

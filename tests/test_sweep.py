@@ -24,6 +24,7 @@ from agents.best_of_n import BestOfNAgent
 from agents.registry import _REGISTRY
 from rlhf_base.config import ConfigError, load_config
 from rlhf_base.metrics import METRIC_KEYS, OPTIONAL_METRIC_KEYS
+from rlhf_gym import cli
 from rlhf_gym.report import OldColumnsWarning, gao_fits, make_report, read_curves, read_results
 from rlhf_gym.report.schema import CURVE_METRICS, REF_METRICS
 from rlhf_gym.sweep import (
@@ -278,7 +279,9 @@ def test_a_cell_id_covers_every_setting_that_changes_its_result(tmp_path, monkey
     assert identity["agent"]["learning_rate"] == 0.002 and identity["env"]["max_new_tokens"] == 8
 
 
-def test_a_changed_setting_is_refused_naming_it_and_force_runs_those_cells_again(tmp_path, monkeypatch):
+def test_a_changed_setting_is_refused_naming_it_and_force_runs_those_cells_again(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     Path("prompts.jsonl").write_text('{"prompt": "I liked"}\n{"prompt": "It was"}\n')
     env = {**TINY["env"], "prompts": "prompts.jsonl"}
@@ -296,11 +299,18 @@ def test_a_changed_setting_is_refused_naming_it_and_force_runs_those_cells_again
     Path("prompts.jsonl").write_text('{"prompt": "I hated"}\n{"prompt": "It was"}\n')
     with pytest.raises(StaleResults, match=r"the content of prompts\.jsonl"):
         run_sweep(config, progress=False)
+    # The command line: one line naming both changes, exit 2; then --force.
+    capsys.readouterr()
+    assert cli.main(["sweep", "--config", str(tmp_path / "sweep.yaml")]) == 2  # the file holds `longer`
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf-gym sweep: error: ") and err.count("\n") == 1
+    assert "reinforce.iterations: 2 -> 3; the content of prompts.jsonl" in err
     assert (run_dir / "sweep.yaml").read_text() == saved, "a refused config is not saved as the folder's"
     assert _rows(run_dir / "results.csv") == before
     with warnings.catch_warnings():
         warnings.simplefilter("error", RecordWarning)  # nothing is damaged: the old rows are not "torn"
-        run_sweep(longer, progress=False, force=True)
+        assert cli.main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--force"]) == 0
+    assert "force: 2 record(s) of other settings set aside" in capsys.readouterr().out
     after = _rows(run_dir / "results.csv")
     assert [r["iterations"] for r in after] == ["3", "3"], "the cells ran again, with the new settings"
     assert {r["cell"] for r in after}.isdisjoint(r["cell"] for r in before)
