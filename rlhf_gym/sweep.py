@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +45,7 @@ from agents.base import ENV_SETTINGS, check_num_envs
 from rlhf_base.config import ConfigError, config_from_dict, config_to_dict, save_config
 from rlhf_base.deprecation import moved_names
 from rlhf_base.fingerprint import Fingerprints
+from rlhf_base.processes import exit_with_parent
 from rlhf_base.ranges import SEED, Range, check_ranges
 from rlhf_gym.report.schema import CURVE_METRICS, RESULT_METRICS, curve_rows, reference_row, result_row
 from rlhf_gym.sweep_store import FolderLocked, RunFolder, StaleResults, changes, digest
@@ -757,30 +757,10 @@ def _backend(config: SweepConfig) -> Iterator[Submit]:
         with ProcessPoolExecutor(
             config.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_exit_with_parent,
+            initializer=exit_with_parent,  # a worker dies with the sweep, even a SIGKILLed one
             initargs=(os.getpid(),),
         ) as pool:
             yield lambda cell: pool.submit(run_cell, cell, config)
-
-
-#: How often a pool worker checks that the sweep's main process is alive (seconds).
-PARENT_POLL_S = 0.5
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Pool worker initializer: exit at once when the sweep's main process is gone (killed, even by SIGKILL),
-    rather than finish its cell for nobody while holding a CPU (issue 16: workers ran on for 65 s).
-
-    A daemon thread polls the parent's PID: an orphan is re-parented, so `getppid()` changes. Portable where
-    `prctl(PR_SET_PDEATHSIG)` is Linux-only and fires on the death of the thread that forked, not the process.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-sweep", daemon=True).start()
 
 
 def _signed(value: float, missing: str) -> str:

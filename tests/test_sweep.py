@@ -319,6 +319,11 @@ def test_a_changed_setting_is_refused_naming_it_and_force_runs_those_cells_again
     assert len(_rows(run_dir / "curves.csv")) == 2 * 3, "no curve row of the old cells"
     run_sweep(longer, progress=False)  # rerun: nothing stale now, nothing to run
     assert _rows(run_dir / "results.csv") == after
+    more = _config(tmp_path, agents=["reinforce"], env=env, overrides=longer.overrides, seeds=[0, 1, 2])
+    capsys.readouterr()
+    run_sweep(more)  # a new seed (or beta, or grid value) adds cells; the others' settings are unchanged
+    assert "3 cells, 2 done, 1 to run" in capsys.readouterr().out
+    assert _rows(run_dir / "results.csv")[:2] == after
 
 
 def test_a_misspelt_key_fails_at_planning_with_did_you_mean():

@@ -198,10 +198,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _in_a_cell(pid: int) -> bool:
+    """Whether the worker has unpickled a cell (`run_cell` brings torch; the worker's start does not)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process table from /proc")
-def test_pool_workers_die_with_a_sigkilled_sweep(tmp_path):
+@pytest.mark.parametrize("moment", ["in their cells", pytest.param("starting", marks=pytest.mark.slow)])
+def test_pool_workers_die_with_a_sigkilled_sweep(tmp_path, moment):
     """Issue 16: after SIGKILL of the sweep's main process its workers ran on for 65 s. Only the main
-    process is killed (not its group, as a crash or the OOM killer would): the workers must go by themselves."""
+    process is killed (not its group, as a crash or the OOM killer would): the workers must go by themselves,
+    whether they were running a cell or still starting (importing what a cell needs)."""
     slow = [*TINY["overrides"], "reinforce.iterations=100000"]  # cells that would run for hours
     config, path = _config(tmp_path, agents=["reinforce"], workers=2, overrides=slow)
     proc = subprocess.Popen(
@@ -214,12 +231,14 @@ def test_pool_workers_die_with_a_sigkilled_sweep(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and len(workers) < 2:
             assert proc.poll() is None, "the sweep ended before it could be killed"
-            workers = [
-                p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
-            ]
-            time.sleep(0.2)
+            workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+            time.sleep(0.05)
         assert len(workers) == 2, "two pool workers started"
-        time.sleep(5)  # into their cells
+        if moment == "in their cells":
+            while time.time() < deadline and not all(map(_in_a_cell, workers)):
+                time.sleep(0.2)
+            assert all(map(_in_a_cell, workers)), "both workers took a cell"
+            time.sleep(2)
         assert all(map(_alive, workers))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
