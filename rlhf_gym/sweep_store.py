@@ -73,8 +73,8 @@ class RecordWarning(UserWarning):
     edit): it is ignored and what it held is computed again."""
 
 
-class FolderLocked(RuntimeError):
-    """Another sweep is running on this run folder."""
+class FolderLocked(OSError):
+    """Another sweep is running on this run folder (an OSError, as the `flock` it comes from)."""
 
 
 class StaleResults(ConfigError):

@@ -169,7 +169,10 @@ def test_a_second_sweep_on_a_folder_is_refused_naming_the_first_ones_pid(tmp_pat
             run_sweep(config, progress=False)
         assert cli.main(["sweep", "--config", str(path)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("rlhf-gym sweep: error: ") and f"(PID {holder.pid})" in err
+        assert err.startswith(
+            f"rlhf-gym sweep: error: {run_dir} is in use by another sweep (PID {holder.pid})"
+        )
+        assert err.count("\n") == 1 and "--debug" not in err
     finally:
         holder.kill()  # SIGKILL: the kernel releases its lock, no stale lock file to clean
         holder.wait()
