@@ -13,6 +13,8 @@
 - `optim`: the one Adam every trainer uses.
 - `runlog`: the one run logger: a run's scalars to CSV (flushed row by row), JSON lines and TensorBoard.
 - `checkpoint`: training state (weights, optimiser, RNGs, counters) as safetensors + JSON, written atomically.
+- `fingerprint`: content hashes of input files and folders, cached by size and times.
+- `processes`: child processes that exit when their parent dies (a sweep's pool workers).
 - `deprecation`: aliases that keep moved public names working, with a warning that names the new place.
 
 See `docs/architecture.md` for the floors above it.

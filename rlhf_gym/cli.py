@@ -341,7 +341,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for env in {(env.model, env.reward_model, env.prompts): env for env in envs}.values():
         check_env_paths(env, args.config)  # so does a missing model (the pipeline's, when it has not run)
     try:
-        run_dir, failed = run_sweep(config), None
+        run_dir, failed = run_sweep(config, force=args.force), None
     except CellsFailed as e:  # the other cells finished: report them, then say which failed (exit 1)
         run_dir, failed = e.run_dir, e
     print(f"results: {run_dir / 'results.csv'}")
@@ -363,6 +363,13 @@ def add_sweep_command(sub: Subparsers) -> None:
     add_config_argument(p, "sweep", "SweepConfig")
     p.add_argument("--workers", type=int, default=None, help="overrides the config's workers")
     p.add_argument("--report", action="store_true", help="write the report when the sweep is done")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run again the cells whose results in the folder were made with other settings (or by an "
+        "rlhf-gym from before per-cell records), setting the old ones aside in RUN/stale/; without it such a "
+        "folder is refused, naming what changed",
+    )
     add_overrides(p, "'seeds=[0,1]' 'betas=[0.05]' 'overrides=[ppo.iterations=20]'")
     p.set_defaults(handler=_sweep)
 

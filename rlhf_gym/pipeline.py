@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +135,8 @@ def with_pairs(sweep: SweepConfig, pairs: Path) -> SweepConfig:
     """`sweep` with `AGENT.pairs=<pairs>` added for each agent whose Config declares a `pairs` field that no
     cell sets (DPO trains on the very preference pairs the reward model was trained on).
 
-    A value the user gave (an override, a grid axis, the agent's file in `agent_configs`) is kept. Only fixed
-    overrides change, which no cell id depends on, so a resumed sweep still skips its finished cells.
+    A value the user gave (an override, a grid axis, the agent's file in `agent_configs`) is kept. The pairs
+    file then enters the cells' identity (its path and content), as every input file does.
     """
     from agents.registry import config_fields, get_agent_class
 
@@ -239,13 +238,11 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, until: str = "re
     sweep_cfg = with_pairs(sweep_cfg, pairs_path)  # e.g. dpo.pairs: the pairs the reward model learnt from
     fp_agents = _fingerprint("agents", sweep_cfg, fp_rm)
     agents_dir = run_dir / "agents"
-    if stages.done.get("agents_upstream") not in (None, fp_rm) and agents_dir.exists():
-        stale = run_dir / f"agents.stale-{int(time.time())}"
-        say("agents", f"the reward model or pi_ref changed: old results moved to {stale}")
-        shutil.move(agents_dir, stale)
-    stages.finish("agents_upstream", fp_rm)
     say("agents", f"{', '.join(sweep_cfg.agents)} x beta {sweep_cfg.betas} x seeds {sweep_cfg.seeds}")
-    run_sweep(sweep_cfg, progress=progress)  # resumes: finished cells are skipped
+    # Resumes: a cell whose every setting and input (pi_ref's and the reward model's files included) is
+    # unchanged keeps its record. `force`: the pipeline owns this folder and its config is the truth, so
+    # the records of a changed stage or setting are set aside (agents/stale/) and those cells run again.
+    run_sweep(sweep_cfg, progress=progress, force=True)
     stages.finish("agents", fp_agents)
 
     # 6. Report.

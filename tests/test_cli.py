@@ -258,7 +258,7 @@ def test_the_sweep_config_before_the_pipeline_says_to_run_the_pipeline(tmp_path,
 
     monkeypatch.chdir(tmp_path)
     ran = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda config: ran.append(config) or tmp_path)
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, force=False: ran.append(config) or tmp_path)
     assert cli.main(["sweep", "--config", "sweep"]) == 2
     assert capsys.readouterr().err == (
         "rlhf-gym sweep: error: the file runs/default/sft named by env.model does not exist; the file "

@@ -136,7 +136,7 @@ def test_the_restated_check_finds_restated_fields_nested_fields_and_sweep_overri
 def captured(monkeypatch) -> list[Any]:
     """Stand-ins for run_sweep / run_pipeline that record the config the command built."""
     seen: list[Any] = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda config: seen.append(config) or CONFIGS_DIR)
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, force=False: seen.append(config) or CONFIGS_DIR)
     monkeypatch.setattr(pipeline, "run_pipeline", lambda config: seen.append(config) or {})
     monkeypatch.setattr(cli, "print_summary", lambda paths: 0)
     return seen

@@ -1,10 +1,13 @@
 """Sweeps: the grid, the CSV contract (the report reads what the sweep writes, in the agents' metric names),
-the report from it, agents declared as learning nothing, old run folders, and resuming after a kill."""
+the report from it, agents declared as learning nothing, a cell's identity (a changed setting is a new cell;
+results of other settings are refused), misspelt keys, old run folders, and resuming after a kill.
+
+Kills at every step of recording a cell, damaged files, the folder lock and workers dying with the sweep are
+in tests/test_sweep_faults.py."""
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -19,19 +22,23 @@ import yaml
 
 from agents.best_of_n import BestOfNAgent
 from agents.registry import _REGISTRY
-from rlhf_base.config import config_to_dict, load_config
+from rlhf_base.config import ConfigError, load_config
 from rlhf_base.metrics import METRIC_KEYS, OPTIONAL_METRIC_KEYS
+from rlhf_gym import cli
 from rlhf_gym.report import OldColumnsWarning, gao_fits, make_report, read_curves, read_results
 from rlhf_gym.report.schema import CURVE_METRICS, REF_METRICS
 from rlhf_gym.sweep import (
     RESULT_METRICS,
+    StaleResults,
     SweepConfig,
-    _append_rows,
-    _reference_metrics,
+    check_cells,
     expand_cells,
     finished_cells,
+    plan_cells,
     run_sweep,
+    sweep_notes,
 )
+from rlhf_gym.sweep_store import RecordWarning
 from text_env.config import EnvConfig
 
 DATA = Path(__file__).parent / "data"
@@ -78,7 +85,9 @@ def test_grid_expansion_routes_keys_to_the_right_config():
     assert {dict(c.swept)["samples_per_prompt"] for c in bon} == {4, 16, 64}
     assert all(f"samples_per_prompt={dict(c.swept)['samples_per_prompt']}" in c.agent_overrides for c in bon)
     assert all(c.env_overrides == ("max_new_tokens=16",) for c in cells)
-    assert len({c.id for c in cells}) == len(cells), "cell ids are unique"
+    assert len({c.id for c, _ in plan_cells(config)}) == len(cells), "cell ids are unique"
+    with pytest.raises(ValueError, match="has no id yet.*plan_cells"):
+        cells[0].id  # noqa: B018 (an id needs the cell's identity)
     with pytest.raises(ValueError, match="needs a prefix"):
         expand_cells(SweepConfig(grid={"lr": [1]}))
 
@@ -165,7 +174,7 @@ def test_killed_sweep_resumes_and_runs_only_the_missing_cells(tmp_path):
     rows = _rows(results)
     assert len(rows) == 4 and len({r["cell"] for r in rows}) == 4, "each cell exactly once"
     assert rows[: len(first)] == first, "finished cells were not rerun"
-    assert finished_cells(results.parent) == {c.id for c in expand_cells(config)}
+    assert finished_cells(results.parent) == {c.id for c, _ in plan_cells(config)}
 
 
 class RenamedSampler(BestOfNAgent):
@@ -195,39 +204,149 @@ def test_a_registered_sampling_agent_is_written_and_reported_as_best_of_n_is(tmp
     assert "| my_sampler | d (a - b d) |" in make_report(run_dir)["report"].read_text()
 
 
-def test_resuming_an_old_run_folder_upgrades_its_header_before_appending(tmp_path):
-    path = tmp_path / "results.csv"
-    shutil.copy(DATA / "sweep_results_old_names.csv", path)
-    old = _rows(path)
-    new_row = {**_rows(DATA / "sweep_results.csv")[0], "cell": "new-cell"}
-    _append_rows(path, [new_row])
-    rows = _rows(path)
-    assert "proxy_reward" not in rows[0] and "rm_score" in rows[0]
-    assert [r["rm_score"] for r in rows[:-1]] == [r["proxy_reward"] for r in old]  # old rows kept, renamed
-    assert [r["learns"] for r in rows] == [""] * len(old) + ["True"]  # unknown for old rows: the class says
-    assert rows[-1]["cell"] == "new-cell"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", OldColumnsWarning)
-        assert len(read_results(path)) == len(old) + 1
-
-
-def test_rerunning_a_finished_old_sweep_renames_its_columns_and_runs_nothing(tmp_path):
-    config = _config(tmp_path, agents=[])  # no cell left to run, as for a finished sweep
+def test_a_folder_from_before_records_is_refused_then_set_aside_with_force(tmp_path):
+    """Its rows do not record the settings they ran with (issue 16: they may be stale), so they are never
+    taken as finished cells: refused, or with `force` kept in stale/ while the cells run again."""
+    config = _config(tmp_path, agents=[])  # no cell: the folder's own files are the point here
     run_dir = Path(config.runs_root) / config.name
     run_dir.mkdir(parents=True)
     shutil.copy(DATA / "sweep_results_old_names.csv", run_dir / "results.csv")
     shutil.copy(DATA / "sweep_curves_old_names.csv", run_dir / "curves.csv")
-    run_sweep(config, progress=False)
-    assert "rm_score" in _rows(run_dir / "results.csv")[0] and "rm_score" in _rows(run_dir / "curves.csv")[0]
-    assert len(_rows(run_dir / "curves.csv")) == len(_rows(DATA / "sweep_curves_old_names.csv"))
+    rows = len(_rows(DATA / "sweep_results_old_names.csv"))
+    with pytest.raises(
+        StaleResults,
+        match=rf"from before per-cell records: its results.csv and curves.csv \({rows} result row\(s\)\).*--force",
+    ):
+        run_sweep(config, progress=False)
+    assert (run_dir / "results.csv").read_bytes() == (DATA / "sweep_results_old_names.csv").read_bytes()
+    assert not (run_dir / "sweep.yaml").exists(), "a refused sweep writes nothing"
+    run_sweep(config, progress=False, force=True)
+    (kept,) = (run_dir / "stale").glob("results.before-records-*.csv")
+    assert kept.read_bytes() == (DATA / "sweep_results_old_names.csv").read_bytes()
+    assert not (run_dir / "results.csv").exists(), "no current cell has finished"
+    run_sweep(config, progress=False)  # no longer refused
+
+
+#: The settings that decide only where and how fast cells run, or where the results go.
+NOT_IDENTITY = {
+    "workers": 2,
+    "backend": "ray",
+    "ray_address": "auto",
+    "cell_resources": {"num_cpus": 2},
+    "name": "other",
+    "runs_root": "elsewhere",
+}
+
+
+def test_a_cell_id_covers_every_setting_that_changes_its_result(tmp_path, monkeypatch):
+    """Issue 16: an id of agent, beta, seed and the swept values alone let a rerun with other overrides or
+    another env keep the old numbers. The id now hashes the resolved configs and the inputs' content."""
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text('{"prompt": "I liked"}\n{"prompt": "It was"}\n')
+    Path("reinforce.yaml").write_text("learning_rate: 0.001\n")
+    base = {
+        "env": {**TINY["env"], "prompts": "prompts.jsonl"},
+        "agent_configs": {"reinforce": "reinforce.yaml"},
+    }
+
+    def ids(**extra) -> list[str]:
+        return [cell.id for cell, _ in plan_cells(_config(tmp_path, **{**base, **extra}))]
+
+    first = ids()
+    assert [i.rsplit("-", 1)[0] for i in first] == [
+        "reinforce-b0.05-s0",
+        "reinforce-b0.05-s1",
+        "best_of_n-b0.05-s0",
+        "best_of_n-b0.05-s1",
+    ], "the readable prefix stays"
+    assert ids() == first, "stable"
+    changed = {
+        "overrides": [*TINY["overrides"], "agent.iterations=3"],
+        "env": {**base["env"], "max_new_tokens": 6},
+        "eval_episodes": 16,
+        "threads_per_worker": 2,
+    }
+    for key, value in changed.items():
+        assert not set(ids(**{key: value})) & set(first), f"{key} changes every cell"
+    for key, value in NOT_IDENTITY.items():
+        assert ids(**{key: value}) == first, f"{key} changes no result"
+    Path("reinforce.yaml").write_text("learning_rate: 0.002\n")  # the agent's file: its content counts
+    assert ids()[:2] != first[:2] and ids()[2:] == first[2:]
+    Path("prompts.jsonl").write_text('{"prompt": "I hated"}\n{"prompt": "It was"}\n')  # an input file
+    assert not set(ids()) & set(first)
+    (cell, identity), *_ = plan_cells(_config(tmp_path, **base))
+    assert identity["inputs"]["prompts.jsonl"].startswith("sha256:")
+    assert identity["agent"]["learning_rate"] == 0.002 and identity["env"]["max_new_tokens"] == 8
+
+
+def test_a_changed_setting_is_refused_naming_it_and_force_runs_those_cells_again(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.jsonl").write_text('{"prompt": "I liked"}\n{"prompt": "It was"}\n')
+    env = {**TINY["env"], "prompts": "prompts.jsonl"}
+    config = _config(tmp_path, agents=["reinforce"], env=env)
+    run_dir = run_sweep(config, progress=False)
+    before = _rows(run_dir / "results.csv")
+    saved = (run_dir / "sweep.yaml").read_text()
+    longer = _config(
+        tmp_path, agents=["reinforce"], env=env, overrides=[*TINY["overrides"], "reinforce.iterations=3"]
+    )
+    with pytest.raises(
+        StaleResults, match=r"2 cell\(s\) .*: reinforce\.iterations: 2 -> 3\. Refusing .*--force"
+    ):
+        run_sweep(longer, progress=False)
+    Path("prompts.jsonl").write_text('{"prompt": "I hated"}\n{"prompt": "It was"}\n')
+    with pytest.raises(StaleResults, match=r"the content of prompts\.jsonl"):
+        run_sweep(config, progress=False)
+    # The command line: one line naming both changes, exit 2; then --force.
+    capsys.readouterr()
+    assert cli.main(["sweep", "--config", str(tmp_path / "sweep.yaml")]) == 2  # the file holds `longer`
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf-gym sweep: error: ") and err.count("\n") == 1
+    assert "reinforce.iterations: 2 -> 3; the content of prompts.jsonl" in err
+    assert (run_dir / "sweep.yaml").read_text() == saved, "a refused config is not saved as the folder's"
+    assert _rows(run_dir / "results.csv") == before
     with warnings.catch_warnings():
-        warnings.simplefilter("error", OldColumnsWarning)
-        make_report(run_dir)
+        warnings.simplefilter("error", RecordWarning)  # nothing is damaged: the old rows are not "torn"
+        assert cli.main(["sweep", "--config", str(tmp_path / "sweep.yaml"), "--force"]) == 0
+    assert "force: 2 record(s) of other settings set aside" in capsys.readouterr().out
+    after = _rows(run_dir / "results.csv")
+    assert [r["iterations"] for r in after] == ["3", "3"], "the cells ran again, with the new settings"
+    assert {r["cell"] for r in after}.isdisjoint(r["cell"] for r in before)
+    assert {p.stem for p in (run_dir / "stale").glob("*.json")} == {r["cell"] for r in before}, "kept aside"
+    assert {p.name for p in (run_dir / "tensorboard").iterdir()} == {r["cell"] for r in after}
+    assert len(_rows(run_dir / "curves.csv")) == 2 * 3, "no curve row of the old cells"
+    run_sweep(longer, progress=False)  # rerun: nothing stale now, nothing to run
+    assert _rows(run_dir / "results.csv") == after
+    more = _config(tmp_path, agents=["reinforce"], env=env, overrides=longer.overrides, seeds=[0, 1, 2])
+    capsys.readouterr()
+    run_sweep(more)  # a new seed (or beta, or grid value) adds cells; the others' settings are unchanged
+    assert "3 cells, 2 done, 1 to run" in capsys.readouterr().out
+    assert _rows(run_dir / "results.csv")[:2] == after
 
 
-def test_a_cached_reference_in_old_names_is_read_in_the_new(tmp_path):
-    config = SweepConfig()
-    key = json.dumps(config_to_dict(config.env), sort_keys=True)
-    metrics = {"ref_proxy_reward": 0.5, "ref_gold_reward": 0.05}
-    (tmp_path / "reference.json").write_text(json.dumps({"env": key, "metrics": metrics}))
-    assert _reference_metrics(config, tmp_path) == {"ref_rm_score": 0.5, "ref_gold_score": 0.05}
+def test_a_misspelt_key_fails_at_planning_with_did_you_mean():
+    """Issue 16: a key whose prefix named no agent of the sweep was taken for another agent's and dropped."""
+    for key in ("best_of_m.samples_per_prompt", "envv.max_new_tokens", "agnet.learning_rate"):
+        with pytest.raises(
+            ConfigError, match=rf"sweep key '{key}': .* is neither 'env', 'agent' nor an agent"
+        ):
+            expand_cells(SweepConfig(agents=["best_of_n"], overrides=[f"{key}=4"]))
+    with pytest.raises(ConfigError, match=r"did you mean 'best_of_n'\?"):
+        expand_cells(SweepConfig(agents=["ppo", "best_of_n"], grid={"best_of_m.samples_per_prompt": [4, 16]}))
+    with pytest.raises(ConfigError, match=r"did you mean 'env'\?"):
+        expand_cells(SweepConfig(agents=["ppo"], overrides=["envv.max_new_tokens=8"]))
+    # A field the agent's config lacks fails at planning, before any cell, naming the cell and the key.
+    for bad in ({"overrides": ["best_of_n.nosuch=1"]}, {"grid": {"agent.nosuch": [1, 2]}}):
+        config = SweepConfig(agents=["best_of_n"], seeds=[0], **bad)
+        with pytest.raises(ConfigError, match=r"sweep cell best_of_n-b0.05-s0.*unknown key 'nosuch'"):
+            check_cells(expand_cells(config), config)
+    # A registered agent outside the sweep (a shipped config narrowed with agents=[...]) is said, not an error.
+    narrowed = SweepConfig(agents=["reinforce"], seeds=[0], overrides=["ppo.iterations=40"])
+    assert [c.agent_overrides for c in expand_cells(narrowed)] == [()]
+    assert "not in this sweep's agents, so not used: ppo.iterations" in sweep_notes(narrowed)
+    with pytest.raises(ConfigError, match=r"grid 'best_of_n.samples_per_prompt' lists no value"):
+        expand_cells(SweepConfig(agents=["best_of_n"], grid={"best_of_n.samples_per_prompt": []}))
+    with pytest.raises(ConfigError, match=r"seeds lists 1 twice"):
+        expand_cells(SweepConfig(agents=["best_of_n"], seeds=[0, 1, 1]))

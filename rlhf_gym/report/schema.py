@@ -23,9 +23,9 @@ A *configuration* is the value of every column that is not a metric, `cell`, `se
 
 Run folders written before issue 11 name the reward columns differently (`OLD_NAMES`: `proxy_reward`,
 `gold_reward`, `ref_proxy_reward`, ...) and have no `learns` column. The reader renames the columns with
-an `OldColumnsWarning` (a DeprecationWarning; the report adds a note), the sweep upgrades such a file's
-header before it appends to it, and :func:`sampling_agents` takes a missing declaration from the
-agent's class.
+an `OldColumnsWarning` (a DeprecationWarning; the report adds a note), and :func:`sampling_agents` takes a
+missing declaration from the agent's class. Such a folder predates the sweep's per-cell records, so a sweep
+refuses to resume it (its rows do not say what settings they ran with) unless forced to run it again.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def old_names_message(path: str | Path, renamed: Mapping[str, str]) -> str:
     return (
         f"{path} uses old column names ({', '.join(f'{o} -> {n}' for o, n in renamed.items())}); they are "
         f"read under the new names, and will not be read after rlhf-gym {REMOVED_IN}: rename the columns "
-        "(`rlhf-gym sweep` on the folder's sweep.yaml does it, and runs no finished cell again)."
+        "(or rerun the sweep with --force, which runs its cells again and keeps these files in stale/)."
     )
 
 
