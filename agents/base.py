@@ -38,6 +38,7 @@ from rlhf_base.lora import (
 )
 from rlhf_base.maths import KL_ESTIMATORS, KL_GRANULARITIES, KL_PLACEMENTS
 from rlhf_base.metrics import METRIC_KEYS  # the one vocabulary, shared with the report (floor 1)
+from rlhf_base.optim import adam
 from text_env.judge import check_scores
 from text_env.sampler import Rollout
 
@@ -229,6 +230,24 @@ class PolicyAgentMixin:
     """
 
     RNG_ATTRIBUTES = ("generator", "shuffle_generator", "rng")
+
+    def _start_training(self, envs: Any, config: Any, *, shuffle: bool = True) -> None:
+        """The set-up a policy-gradient agent's `__init__` shares: torch seeded from `config.seed`, the policy
+        prepared (`prepare_policy`: LoRA's adapter, or every weight), the sampling generator, the minibatch
+        shuffle's (when `shuffle`), the prompt draws' numpy generator, and AdamW from the config's
+        `learning_rate`, `weight_decay` and `adam_eps`, in that order (the order fixes the random streams)."""
+        self.envs, self.config = envs, config
+        self.history: list[dict[str, float]] = []
+        torch.manual_seed(config.seed)
+        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
+        device = next(envs.policy.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)  # token sampling
+        if shuffle:
+            self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # minibatch order
+        self.rng = np.random.default_rng(config.seed)  # prompt draws
+        self.optimizer = adam(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay, eps=config.adam_eps
+        )
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         return act_with_policy(self.envs.policy, obs, envs=self.envs)

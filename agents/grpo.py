@@ -50,14 +50,12 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
-    prepare_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import group_prompt_indices, policy_logprobs
 from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import clipped_surrogate, kl_penalty, masked_mean, masked_sum
-from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = [
@@ -227,20 +225,7 @@ class GRPOAgent(PolicyAgentMixin):
     def __init__(self, envs: text_env.TextGenVectorEnv, config: GRPOConfig | None = None) -> None:
         config = self.Config() if config is None else config
         self.check_num_envs(config, envs.num_envs)
-        self.envs, self.config = envs, config
-        self.history: list[dict[str, float]] = []
-        torch.manual_seed(config.seed)
-        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
-        device = next(envs.policy.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)  # token sampling
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # minibatch order
-        self.rng = np.random.default_rng(config.seed)  # prompt draws
-        self.optimizer = adam(
-            params,
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-            eps=config.adam_eps,
-        )
+        self._start_training(envs, config)
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None

@@ -39,7 +39,6 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
-    prepare_policy,
     take_rows,
 )
 from agents.loop import Iteration, run_iterations
@@ -47,7 +46,6 @@ from agents.ppo import token_rewards
 from agents.reinforce import group_prompt_indices, policy_logprobs
 from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import discounted_returns, kl_penalty, masked_whiten, ppo_policy_loss
-from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = ["ReinforcePPAgent", "ReinforcePPConfig", "reinforce_pp_advantages"]
@@ -129,20 +127,7 @@ class ReinforcePPAgent(PolicyAgentMixin):
         config = ReinforcePPConfig() if config is None else config
         if envs.num_envs < 2:
             raise ValueError("reinforce_pp needs num_envs >= 2: it whitens the advantages over the batch")
-        self.envs, self.config = envs, config
-        self.history: list[dict[str, float]] = []
-        torch.manual_seed(config.seed)
-        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
-        device = next(envs.policy.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)  # token sampling
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed)  # minibatch order
-        self.rng = np.random.default_rng(config.seed)  # prompt draws
-        self.optimizer = adam(
-            params,
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-            eps=config.adam_eps,
-        )
+        self._start_training(envs, config)
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None

@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 import text_env
@@ -41,13 +40,11 @@ from agents.base import (
     Callback,
     PolicyAgentMixin,
     check_finite,
-    prepare_policy,
 )
 from agents.loop import Iteration, run_iterations
 from agents.reinforce import clipped_reinforce_loss, group_prompt_indices, policy_logprobs, reinforce_loss
 from rlhf_base.lora import LoraConfig
 from rlhf_base.maths import masked_sum
-from rlhf_base.optim import adam
 from rlhf_base.ranges import SEED, Range, check_ranges
 
 __all__ = ["ReMaxAgent", "ReMaxConfig", "greedy_reward"]
@@ -122,19 +119,7 @@ class ReMaxAgent(PolicyAgentMixin):
 
     def __init__(self, envs: text_env.TextGenVectorEnv, config: ReMaxConfig | None = None) -> None:
         config = ReMaxConfig() if config is None else config
-        self.envs, self.config = envs, config
-        self.history: list[dict[str, float]] = []
-        torch.manual_seed(config.seed)
-        params = prepare_policy(envs, config.lora, config.seed, self.name)  # LoRA: the adapter's alone
-        device = next(envs.policy.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.rng = np.random.default_rng(config.seed)  # prompt draws
-        self.optimizer = adam(
-            params,
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
-            eps=config.adam_eps,
-        )
+        self._start_training(envs, config, shuffle=False)  # one full-batch step: no minibatch order
 
     def learn(
         self, iterations: int | None = None, callback: Callback | None = None
