@@ -73,7 +73,10 @@ QUICK_OVERRIDES = (
 
 @dataclass
 class RMScalingConfig:
-    """The grid and what each cell trains on; the defaults are the full study (a GPU's work: see `--quick`)."""
+    """The grid and what each cell trains on.
+
+    The defaults are the full study: 84 min on 2 CPU cores, mostly the base body. `--quick` takes minutes.
+    """
 
     RANGES: ClassVar[dict[str, Range]] = {
         "pair_counts": Range(ge=2),  # RewardTrainConfig.num_pairs of each cell
