@@ -367,6 +367,16 @@ def _not_safetensors(path: Path, error: Exception) -> DataError:
     )
 
 
+def _tensor_file(path: str | Path) -> Path:
+    """``path`` as a Path once it is known not to be a pickle (refused by suffix, never opened) and to exist."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensor file not found: {path}")
+    return path
+
+
 def check_safetensors(path: str | Path) -> None:
     """Raise unless ``path`` is a complete safetensors file; reads the header only (no tensor is loaded).
 
@@ -380,11 +390,7 @@ def check_safetensors(path: str | Path) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _refuse_pickle(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tensor file not found: {path}")
+    path = _tensor_file(path)
     try:
         with safe_open(str(path), framework="pt"):
             pass
@@ -426,11 +432,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _refuse_pickle(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tensor file not found: {path}")
+    path = _tensor_file(path)
     try:
         return load_file(str(path), device=str(device))
     except SafetensorError as e:
@@ -445,11 +447,7 @@ def load_tensors_metadata(path: str | Path) -> dict[str, str]:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _refuse_pickle(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tensor file not found: {path}")
+    path = _tensor_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
